@@ -1,0 +1,274 @@
+"""Owned handles over the low-level llama.cpp API: model, context, batch, sampler chain.
+
+Each class owns one native object, frees it exactly once (``close()`` or garbage collection), and
+turns native failure codes into :mod:`amslocal.errors` exceptions. Nothing here knows about KV
+compression; the cache view and the engine sit on top.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import DecodeError, ModelError
+from . import _ams_raw as ams
+from ._ams_raw import _llama as llama
+
+# quiet llama.cpp unless asked: library code never prints
+try:
+    from llama_cpp import _logger as _llama_logger
+
+    _llama_logger.set_verbose(bool(os.environ.get("AMSLOCAL_VERBOSE")))
+except Exception:  # pragma: no cover - logging is a nicety, never a reason to fail
+    pass
+
+llama.llama_backend_init()
+
+# KV cache element types by name (ggml_type values)
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+
+class Model:
+    """A loaded GGUF model (weights only; contexts are made from it)."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True):
+        self.path = Path(path)
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise ModelError(f"llama.cpp could not load {self.path} (unsupported architecture or damaged file)")
+        self.vocab = llama.llama_model_get_vocab(self._ptr)
+        self.n_layer = llama.llama_model_n_layer(self._ptr)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self._ptr)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def ptr(self):
+        if not self._ptr:
+            raise ValueError("model is closed")
+        return self._ptr
+
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(512)
+        n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def arch(self) -> str:
+        return self.meta("general.architecture") or "?"
+
+    def is_recurrent(self) -> bool:
+        return bool(llama.llama_model_is_recurrent(self.ptr)) or bool(llama.llama_model_is_hybrid(self.ptr))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama.llama_token * n_max)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (llama.llama_token * n_max)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """What a context is made with. ``n_ctx`` is rounded up by llama.cpp to a multiple of 256."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0  # 0 = all cores
+    flash_attn: str = "auto"  # auto | on | off
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+
+class Context:
+    """A llama.cpp context with one sequence (seq_id 0) and its KV cache."""
+
+    def __init__(self, model: Model, params: ContextParams = ContextParams()):
+        if params.type_k not in KV_TYPES or params.type_v not in KV_TYPES:
+            raise ValueError(f"unknown KV type {params.type_k}/{params.type_v}; choose from {', '.join(KV_TYPES)}")
+        if params.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
+        self.model = model
+        self.params = params
+        cp = llama.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = min(params.n_ubatch, params.n_batch)
+        cp.n_seq_max = 1
+        threads = params.n_threads or (os.cpu_count() or 1)
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.flash_attn_type = FLASH_ATTN[params.flash_attn]
+        cp.type_k = KV_TYPES[params.type_k]
+        cp.type_v = KV_TYPES[params.type_v]
+        cp.no_perf = True
+        self._ptr = llama.llama_init_from_model(model.ptr, cp)
+        if not self._ptr:
+            raise ModelError(
+                f"llama.cpp could not create a context (n_ctx={params.n_ctx}, K {params.type_k}, V {params.type_v}, "
+                f"flash attention {params.flash_attn}); a quantized V cache needs --flash-attn on"
+            )
+        self.memory = llama.llama_get_memory(self._ptr)
+        self.n_ctx = llama.llama_n_ctx(self._ptr)
+
+    @property
+    def ptr(self):
+        if not self._ptr:
+            raise ValueError("context is closed")
+        return self._ptr
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def decode(self, batch: "Batch") -> None:
+        rc = llama.llama_decode(self.ptr, batch.native)
+        if rc != 0:
+            what = {1: "no free KV cells for the batch", 2: "aborted", -1: "invalid batch",
+                    -2: "compute buffer allocation failed", -3: "graph compute failed"}.get(rc, f"error {rc}")
+            raise DecodeError(f"llama_decode failed: {what}")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits of output row ``i`` of the last decode (a copy)."""
+        ptr = llama.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise DecodeError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    # --- memory (sequence 0) --------------------------------------------------------------
+
+    def seq_rm(self, p0: int, p1: int) -> bool:
+        """Remove positions [p0, p1) of sequence 0 (p1 = -1: to the end)."""
+        return bool(llama.llama_memory_seq_rm(self.memory, 0, p0, p1))
+
+    def seq_add(self, p0: int, p1: int, delta: int) -> None:
+        """Shift positions [p0, p1) of sequence 0 by ``delta`` (applied lazily at the next decode)."""
+        llama.llama_memory_seq_add(self.memory, 0, p0, p1, delta)
+
+    def seq_pos_max(self) -> int:
+        return int(llama.llama_memory_seq_pos_max(self.memory, 0))
+
+    def can_shift(self) -> bool:
+        return bool(llama.llama_memory_can_shift(self.memory))
+
+    def clear(self) -> None:
+        llama.llama_memory_clear(self.memory, True)
+
+    # --- observation (the patched API) ----------------------------------------------------
+
+    def set_obs(self, n_obs: int, flags: int) -> None:
+        ams.llama_ams_set_obs(self.ptr, n_obs, flags)
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Batch:
+    """A reusable token batch for sequence 0."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.native = llama.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def set(self, tokens: Sequence[int], positions: Sequence[int], logits_last: bool = True) -> None:
+        n = len(tokens)
+        if n > self.capacity or n != len(positions):
+            raise ValueError(f"batch of {n} tokens does not fit capacity {self.capacity}")
+        b = self.native
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 0
+        if n and logits_last:
+            b.logits[n - 1] = 1
+        b.n_tokens = n
+        self.n_tokens = n
+
+    def close(self) -> None:
+        if getattr(self, "native", None) is not None:
+            llama.llama_batch_free(self.native)
+            self.native = None
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """Sampling settings; ``temp <= 0`` means greedy."""
+
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+
+
+class Sampler:
+    """llama.cpp's sampler chain."""
+
+    def __init__(self, params: SamplerParams = SamplerParams()):
+        sp = llama.llama_sampler_chain_default_params()
+        sp.no_perf = True
+        self._ptr = llama.llama_sampler_chain_init(sp)
+        if params.temp <= 0:
+            llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_min_p(params.min_p, 1))
+            llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_temp(params.temp))
+            llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: Context, i: int = -1) -> int:
+        return int(llama.llama_sampler_sample(self._ptr, ctx.ptr, i))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,194 @@
+"""The cache view: what the KV cache holds, read from llama.cpp, and the evidence gathered on it.
+
+llama.cpp owns the truth: cells never move, a freed cell is reused, and a cell holds one token for
+every layer and KV head. This view reads the cell -> position map straight from the patched
+library, keeps per-cell attention evidence accumulated over the observed decode steps (zeroed when
+a cell changes hands), keeps the last observed queries, and reads K/V rows. Scorers and selectors
+work on what this view gives them; they never call llama.cpp themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape and RoPE facts of one layer, as llama.cpp uses them."""
+
+    cache: int  # 0 = base cache, 1 = sliding-window cache, -1 = no KV
+    n_head: int
+    n_head_kv: int
+    n_embd_head_k: int
+    n_embd_head_v: int
+    n_rot: int
+    rope_type: int
+    n_swa: int
+    rope_freq_base: float
+    rope_freq_scale: float
+
+
+class CacheView:
+    """Cells, positions, evidence and K/V reads of sequence 0 of a context."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.n_layer = ctx.model.n_layer
+        self.n_caches = int(ams.llama_ams_n_caches(ctx.ptr))
+        self.cache_sizes = [int(ams.llama_ams_cache_size(ctx.ptr, c)) for c in range(self.n_caches)]
+        self.layers = [self._layer_info(il) for il in range(self.n_layer)]
+        self.kv_layers = [il for il, li in enumerate(self.layers) if li.cache >= 0]
+        self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
+        self.n_obs = 0
+        self.obs_flags = 0
+        self.reset_evidence()
+
+    def _layer_info(self, il: int) -> LayerInfo:
+        info = ams.llama_ams_layer_info_t()
+        if ams.llama_ams_get_layer_info(self.ctx.ptr, il, ctypes.byref(info)) != 0:
+            raise ValueError(f"no layer {il}")
+        return LayerInfo(
+            info.cache, info.n_head, info.n_head_kv, info.n_embd_head_k, info.n_embd_head_v,
+            info.n_rot, info.rope_type, info.n_swa, info.rope_freq_base, info.rope_freq_scale,
+        )
+
+    def kq_scale(self, il: int) -> float:
+        """The softmax scale llama.cpp used for layer ``il`` in the last observed graph."""
+        info = ams.llama_ams_layer_info_t()
+        ams.llama_ams_get_layer_info(self.ctx.ptr, il, ctypes.byref(info))
+        return float(info.kq_scale)
+
+    # --- cells and positions ----------------------------------------------------------------
+
+    def cell_pos(self, cache: int = 0) -> np.ndarray:
+        """Position held in each cell of ``cache`` (-1 = empty). A fresh array."""
+        buf = self._pos_buf[cache]
+        n = ams.llama_ams_cell_pos(self.ctx.ptr, cache, 0, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), buf.size)
+        if n != buf.size:
+            raise RuntimeError("llama_ams_cell_pos failed")
+        return buf.copy()
+
+    def occupied(self, cache: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(cells, positions) of the occupied cells, sorted by position."""
+        pos = self.cell_pos(cache)
+        cells = np.flatnonzero(pos >= 0).astype(np.int32)
+        order = np.argsort(pos[cells], kind="stable")
+        return cells[order], pos[cells[order]]
+
+    def n_occupied(self, cache: int = 0) -> int:
+        return int(np.count_nonzero(self.cell_pos(cache) >= 0))
+
+    # --- K / V reads ------------------------------------------------------------------------
+
+    def _read(self, fn, il: int, cells: np.ndarray, head_dim: int) -> np.ndarray:
+        li = self.layers[il]
+        cells = np.ascontiguousarray(cells, dtype=np.int32)
+        out = np.empty((cells.size, li.n_head_kv, head_dim), dtype=np.float32)
+        if ams.llama_ams_shift_pending(self.ctx.ptr):
+            ams.llama_ams_apply_shift(self.ctx.ptr)
+        n = fn(
+            self.ctx.ptr, il, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), cells.size,
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size,
+        )
+        if n != out.size:
+            raise RuntimeError(f"reading layer {il} of the KV cache failed (code {n})")
+        return out
+
+    def read_k(self, il: int, cells: np.ndarray) -> np.ndarray:
+        """Keys of layer ``il`` at ``cells``: [n, n_head_kv, head_dim] f32, post-RoPE, un-rotated."""
+        return self._read(ams.llama_ams_read_k, il, cells, self.layers[il].n_embd_head_k)
+
+    def read_v(self, il: int, cells: np.ndarray) -> np.ndarray:
+        """Values of layer ``il`` at ``cells``: [n, n_head_kv, head_dim] f32."""
+        return self._read(ams.llama_ams_read_v, il, cells, self.layers[il].n_embd_head_v)
+
+    # --- evidence -----------------------------------------------------------------------------
+
+    def observe(self, n_obs: int, *, attn: bool = True, queries: bool = False) -> None:
+        """Observe the last ``n_obs`` queries of every following decode (0 = off, zero cost)."""
+        flags = (LLAMA_AMS_OBS_ATTN if attn else 0) | (LLAMA_AMS_OBS_QUERIES if queries else 0)
+        self.n_obs = n_obs if flags else 0
+        self.obs_flags = flags if n_obs > 0 else 0
+        self.ctx.set_obs(self.n_obs, self.obs_flags)
+
+    def reset_evidence(self) -> None:
+        """Forget accumulated evidence and queries."""
+        # evidence[il] : [n_head_kv, cache_size] summed attention probability per cell
+        self.evidence = [
+            np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float64) if li.cache >= 0 else None
+            for li in self.layers
+        ]
+        self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
+        self.n_queries = 0  # observed query tokens accumulated into `evidence`
+        self.queries: list[np.ndarray | None] = [None] * self.n_layer  # [t, n_head, head_dim] latest first-in order
+        self.query_pos = np.empty(0, dtype=np.int32)
+
+    def collect(self, positions_of_batch: np.ndarray | None = None) -> int:
+        """Add the evidence of the last decode to the accumulators; returns observed query tokens.
+
+        Columns of cells whose position changed since they were last accumulated (evicted, reused)
+        are zeroed first, so evidence never leaks from one token to the next occupant of a cell.
+        """
+        ptr = self.ctx.ptr
+        n_tok = int(ams.llama_ams_obs_n_tokens(ptr))
+        if n_tok == 0:
+            return 0
+        for c in range(self.n_caches):
+            pos = self.cell_pos(c)
+            moved = pos != self.evidence_pos[c]
+            if moved.any():
+                for il in self.kv_layers:
+                    if self.layers[il].cache == c:
+                        self.evidence[il][:, moved] = 0.0
+                self.evidence_pos[c] = pos
+        for il in self.kv_layers:
+            li = self.layers[il]
+            if self.obs_flags & LLAMA_AMS_OBS_ATTN:
+                n_kv = int(ams.llama_ams_obs_n_kv(ptr, il))
+                if n_kv > 0:
+                    buf = np.empty(li.n_head_kv * n_kv, dtype=np.float32)
+                    n = ams.llama_ams_get_attn(ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
+                    if n == buf.size:
+                        self.evidence[il][:, :n_kv] += buf.reshape(li.n_head_kv, n_kv)
+            if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
+                q = self.last_queries(il)
+                if q is not None:
+                    prev = self.queries[il]
+                    joined = q if prev is None else np.concatenate([prev, q])
+                    self.queries[il] = joined[-max(self.n_obs, 1):]
+        if positions_of_batch is not None and self.obs_flags & LLAMA_AMS_OBS_QUERIES:
+            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
+            self.query_pos = np.concatenate([self.query_pos, tail])[-max(self.n_obs, 1):]
+        self.n_queries += n_tok
+        return n_tok
+
+    def last_attn(self, il: int) -> np.ndarray | None:
+        """Evidence of the last decode alone for layer ``il``: [n_head_kv, n_kv], or None."""
+        n_kv = int(ams.llama_ams_obs_n_kv(self.ctx.ptr, il))
+        if n_kv == 0:
+            return None
+        li = self.layers[il]
+        buf = np.empty(li.n_head_kv * n_kv, dtype=np.float32)
+        if ams.llama_ams_get_attn(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size) != buf.size:
+            return None
+        return buf.reshape(li.n_head_kv, n_kv)
+
+    def last_queries(self, il: int) -> np.ndarray | None:
+        """Observed queries of the last decode for layer ``il``: [n_obs, n_head, head_dim], or None."""
+        n_tok = int(ams.llama_ams_obs_n_tokens(self.ctx.ptr))
+        if n_tok == 0:
+            return None
+        li = self.layers[il]
+        buf = np.empty(n_tok * li.n_head * li.n_embd_head_k, dtype=np.float32)
+        if ams.llama_ams_get_queries(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size) != buf.size:
+            return None
+        return buf.reshape(n_tok, li.n_head, li.n_embd_head_k)
+
+    def evidence_at(self, il: int, cells: np.ndarray) -> np.ndarray:
+        """Accumulated evidence of layer ``il`` at ``cells``: [n_head_kv, len(cells)]."""
+        return self.evidence[il][:, cells]

@@ -1,0 +1,36 @@
+"""Errors a user can act on.
+
+Every exception that derives from :class:`AmsError` carries a message that fits on one line and says
+what went wrong and how to fix it. The CLI prints that line and exits non-zero; library users catch
+``AmsError``.
+"""
+
+from __future__ import annotations
+
+
+class AmsError(Exception):
+    """Base class: a problem with the input or the installation, described in one line."""
+
+    exit_code = 1
+
+
+class BackendMissingError(AmsError):
+    """The llama_cpp library loaded is not the amslocal-patched build."""
+
+    exit_code = 3
+
+
+class ModelError(AmsError):
+    """The model file is missing, not GGUF, damaged, or cannot be loaded."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(ModelError):
+    """The model loads, but its cache cannot be observed or compressed."""
+
+
+class DecodeError(AmsError):
+    """llama_decode failed (out of KV cells, allocation failure, abort)."""
+
+    exit_code = 4
