@@ -1,0 +1,5 @@
+"""``python -m amslocal``: the same as the ``amslocal`` command."""
+
+from .cli import main
+
+main(prog_name="amslocal")

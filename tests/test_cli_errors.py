@@ -1,0 +1,200 @@
+"""The CLI's contract on bad input: one ``amslocal: error:`` line on stderr, non-zero exit, no traceback.
+
+Every case runs ``python -m amslocal`` in a subprocess, because the contract is about what a user
+sees (stderr, exit code), including failures that happen while importing the native backend.
+Also: generation on a tiny random model and on the default model, and the file checker in-process.
+``tiny_gguf`` (a path) comes from conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_gguf import write_not_gguf, write_truncated_gguf
+
+from amslocal.errors import ModelError
+from amslocal.gguf_check import read_arch, validate_gguf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TIMEOUT_S = 120
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m amslocal ARGS`` with this process's environment plus ``env``."""
+    full_env = dict(os.environ)
+    # the subprocess must import this checkout even when the package is not installed
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "amslocal", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=TIMEOUT_S)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, phrase: str, code: int | None = None) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    detail = f"rc={proc.returncode} stderr={proc.stderr!r}"
+    assert proc.returncode != 0, detail
+    if code is not None:
+        assert proc.returncode == code, detail
+    assert "Traceback" not in proc.stderr, detail
+    assert len(lines) == 1, detail
+    assert lines[0].startswith("amslocal: error:"), detail
+    assert phrase in lines[0], detail
+    assert proc.stdout == "", f"stdout must stay clean: {proc.stdout!r}"
+
+
+# --- bad model files -------------------------------------------------------------------------
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    assert_one_line_error(run_cli("generate", str(missing), "-p", "hi"), f"model file not found: {missing}", 2)
+
+
+def test_model_is_a_directory(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("generate", str(tmp_path), "-p", "hi"), "is a directory", 2)
+
+
+def test_not_gguf(tmp_path: Path) -> None:
+    bad = write_not_gguf(tmp_path / "random.gguf")
+    assert_one_line_error(run_cli("generate", str(bad), "-p", "hi"), f"{bad} is not a GGUF file", 2)
+
+
+def test_empty_file_is_not_gguf(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert_one_line_error(run_cli("generate", str(empty), "-p", "hi"), "is not a GGUF file", 2)
+
+
+def test_truncated_gguf(tmp_path: Path, tiny_gguf: Path) -> None:
+    cut = write_truncated_gguf(tiny_gguf, tmp_path / "cut.gguf")
+    assert_one_line_error(run_cli("generate", str(cut), "-p", "hi"), "is damaged or truncated", 2)
+
+
+def test_missing_default_model(tmp_path: Path) -> None:
+    proc = run_cli("generate", "-p", "hi", env={"AMSLOCAL_MODEL": str(tmp_path / "gone.gguf")})
+    assert_one_line_error(proc, "default model not found at", 2)
+    assert "python models/fetch.py" in proc.stderr
+
+
+# --- bad prompts and flags -------------------------------------------------------------------
+
+def test_missing_prompt_file(tmp_path: Path, tiny_gguf: Path) -> None:
+    proc = run_cli("generate", str(tiny_gguf), "--prompt-file", str(tmp_path / "none.txt"))
+    assert_one_line_error(proc, "cannot read prompt file")
+
+
+def test_prompt_file_is_a_directory(tmp_path: Path, tiny_gguf: Path) -> None:
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(tmp_path)),
+                          "cannot read prompt file")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
+def test_unreadable_prompt_file(tmp_path: Path, tiny_gguf: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hi")
+    secret.chmod(0)
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(secret)),
+                          "Permission denied")
+
+
+def test_prompt_file_not_utf8(tmp_path: Path, tiny_gguf: Path) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9")
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(bad)), "not UTF-8")
+
+
+def test_no_prompt(tiny_gguf: Path) -> None:
+    assert_one_line_error(run_cli("generate", str(tiny_gguf)), "exactly one of", 2)
+
+
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--flash-attn", "maybe"], "--flash-attn"),
+        (["--cache-type-k", "q9_9"], "--cache-type-k"),
+        (["--max-tokens", "many"], "--max-tokens"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_bad_flag(tiny_gguf: Path, flags: list[str], phrase: str) -> None:
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "-p", "hi", *flags), phrase, 2)
+
+
+def test_unknown_command() -> None:
+    assert_one_line_error(run_cli("frobnicate"), "frobnicate", 2)
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+def test_help_without_backend(tmp_path: Path) -> None:
+    # An empty library directory: nothing native can load, yet --help must work.
+    proc = run_cli("--help", env={"LLAMA_CPP_LIB_PATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "generate" in proc.stdout
+
+
+def test_backend_library_missing(tmp_path: Path, tiny_gguf: Path) -> None:
+    proc = run_cli("generate", str(tiny_gguf), "-p", "hi", env={"LLAMA_CPP_LIB_PATH": str(tmp_path)})
+    assert_one_line_error(proc, "native/setup.sh", 3)
+
+
+def test_stock_backend() -> None:
+    stock = os.environ.get("AMSLOCAL_STOCK_LIB_DIR")
+    if not stock:
+        pytest.skip("set AMSLOCAL_STOCK_LIB_DIR to a directory holding a stock (unpatched) libllama")
+    proc = run_cli("generate", str(DEFAULT_MODEL), "-p", "hi", env={"LLAMA_CPP_LIB_PATH": stock})
+    assert_one_line_error(proc, "stock build", 3)
+
+
+# --- generation (needs the patched backend) --------------------------------------------------
+
+def test_prompt_longer_than_context(tiny_gguf: Path) -> None:
+    # the tiny tokenizer gives one token per ASCII character, plus BOS
+    proc = run_cli("generate", str(tiny_gguf), "-p", "a" * 300, "--ctx-size", "256", "--temp", "0")
+    assert_one_line_error(proc, "the prompt is 301 tokens but the context holds 256")
+
+
+def test_generate_tiny(tiny_gguf: Path) -> None:
+    proc = run_cli("generate", str(tiny_gguf), "-p", "hello", "--max-tokens", "8", "--temp", "0",
+                   "--ignore-eos", "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout, "eight tokens were generated, so some text must come out"
+    assert "Traceback" not in proc.stderr
+    assert "generated 8 tok" in proc.stderr  # the --verbose timing line
+
+
+def test_generate_default_model() -> None:
+    if not DEFAULT_MODEL.exists():
+        pytest.skip(f"default model missing ({DEFAULT_MODEL}); fetch it with: python models/fetch.py")
+    proc = run_cli("generate", "-p", "The capital of France is", "--max-tokens", "8", "--temp", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "greedy decoding of a real model should say something"
+    assert proc.stderr == "", proc.stderr
+
+
+# --- the file checker, in-process ------------------------------------------------------------
+
+def test_validate_accepts_tiny_gguf(tiny_gguf: Path) -> None:
+    validate_gguf(tiny_gguf)
+    assert read_arch(tiny_gguf) == "llama"
+
+
+def test_validate_rejects_cut_header(tmp_path: Path, tiny_gguf: Path) -> None:
+    data = tiny_gguf.read_bytes()
+    for n in (6, 30, 2000):  # inside the version, the counts, and the metadata
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(data[:n])
+        with pytest.raises(ModelError, match="damaged or truncated"):
+            validate_gguf(cut)
+
+
+def test_validate_rejects_last_bytes_missing(tmp_path: Path, tiny_gguf: Path) -> None:
+    cut = tmp_path / "short.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:-1])
+    with pytest.raises(ModelError, match="data ends at byte"):
+        validate_gguf(cut)
