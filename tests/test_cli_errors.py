@@ -143,10 +143,19 @@ def test_backend_library_missing(tmp_path: Path, tiny_gguf: Path) -> None:
     assert_one_line_error(proc, "native/setup.sh", 3)
 
 
+def _stock_lib_dir() -> str | None:
+    """A stock libllama: $AMSLOCAL_STOCK_LIB_DIR, or one that `native/build.py --stock-lib` cached."""
+    if os.environ.get("AMSLOCAL_STOCK_LIB_DIR"):
+        return os.environ["AMSLOCAL_STOCK_LIB_DIR"]
+    cache = Path(os.environ.get("AMSLOCAL_CACHE_DIR", Path.home() / ".cache" / "amslocal"))
+    found = sorted(cache.glob("stock-lib/*/libllama.so"))
+    return str(found[-1].parent) if found else None
+
+
 def test_stock_backend() -> None:
-    stock = os.environ.get("AMSLOCAL_STOCK_LIB_DIR")
+    stock = _stock_lib_dir()
     if not stock:
-        pytest.skip("set AMSLOCAL_STOCK_LIB_DIR to a directory holding a stock (unpatched) libllama")
+        pytest.skip("no stock libllama: set AMSLOCAL_STOCK_LIB_DIR or run: python native/build.py --stock-lib DIR")
     proc = run_cli("generate", str(DEFAULT_MODEL), "-p", "hi", env={"LLAMA_CPP_LIB_PATH": stock})
     assert_one_line_error(proc, "stock build", 3)
 
