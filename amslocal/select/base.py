@@ -1,0 +1,27 @@
+"""Selection: from per-token scores to the set of tokens a compression event keeps.
+
+A selector composes with any scorer: it sees one score per token (after aggregation over layers
+and heads), optionally one attention mass per token (AMS segments by it), the budget, and which
+tokens are protected. It returns the kept indices, sorted, exactly ``min(budget, T)`` of them,
+protected ones included.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import numpy as np
+
+
+class Selector(Protocol):
+    name: str
+
+    def select(
+        self,
+        scores: np.ndarray,             # [T] float64, higher = keep
+        budget: int,
+        protected: np.ndarray,          # [T] bool, must be kept (count <= budget)
+        positions: np.ndarray,          # [T] int64 ascending, identifies tokens across events
+        mass: Optional[np.ndarray] = None,  # [T] float64 >= 0, attention mass per token
+    ) -> np.ndarray:                    # [min(budget, T)] int64 indices into [0, T), ascending
+        ...
