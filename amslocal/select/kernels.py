@@ -1,0 +1,377 @@
+"""Numba kernels of selection, each with a plain-numpy reference (``*_ref``) right below it.
+
+The selectors call the Numba versions; tests check each against its reference on random sweeps.
+Inputs are contiguous float64 / int64 / bool arrays so that every kernel compiles exactly once
+(and ``cache=True`` reuses that compilation across processes, from ``__pycache__`` here).
+
+- :func:`moving_average_rows`: centred moving average of each row (SnapKV-style smoothing).
+- :func:`window_evidence`: smoothed evidence outside the observation window, row max inside,
+  averaged over rows (method step 1 without the final normalisation).
+- :func:`segment_bounds`: segments from cumulative mass (cut, split long, merge short).
+- :func:`allocate_quotas`: per-segment keep quotas (minimum, proportional share, round-robin fix).
+- :func:`select_in_segments`: protected + per-segment top-k + global fill -> kept mask.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# --- smoothing -----------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _smooth_into(src: np.ndarray, width: int, dst: np.ndarray) -> None:
+    """dst[i] = mean of src[i - (width-1)//2 .. i + width//2], clipped to the array."""
+    T = src.shape[0]
+    lo_off = (width - 1) // 2
+    hi_off = width // 2
+    for i in range(T):
+        lo = max(0, i - lo_off)
+        hi = min(T, i + hi_off + 1)
+        acc = 0.0
+        for j in range(lo, hi):
+            acc += src[j]
+        dst[i] = acc / (hi - lo)
+
+
+@numba.njit(cache=True)
+def moving_average_rows(x: np.ndarray, width: int) -> np.ndarray:
+    """Centred moving average of each row of ``x`` [R, T] over ``width`` neighbours.
+
+    Token i averages [i - (width-1)//2, i + width//2] clipped to the row: at the edges the mean
+    is over the neighbours that exist (no zero padding, unlike torch's avg_pool1d default).
+    """
+    R, T = x.shape
+    out = np.empty((R, T), dtype=np.float64)
+    for r in range(R):
+        _smooth_into(x[r], width, out[r])
+    return out
+
+
+def moving_average_rows_ref(x: np.ndarray, width: int) -> np.ndarray:
+    """Reference of :func:`moving_average_rows` by convolution with a box and a count."""
+    R, T = x.shape
+    if T == 0:
+        return np.empty((R, 0))
+    lo_off, hi_off = (width - 1) // 2, width // 2
+    box = np.ones(width)
+    # convolve 'full' then slice: out[i] = sum x[i - lo_off .. i + hi_off]
+    count = np.convolve(np.ones(T), box)[hi_off:hi_off + T]
+    sums = np.stack([np.convolve(row, box)[hi_off:hi_off + T] for row in x]) if R else np.empty((0, T))
+    return sums / count
+
+
+@numba.njit(cache=True)
+def window_evidence(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
+    """Mean over rows [R, T] of: outside ``window``, the row smoothed (:func:`moving_average_rows`
+    over the outside tokens only, as if the window were cut off); inside, the max of that.
+
+    Non-finite entries count as 0. One pass per row, no [R, T] temporaries (T can be 32k+).
+    """
+    R, T = rows.shape
+    n = 0
+    for t in range(T):
+        if not window[t]:
+            n += 1
+    idx = np.empty(n, dtype=np.int64)
+    n = 0
+    for t in range(T):
+        if not window[t]:
+            idx[n] = t
+            n += 1
+    acc = np.zeros(T, dtype=np.float64)
+    buf = np.empty(n, dtype=np.float64)
+    sm = np.empty(n, dtype=np.float64)
+    for r in range(R):
+        for j in range(n):
+            v = rows[r, idx[j]]
+            buf[j] = v if np.isfinite(v) else 0.0
+        _smooth_into(buf, width, sm)
+        mx = -np.inf
+        for j in range(n):
+            acc[idx[j]] += sm[j]
+            mx = max(mx, sm[j])
+        if n > 0:
+            for t in range(T):
+                if window[t]:
+                    acc[t] += mx
+    if R > 0:
+        for t in range(T):
+            acc[t] /= R
+    return acc
+
+
+def window_evidence_ref(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
+    """Reference of :func:`window_evidence` with whole-array numpy steps."""
+    R, T = rows.shape
+    rows = np.where(np.isfinite(rows), rows, 0.0)
+    ev = np.zeros((R, T))
+    if (~window).any():
+        sm = moving_average_rows_ref(rows[:, ~window], width)
+        ev[:, ~window] = sm
+        ev[:, window] = sm.max(axis=1, keepdims=True)
+    return ev.mean(axis=0) if R else np.zeros(T)
+
+
+# --- segmentation --------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def segment_bounds(mass: np.ndarray, seg_mass: float, min_len: int, max_len: int) -> np.ndarray:
+    """Segment boundaries [0, b1, ..., T] (int64, ascending) of ``mass`` [T] (>= 0).
+
+    1. cut: normalise the cumulative sum to end at 1; for every multiple k*seg_mass < 1 the cut is
+       the first index whose cumulative sum reaches it (that token starts the next segment), kept
+       inside [1, T-1], duplicates dropped. Zero total mass counts as uniform.
+    2. split: a segment longer than ``max_len`` is cut into max_len chunks from its start.
+    3. merge: a segment shorter than ``min_len`` merges into the next one; a short last segment
+       merges into the previous one. Merging can exceed max_len (by < 2 * min_len).
+    """
+    T = mass.shape[0]
+    if T == 0:
+        return np.zeros(1, dtype=np.int64)
+    cum = np.empty(T, dtype=np.float64)
+    acc = 0.0
+    for i in range(T):
+        acc += mass[i]
+        cum[i] = acc
+    if acc > 0.0:
+        for i in range(T):
+            cum[i] = cum[i] / acc
+    else:
+        for i in range(T):
+            cum[i] = (i + 1.0) / T
+    n_targets = int(np.ceil(1.0 / seg_mass)) - 1
+    cuts = np.empty(min(n_targets, T) + 2, dtype=np.int64)  # distinct cuts <= both
+    n = 0
+    cuts[n] = 0
+    n += 1
+    i = 0
+    for k in range(1, n_targets + 1):
+        target = k * seg_mass
+        while i < T and cum[i] < target:
+            i += 1
+        c = min(max(i, 1), T - 1)
+        if c > cuts[n - 1]:
+            cuts[n] = c
+            n += 1
+    if T > cuts[n - 1]:
+        cuts[n] = T
+        n += 1
+    # split long segments, then merge short ones in one pass over the split boundaries
+    out = np.empty(T + 1, dtype=np.int64)
+    m = 1
+    out[0] = 0
+    for s in range(n - 1):
+        a = cuts[s]
+        b = cuts[s + 1]
+        while b - a > max_len:
+            a += max_len
+            if a - out[m - 1] >= min_len:
+                out[m] = a
+                m += 1
+        if b - out[m - 1] >= min_len:
+            out[m] = b
+            m += 1
+    if out[m - 1] != T:  # the last piece is short: merge it into the previous segment
+        if m > 1:
+            out[m - 1] = T
+        else:
+            out[m] = T
+            m += 1
+    return out[:m].copy()
+
+
+def segment_bounds_ref(mass: np.ndarray, seg_mass: float, min_len: int, max_len: int) -> np.ndarray:
+    """Reference of :func:`segment_bounds` with searchsorted and Python lists."""
+    T = mass.shape[0]
+    if T == 0:
+        return np.zeros(1, dtype=np.int64)
+    cum = np.cumsum(mass)
+    cum = cum / cum[-1] if cum[-1] > 0 else (np.arange(T) + 1.0) / T
+    n_targets = int(np.ceil(1.0 / seg_mass)) - 1
+    targets = np.arange(1, n_targets + 1) * seg_mass
+    cuts = np.clip(np.searchsorted(cum, targets, side="left"), 1, max(T - 1, 1))
+    cuts = sorted(set(int(c) for c in cuts if 0 < c < T))
+    segs = list(zip([0] + cuts, cuts + [T]))
+    split = []
+    for a, b in segs:
+        while b - a > max_len:
+            split.append((a, a + max_len))
+            a += max_len
+        split.append((a, b))
+    merged: list[list[int]] = []
+    pending = None  # start of a short run waiting to merge forward
+    for a, b in split:
+        a = pending if pending is not None else a
+        if b - a >= min_len:
+            merged.append([a, b])
+            pending = None
+        else:
+            pending = a
+    if pending is not None:
+        if merged:
+            merged[-1][1] = T
+        else:
+            merged.append([0, T])
+    return np.array([0] + [b for _, b in merged], dtype=np.int64)
+
+
+# --- quotas --------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def allocate_quotas(seg_mass: np.ndarray, caps: np.ndarray, budget: int, min_keep: int) -> np.ndarray:
+    """Keep quota per segment, summing to exactly ``min(budget, caps.sum())``, each <= its cap.
+
+    Each segment first gets min(min_keep, cap). What is left of the budget is shared in proportion
+    to ``seg_mass`` (rounded half up; by cap when all mass is 0), capped at cap. The total is then
+    fixed one token at a time, round-robin from segment 0: add where below cap; remove where above
+    the minimum, and only if that is not enough, where above 1, then above 0 (so a budget smaller
+    than the sum of minimums still spreads over as many segments as it can).
+    """
+    n = caps.shape[0]
+    q = np.empty(n, dtype=np.int64)
+    total = 0
+    cap_sum = 0
+    for s in range(n):
+        q[s] = min(min_keep, caps[s])
+        total += q[s]
+        cap_sum += caps[s]
+    budget = min(budget, cap_sum)
+    if total < budget:
+        rest = budget - total
+        w_sum = 0.0
+        for s in range(n):
+            w_sum += seg_mass[s]
+        use_caps = not (w_sum > 0.0)
+        if use_caps:
+            w_sum = float(cap_sum)
+        for s in range(n):
+            w = float(caps[s]) if use_caps else seg_mass[s]
+            add = int(np.floor(rest * (w / w_sum) + 0.5))
+            nq = min(caps[s], q[s] + add)
+            total += nq - q[s]
+            q[s] = nq
+    while total < budget:
+        for s in range(n):
+            if total == budget:
+                break
+            if q[s] < caps[s]:
+                q[s] += 1
+                total += 1
+    for level in range(3):  # 0: keep minimums, 1: keep one per segment, 2: anything goes
+        while total > budget:
+            changed = False
+            for s in range(n):
+                if total == budget:
+                    break
+                floor = min(min_keep, caps[s]) if level == 0 else (min(1, caps[s]) if level == 1 else 0)
+                if q[s] > floor:
+                    q[s] -= 1
+                    total -= 1
+                    changed = True
+            if not changed:
+                break
+    return q
+
+
+def allocate_quotas_ref(seg_mass: np.ndarray, caps: np.ndarray, budget: int, min_keep: int) -> np.ndarray:
+    """Reference of :func:`allocate_quotas`, vectorised where it can be."""
+    caps = caps.astype(np.int64)
+    q = np.minimum(min_keep, caps)
+    budget = min(budget, int(caps.sum()))
+    if q.sum() < budget:
+        rest = budget - int(q.sum())
+        w = seg_mass.astype(np.float64) if seg_mass.sum() > 0 else caps.astype(np.float64)
+        w_sum = np.cumsum(w)[-1]  # sequential, like the kernel, so the rounding agrees bit for bit
+        add = np.floor(rest * (w / w_sum) + 0.5).astype(np.int64)
+        q = np.minimum(caps, q + add)
+    order = list(range(len(caps)))
+    while q.sum() < budget:
+        for s in order:
+            if q.sum() < budget and q[s] < caps[s]:
+                q[s] += 1
+    floors = [np.minimum(min_keep, caps), np.minimum(1, caps), np.zeros_like(caps)]
+    for floor in floors:
+        while q.sum() > budget and (q > floor).any():
+            for s in order:
+                if q.sum() > budget and q[s] > floor[s]:
+                    q[s] -= 1
+    return q
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def select_in_segments(bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray,
+                       protected: np.ndarray, budget: int) -> np.ndarray:
+    """Kept mask [T]: protected tokens, then each segment's quota of its best unprotected tokens,
+    then (if fewer than ``budget``) the best of the rest over the whole cache.
+
+    "Best" = higher score, ties to the earlier position (stable sort). Scores must not be NaN.
+    """
+    T = scores.shape[0]
+    kept = protected.copy()
+    n_kept = 0
+    for i in range(T):
+        if kept[i]:
+            n_kept += 1
+    for s in range(bounds.shape[0] - 1):
+        a = bounds[s]
+        b = bounds[s + 1]
+        if quotas[s] <= 0:
+            continue
+        idx = np.empty(b - a, dtype=np.int64)
+        m = 0
+        for i in range(a, b):
+            if not protected[i]:
+                idx[m] = i
+                m += 1
+        idx = idx[:m]
+        order = np.argsort(-scores[idx], kind="mergesort")
+        for r in range(min(quotas[s], m)):
+            kept[idx[order[r]]] = True
+            n_kept += 1
+    if n_kept < budget:
+        idx = np.empty(T, dtype=np.int64)
+        m = 0
+        for i in range(T):
+            if not kept[i]:
+                idx[m] = i
+                m += 1
+        idx = idx[:m]
+        order = np.argsort(-scores[idx], kind="mergesort")
+        for r in range(min(budget - n_kept, m)):
+            kept[idx[order[r]]] = True
+    return kept
+
+
+def select_in_segments_ref(bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray,
+                           protected: np.ndarray, budget: int) -> np.ndarray:
+    """Reference of :func:`select_in_segments` with lexsort (score desc, position asc)."""
+    T = scores.shape[0]
+    kept = protected.copy()
+    pos = np.arange(T)
+    for s in range(len(bounds) - 1):
+        a, b = int(bounds[s]), int(bounds[s + 1])
+        cand = pos[a:b][~protected[a:b]]
+        best = cand[np.lexsort((cand, -scores[cand]))][: max(int(quotas[s]), 0)]
+        kept[best] = True
+    need = budget - int(kept.sum())
+    if need > 0:
+        cand = pos[~kept]
+        kept[cand[np.lexsort((cand, -scores[cand]))][:need]] = True
+    return kept
+
+
+def warmup() -> None:
+    """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
+    m = np.full(8, 1.0 / 8)
+    moving_average_rows(np.ones((1, 8)), 5)
+    window_evidence(np.ones((1, 8)), m > 1.0, 5)
+    b = segment_bounds(m, 0.25, 2, 4)
+    q = allocate_quotas(np.ones(b.shape[0] - 1), np.diff(b), 4, 1)
+    select_in_segments(b, q, m, np.zeros(8, dtype=np.bool_), 4)
