@@ -10,27 +10,12 @@ work on what this view gives them; they never call llama.cpp themselves.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import time
 
 import numpy as np
 
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """Shape and RoPE facts of one layer, as llama.cpp uses them."""
-
-    cache: int  # 0 = base cache, 1 = sliding-window cache, -1 = no KV
-    n_head: int
-    n_head_kv: int
-    n_embd_head_k: int
-    n_embd_head_v: int
-    n_rot: int
-    rope_type: int
-    n_swa: int
-    rope_freq_base: float
-    rope_freq_scale: float
+from .layers import LayerInfo
 
 
 class CacheView:
@@ -46,6 +31,7 @@ class CacheView:
         self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
         self.n_obs = 0
         self.obs_flags = 0
+        self.collect_s = 0.0  # time spent reading evidence back (controller overhead)
         self.reset_evidence()
 
     def _layer_info(self, il: int) -> LayerInfo:
@@ -117,15 +103,23 @@ class CacheView:
         self.ctx.set_obs(self.n_obs, self.obs_flags)
 
     def reset_evidence(self) -> None:
-        """Forget accumulated evidence and queries."""
-        # evidence[il] : [n_head_kv, cache_size] summed attention probability per cell
-        self.evidence = [
+        """Forget all accumulated evidence (windowed and total) and queries."""
+        # evidence_total[il]: [n_head_kv, cache_size] attention probability summed over every
+        # observed query since the cell's token entered (what H2O needs); zeroed on cell reuse
+        self.evidence_total = [
             np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float64) if li.cache >= 0 else None
             for li in self.layers
         ]
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        """Start a new observation window: forget windowed evidence and queries, keep the totals."""
+        # evidence[il]: [n_head_kv, cache_size] summed attention probability per cell since the
+        # last reset_window (the window before a compression event)
+        self.evidence = [None if e is None else np.zeros_like(e) for e in self.evidence_total]
         self.n_queries = 0  # observed query tokens accumulated into `evidence`
-        self.queries: list[np.ndarray | None] = [None] * self.n_layer  # [t, n_head, head_dim] latest first-in order
+        self.queries: list[np.ndarray | None] = [None] * self.n_layer  # [t, n_head, head_dim], oldest first
         self.query_pos = np.empty(0, dtype=np.int32)
 
     def collect(self, positions_of_batch: np.ndarray | None = None) -> int:
@@ -134,6 +128,13 @@ class CacheView:
         Columns of cells whose position changed since they were last accumulated (evicted, reused)
         are zeroed first, so evidence never leaks from one token to the next occupant of a cell.
         """
+        t0 = time.perf_counter()
+        try:
+            return self._collect(positions_of_batch)
+        finally:
+            self.collect_s += time.perf_counter() - t0
+
+    def _collect(self, positions_of_batch: np.ndarray | None) -> int:
         ptr = self.ctx.ptr
         n_tok = int(ams.llama_ams_obs_n_tokens(ptr))
         if n_tok == 0:
@@ -145,6 +146,7 @@ class CacheView:
                 for il in self.kv_layers:
                     if self.layers[il].cache == c:
                         self.evidence[il][:, moved] = 0.0
+                        self.evidence_total[il][:, moved] = 0.0
                 self.evidence_pos[c] = pos
         for il in self.kv_layers:
             li = self.layers[il]
@@ -155,6 +157,7 @@ class CacheView:
                     n = ams.llama_ams_get_attn(ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
                     if n == buf.size:
                         self.evidence[il][:, :n_kv] += buf.reshape(li.n_head_kv, n_kv)
+                        self.evidence_total[il][:, :n_kv] += buf.reshape(li.n_head_kv, n_kv)
             if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
                 q = self.last_queries(il)
                 if q is not None:

@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, Optional, Protocol
 
 import numpy as np
 
-from ..cache import LayerInfo
+from ..layers import LayerInfo
 
 # what a scorer can ask the engine to collect
 NEEDS_ATTN = "attn"                    # evidence of the last `window` queries before the event
