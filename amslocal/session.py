@@ -1,0 +1,314 @@
+"""Bounded-memory generation: the compression schedule on top of the decode loop.
+
+A :class:`Session` holds at most ``budget + interval`` occupied KV cells. When the cache is full it
+scores the cached tokens (any scorer), selects ``budget`` of them (global top-k or AMS), evicts
+the rest with ``seq_rm`` and, when asked or when positions would pass the model's trained context,
+compacts positions with ``seq_add``. A prompt longer than the cache is prefilled in chunks with
+compression between chunks, so memory is bounded from the first token.
+
+Evidence is observed only over the ``window`` queries before a scheduled compression (the side
+branch costs nothing in between), except for scorers that need every step (H2O).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .backend import ContextParams, Model, SamplerParams
+from .engine import Generator
+from .errors import AmsError
+from .scorers import make_scorer
+from .scorers.base import (
+    NEEDS_ATTN,
+    NEEDS_ATTN_EVERY_STEP,
+    NEEDS_CALIBRATION,
+    NEEDS_KEYS,
+    NEEDS_QUERIES,
+    NEEDS_VALUES,
+    ScoreInput,
+)
+from .select import make_selector
+from .select.aggregate import aggregate
+from .select.ams import AMSParams
+from .select.mass import evidence_mass
+
+
+class BudgetError(AmsError):
+    """A budget that cannot work (too small for the protected tokens, above the trained context)."""
+
+    exit_code = 2
+
+
+@dataclass
+class CompressionConfig:
+    """How a session keeps its cache bounded. ``budget=None`` means the full cache."""
+
+    budget: Optional[int] = None
+    interval: int = 128
+    scorer: str = "tova"
+    ams: bool = True
+    aggregation: str = "mean"
+    positions: str = "keep"  # keep | compact
+    n_sink: int = 4
+    keep_last: int = 32
+    window: Optional[int] = None  # observed queries before an event; default: max(scorer's, AMS's 32)
+    ams_params: AMSParams = field(default_factory=AMSParams)
+    scorer_params: dict = field(default_factory=dict)
+    calibration: Optional[dict] = None  # TriAttention statistics
+
+    @property
+    def capacity(self) -> Optional[int]:
+        return None if self.budget is None else self.budget + self.interval
+
+
+@dataclass
+class SessionStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    kv_budget: Optional[int] = None
+    kv_capacity: Optional[int] = None
+    kv_cells_peak: int = 0
+    compressions: int = 0
+    compactions: int = 0
+    evicted_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compress_ms_total: float = 0.0
+    observe_ms_total: float = 0.0
+    scorer: str = ""
+    ams: bool = False
+    positions: str = "keep"
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tok_per_s"] = self.prefill_tok_per_s
+        d["decode_tok_per_s"] = self.decode_tok_per_s
+        d["controller_ms_total"] = self.compress_ms_total + self.observe_ms_total
+        return d
+
+
+class Session:
+    """One sequence whose KV cache never holds more than ``budget + interval`` tokens."""
+
+    def __init__(self, model: Model, config: CompressionConfig = CompressionConfig(),
+                 ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams()):
+        self.model = model
+        self.config = config
+        cfg = config
+        self.scorer = make_scorer(cfg.scorer, **cfg.scorer_params)
+        if cfg.budget is not None:
+            self._validate(cfg)
+            n_ctx = cfg.capacity
+            if NEEDS_CALIBRATION in self.scorer.needs and cfg.calibration is None:
+                raise AmsError(f"scorer {cfg.scorer} needs a calibration of this model; run: amslocal calibrate {model.path}")
+            ctx_params = ContextParams(**{**asdict(ctx_params), "n_ctx": n_ctx,
+                                          "n_batch": min(ctx_params.n_batch, n_ctx), "n_ubatch": min(ctx_params.n_ubatch, n_ctx)})
+        self.gen = Generator(model, ctx_params, sampler_params)
+        self.view = self.gen.view
+        if cfg.budget is not None and self.view.n_caches == 0:
+            raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
+        if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
+            raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
+        self.selector = make_selector("ams", **asdict(cfg.ams_params)) if cfg.ams else make_selector("topk")
+        # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
+        self.layers = [il for il in self.view.kv_layers if self.view.layers[il].cache == 0]
+        li0 = self.view.layers[self.layers[0]]
+        self.group = li0.n_head // li0.n_head_kv
+        needs = self.scorer.needs
+        self.every_step = NEEDS_ATTN_EVERY_STEP in needs
+        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams
+        self.wants_queries = NEEDS_QUERIES in needs
+        # AMS segments by the evidence of the reference's 32-query window
+        self.window = cfg.window or max(int(self.scorer.window), 32 if cfg.ams else 0, 1)
+        self.protected_positions: set[int] = set()
+        self.stats = SessionStats(kv_budget=cfg.budget, kv_capacity=cfg.capacity, scorer=cfg.scorer if cfg.budget else "none",
+                                  ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
+        self._observing = False
+        self.events: list[dict] = []  # one small record per compression event (diagnostics)
+
+    @staticmethod
+    def _validate(cfg: CompressionConfig) -> None:
+        floor = cfg.n_sink + cfg.keep_last + 1
+        if cfg.budget < floor:
+            raise BudgetError(f"budget {cfg.budget} is too small: it must be at least n_sink + keep_last + 1 = {floor}")
+        if cfg.interval < 1:
+            raise BudgetError(f"interval must be at least 1 (got {cfg.interval})")
+        if cfg.positions not in ("keep", "compact"):
+            raise BudgetError(f"positions must be keep or compact (got {cfg.positions})")
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def n_occupied(self) -> int:
+        return len(self.gen.tokens_at)
+
+    def protect(self, positions: Sequence[int]) -> None:
+        """Never evict these positions (a system prompt, chat-template control tokens)."""
+        self.protected_positions.update(int(p) for p in positions)
+
+    # --- observation schedule -----------------------------------------------------------------
+
+    def _set_observation(self, upcoming: int) -> None:
+        """Observe only when the next ``upcoming`` tokens end within ``window`` of a compression."""
+        cap = self.config.capacity
+        on = cap is not None and (self.wants_attn or self.wants_queries) and (
+            self.every_step or self.n_occupied + upcoming > cap - self.window)
+        n_obs = upcoming if self.every_step else self.window
+        if on != self._observing or (on and self.view.n_obs != n_obs):
+            if on:
+                self.view.observe(n_obs, attn=self.wants_attn, queries=self.wants_queries)
+            else:
+                self.view.observe(0)
+            self._observing = on
+
+    def _eval(self, tokens: Sequence[int]) -> None:
+        self._set_observation(len(tokens))
+        self.gen.eval(tokens)
+        self.stats.observe_ms_total = self.view.collect_s * 1e3
+        self.stats.kv_cells_peak = max(self.stats.kv_cells_peak, self.view.n_occupied(0))
+
+    # --- feeding and generating ---------------------------------------------------------------
+
+    def feed(self, tokens: Sequence[int]) -> None:
+        """Add tokens to the cache, compressing whenever it is full (bounded prefill)."""
+        cap = self.config.capacity
+        tokens = list(tokens)
+        i = 0
+        while i < len(tokens):
+            if cap is None:
+                n = min(self.gen.batch.capacity, len(tokens) - i)
+            else:
+                room = cap - self.n_occupied
+                if room <= 0:
+                    self.compress()
+                    continue
+                n = min(room, self.gen.batch.capacity, len(tokens) - i)
+            chunk = tokens[i:i + n]
+            if cap is not None and self.n_occupied + n == cap and n > 1 and (self.wants_attn or self.wants_queries):
+                # the chunk fills the cache: decode its last token alone so that the evidence of
+                # the very last query (TOVA) is not mixed with the chunk's other queries
+                self._eval(chunk[:-1])
+                self._eval(chunk[-1:])
+            else:
+                self._eval(chunk)
+            i += n
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        t0 = time.perf_counter()
+        self.feed(tokens)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.prompt_tokens += len(tokens)
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, *, ignore_eos: bool = False) -> Iterator[int]:
+        """Prefill ``prompt``, then yield up to ``max_tokens`` tokens; each is in the cache when yielded."""
+        self.prefill(prompt)
+        cap = self.config.capacity
+        n_ctx = self.gen.ctx.n_ctx
+        for _ in range(max_tokens):
+            t0 = time.perf_counter()
+            tok = self.gen.sample()
+            if self.model.is_eog(tok) and not ignore_eos:
+                self.stats.decode_s += time.perf_counter() - t0
+                return
+            if cap is not None and self.n_occupied >= cap:
+                self.compress()
+            elif cap is None and self.n_occupied >= n_ctx:
+                self.stats.decode_s += time.perf_counter() - t0
+                return  # full cache and no budget: stop at the context limit
+            self._eval([tok])
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.generated_tokens += 1
+            yield tok
+
+    # --- compression --------------------------------------------------------------------------
+
+    def score_input(self, cells: np.ndarray, positions: np.ndarray) -> ScoreInput:
+        view, layers = self.view, self.layers
+        needs = self.scorer.needs
+        inp = ScoreInput(
+            positions=positions.astype(np.int64), cells=cells, layers=[view.layers[il] for il in layers],
+            group=self.group, next_position=self.gen.next_pos, n_queries=view.n_queries,
+            calibration=self.config.calibration,
+        )
+        if self.wants_attn:
+            inp.attn = np.stack([view.evidence[il][:, cells] for il in layers])
+            last = [view.last_attn(il) for il in layers]
+            if all(a is not None for a in last):
+                inp.attn_last = np.stack([a[:, cells] for a in last]).astype(np.float64)
+            inp.attn_total = np.stack([view.evidence_total[il][:, cells] for il in layers])
+        if NEEDS_QUERIES in needs:
+            inp.queries = [view.queries[il] for il in layers]
+            inp.query_positions = view.query_pos.astype(np.int64)
+        if NEEDS_KEYS in needs:
+            cache_k: dict[int, np.ndarray] = {}
+            inp.keys = lambda l: cache_k.setdefault(l, view.read_k(layers[l], cells))
+        if NEEDS_VALUES in needs:
+            cache_v: dict[int, np.ndarray] = {}
+            inp.values = lambda l: cache_v.setdefault(l, view.read_v(layers[l], cells))
+        return inp
+
+    def compress(self) -> dict:
+        """Cut the cache back to the budget; returns a record of the event."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        cells, positions = self.view.occupied(0)
+        T = len(positions)
+        budget = cfg.budget
+        if T <= budget:
+            return {}
+        inp = self.score_input(cells, positions)
+        token_scores = aggregate(self.scorer.score(inp), cfg.aggregation)
+
+        protected = np.zeros(T, dtype=bool)
+        protected[: cfg.n_sink] = True
+        protected[max(0, T - cfg.keep_last):] = True
+        if self.protected_positions:
+            protected |= np.isin(positions, np.fromiter(self.protected_positions, dtype=np.int64))
+        if protected.sum() > budget:
+            raise BudgetError(f"{int(protected.sum())} protected tokens do not fit the budget {budget}")
+
+        mass = None
+        if cfg.ams:
+            window_mask = np.zeros(T, dtype=bool)
+            window_mask[max(0, T - self.window):] = True
+            if inp.attn is not None and inp.n_queries > 0:
+                mass = evidence_mass(inp.attn, inp.n_queries, self.group, window_mask, cfg.ams_params.smooth)
+        keep = self.selector.select(token_scores, budget, protected, positions.astype(np.int64), mass)
+
+        kept_mask = np.zeros(T, dtype=bool)
+        kept_mask[keep] = True
+        evicted = positions[~kept_mask]
+        self.gen.evict(evicted.tolist())
+        self.protected_positions.difference_update(int(p) for p in evicted)
+
+        compact = cfg.positions == "compact" or (
+            self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train)
+        if compact and self.gen.ctx.can_shift():
+            old = positions[kept_mask].astype(np.int64)
+            self.gen.compact()
+            new = np.arange(len(old), dtype=np.int64)
+            self.selector.remap_positions(old, new)  # AMS credit is keyed by position
+            mapping = dict(zip(old.tolist(), new.tolist()))
+            self.protected_positions = {mapping[p] for p in self.protected_positions if p in mapping}
+            self.stats.compactions += 1
+
+        self.view.reset_window()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.compressions += 1
+        self.stats.evicted_tokens += len(evicted)
+        self.stats.compress_ms_total += ms
+        event = {"tokens": T, "kept": int(kept_mask.sum()), "ms": ms, "compacted": bool(compact)}
+        self.events.append(event)
+        return event
