@@ -110,17 +110,27 @@ class CacheView:
             np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float64) if li.cache >= 0 else None
             for li in self.layers
         ]
+        # read-back buffers, allocated once: collect() runs on every observed decode step
+        self._attn_buf = [
+            np.empty(li.n_head_kv * self.cache_sizes[li.cache], dtype=np.float32) if li.cache >= 0 else None
+            for li in self.layers
+        ]
+        self._attn_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._attn_buf]
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
         self.reset_window()
 
     def reset_window(self) -> None:
-        """Start a new observation window: forget windowed evidence and queries, keep the totals."""
-        # evidence[il]: [n_head_kv, cache_size] summed attention probability per cell since the
-        # last reset_window (the window before a compression event)
-        self.evidence = [None if e is None else np.zeros_like(e) for e in self.evidence_total]
-        self.n_queries = 0  # observed query tokens accumulated into `evidence`
+        """Start a new observation window: windowed evidence and queries restart, totals go on."""
+        # the windowed evidence is total minus this snapshot: one accumulator per step, not two
+        self._window_base = [None if e is None else e.copy() for e in self.evidence_total]
+        self.n_queries = 0  # observed query tokens accumulated since the window started
         self.queries: list[np.ndarray | None] = [None] * self.n_layer  # [t, n_head, head_dim], oldest first
         self.query_pos = np.empty(0, dtype=np.int32)
+
+    @property
+    def evidence(self) -> list[np.ndarray | None]:
+        """Per layer [n_head_kv, cache_size]: attention summed over the window's observed queries."""
+        return [None if t is None else t - b for t, b in zip(self.evidence_total, self._window_base)]
 
     def collect(self, positions_of_batch: np.ndarray | None = None) -> int:
         """Add the evidence of the last decode to the accumulators; returns observed query tokens.
@@ -145,19 +155,17 @@ class CacheView:
             if moved.any():
                 for il in self.kv_layers:
                     if self.layers[il].cache == c:
-                        self.evidence[il][:, moved] = 0.0
                         self.evidence_total[il][:, moved] = 0.0
+                        self._window_base[il][:, moved] = 0.0
                 self.evidence_pos[c] = pos
         for il in self.kv_layers:
             li = self.layers[il]
             if self.obs_flags & LLAMA_AMS_OBS_ATTN:
                 n_kv = int(ams.llama_ams_obs_n_kv(ptr, il))
-                if n_kv > 0:
-                    buf = np.empty(li.n_head_kv * n_kv, dtype=np.float32)
-                    n = ams.llama_ams_get_attn(ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
-                    if n == buf.size:
-                        self.evidence[il][:, :n_kv] += buf.reshape(li.n_head_kv, n_kv)
-                        self.evidence_total[il][:, :n_kv] += buf.reshape(li.n_head_kv, n_kv)
+                size = li.n_head_kv * n_kv
+                if n_kv > 0 and ams.llama_ams_get_attn(ptr, il, self._attn_ptr[il], size) == size:
+                    acc = self.evidence_total[il][:, :n_kv]
+                    np.add(acc, self._attn_buf[il][:size].reshape(li.n_head_kv, n_kv), out=acc)
             if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
                 q = self.last_queries(il)
                 if q is not None:
@@ -194,4 +202,4 @@ class CacheView:
 
     def evidence_at(self, il: int, cells: np.ndarray) -> np.ndarray:
         """Accumulated evidence of layer ``il`` at ``cells``: [n_head_kv, len(cells)]."""
-        return self.evidence[il][:, cells]
+        return self.evidence_total[il][:, cells] - self._window_base[il][:, cells]

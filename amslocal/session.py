@@ -243,7 +243,7 @@ class Session:
             calibration=self.config.calibration,
         )
         if self.wants_attn:
-            inp.attn = np.stack([view.evidence[il][:, cells] for il in layers])
+            inp.attn = np.stack([view.evidence_at(il, cells) for il in layers])
             last = [view.last_attn(il) for il in layers]
             if all(a is not None for a in last):
                 inp.attn_last = np.stack([a[:, cells] for a in last]).astype(np.float64)
