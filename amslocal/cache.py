@@ -100,6 +100,8 @@ class CacheView:
         flags = (LLAMA_AMS_OBS_ATTN if attn else 0) | (LLAMA_AMS_OBS_QUERIES if queries else 0)
         self.n_obs = n_obs if flags else 0
         self.obs_flags = flags if n_obs > 0 else 0
+        if self.n_obs and self._q_ring[self.kv_layers[0]].shape[0] != self.n_obs:
+            self._resize_ring()  # keeps the newest queries that fit
         self.ctx.set_obs(self.n_obs, self.obs_flags)
 
     def reset_evidence(self) -> None:
@@ -124,8 +126,36 @@ class CacheView:
         # the windowed evidence is total minus this snapshot: one accumulator per step, not two
         self._window_base = [None if e is None else e.copy() for e in self.evidence_total]
         self.n_queries = 0  # observed query tokens accumulated since the window started
-        self.queries: list[np.ndarray | None] = [None] * self.n_layer  # [t, n_head, head_dim], oldest first
+        # the last n_obs observed queries per layer, oldest first, in a ring filled from the end
+        w = max(self.n_obs, 1)
+        self._q_ring = [
+            np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
+            for li in self.layers
+        ]
+        self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
+        self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
+
+    def _resize_ring(self) -> None:
+        old_n = self._q_count
+        old = [None if r is None else r[r.shape[0] - old_n:] for r in self._q_ring] if old_n else None
+        w = max(self.n_obs, 1)
+        self._q_ring = [
+            np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
+            for li in self.layers
+        ]
+        self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
+        self._q_count = min(old_n, w)
+        if old:
+            for r, o in zip(self._q_ring, old):
+                if r is not None:
+                    r[w - self._q_count:] = o[o.shape[0] - self._q_count:]
+
+    @property
+    def queries(self) -> list[np.ndarray | None]:
+        """Per layer the window's observed queries [t, n_head, head_dim] (t <= n_obs), oldest first."""
+        n = self._q_count
+        return [None if r is None or n == 0 else r[r.shape[0] - n:] for r in self._q_ring]
 
     @property
     def evidence(self) -> list[np.ndarray | None]:
@@ -167,14 +197,21 @@ class CacheView:
                     acc = self.evidence_total[il][:, :n_kv]
                     np.add(acc, self._attn_buf[il][:size].reshape(li.n_head_kv, n_kv), out=acc)
             if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
-                q = self.last_queries(il)
-                if q is not None:
-                    prev = self.queries[il]
-                    joined = q if prev is None else np.concatenate([prev, q])
-                    self.queries[il] = joined[-max(self.n_obs, 1):]
-        if positions_of_batch is not None and self.obs_flags & LLAMA_AMS_OBS_QUERIES:
-            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
-            self.query_pos = np.concatenate([self.query_pos, tail])[-max(self.n_obs, 1):]
+                ring, buf = self._q_ring[il], self._q_scratch[il]
+                w = ring.shape[0]
+                take = min(n_tok, w)
+                size = n_tok * li.n_head * li.n_embd_head_k
+                if size <= buf.size and ams.llama_ams_get_queries(
+                        ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), size) == size:
+                    new = buf[:size].reshape(n_tok, li.n_head, li.n_embd_head_k)[n_tok - take:]
+                    ring[: w - take] = ring[take:]
+                    ring[w - take:] = new
+        if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
+            w = max(self.n_obs, 1)
+            self._q_count = min(self._q_count + n_tok, w)
+            if positions_of_batch is not None:
+                tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
+                self.query_pos = np.concatenate([self.query_pos, tail])[-w:]
         self.n_queries += n_tok
         return n_tok
 

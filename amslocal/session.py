@@ -37,6 +37,21 @@ from .select.ams import AMSParams
 from .select.mass import evidence_mass
 
 
+_kernels_warm = False
+
+
+def _warm_kernels() -> None:
+    """Load (or compile) the Numba kernels once per process, so no compression event pays for it."""
+    global _kernels_warm
+    if not _kernels_warm:
+        from .scorers import kernels as scorer_kernels
+        from .select import kernels as select_kernels
+
+        scorer_kernels.warmup()
+        select_kernels.warmup()
+        _kernels_warm = True
+
+
 class BudgetError(AmsError):
     """A budget that cannot work (too small for the protected tokens, above the trained context)."""
 
@@ -122,6 +137,8 @@ class Session:
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
         self.selector = make_selector("ams", **asdict(cfg.ams_params)) if cfg.ams else make_selector("topk")
+        if cfg.budget is not None:
+            _warm_kernels()
         # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
         self.layers = [il for il in self.view.kv_layers if self.view.layers[il].cache == 0]
         li0 = self.view.layers[self.layers[0]]

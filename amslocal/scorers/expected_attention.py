@@ -48,13 +48,18 @@ class ExpectedAttention:
         keys = require(inp, "keys", self.name, "post-RoPE keys per layer")
         values = require(inp, "values", self.name, "values per layer") if self.use_vnorm else None
         future = int(inp.next_position) + np.arange(self.n_future_positions)
+        # layers with the same RoPE share one averaged rotation (LayerInfo is hashable)
+        rotations: dict = {}
+        for li in inp.layers:
+            if li not in rotations:
+                rotations[li] = rope_mean_matrix(li, future)
         return np.stack([
             self._layer(inp, l, np.asarray(queries[l]), np.asarray(qpos), keys(l),
-                        None if values is None else values(l), future)
+                        None if values is None else values(l), rotations[inp.layers[l]])
             for l in range(len(inp.layers))
         ])
 
-    def _layer(self, inp, l, q, qpos, k, v, future) -> np.ndarray:
+    def _layer(self, inp, l, q, qpos, k, v, R) -> np.ndarray:
         li = inp.layers[l]
         T = inp.n_tokens
         n = min(self.window, q.shape[0], len(qpos))
@@ -63,7 +68,6 @@ class ExpectedAttention:
         q = rope_rotate(q[-n:], qpos[-n:], li, inverse=True)          # [n, n_head, d] pre-RoPE
         d = q.shape[-1]
         mu_pre = q.mean(axis=0)                                        # [n_head, d]
-        R = rope_mean_matrix(li, future)
         mu = mu_pre @ R.T
         if self.use_covariance:
             # Sigma' = R C^T C R^T / n with C the centred queries, so k^T Sigma' k = |C R^T k|^2 / n:
