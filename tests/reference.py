@@ -8,11 +8,12 @@ import gguf
 import numpy as np
 
 
-def attention_mass(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float) -> np.ndarray:
+def attention_mass(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float,
+                   n_swa: int = 0) -> np.ndarray:
     """Causal attention probability mass per key, summed over queries and each KV group's heads.
 
     q: [t, n_head, d] queries, k: [n, n_head_kv, d] keys; a query at position p sees keys at
-    positions <= p. Returns [n_head_kv, n].
+    positions <= p (and, with a sliding window n_swa > 0, > p - n_swa). Returns [n_head_kv, n].
     """
     q = q.astype(np.float64)
     k = k.astype(np.float64)
@@ -20,7 +21,7 @@ def attention_mass(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.nd
     group = n_head // n_head_kv
     out = np.zeros((n_head_kv, k.shape[0]))
     for t in range(q.shape[0]):
-        visible = k_pos <= q_pos[t]
+        visible = (k_pos <= q_pos[t]) & ((n_swa == 0) | (q_pos[t] - k_pos < n_swa))
         for h in range(n_head):
             logits = scale * (k[:, h // group, :] @ q[t, h])
             logits = np.where(visible, logits, -np.inf)

@@ -8,6 +8,7 @@ from reference import attention_mass
 
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
+from conftest import DEFAULT_MODEL
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches from a sunny windowsill."
 
@@ -104,3 +105,31 @@ def test_evidence_accumulates_over_steps(tiny_model):
     for il in range(tiny_model.n_layer):
         n = total[il].shape[1]
         np.testing.assert_allclose(g.view.evidence[il][:, :n], total[il], rtol=1e-6)
+
+
+GEMMA3 = DEFAULT_MODEL.parent / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.mark.skipif(not GEMMA3.exists(), reason=f"sliding-window model missing ({GEMMA3})")
+@pytest.mark.parametrize("fa", ["off", "on"])
+def test_sliding_window_model_has_two_caches_and_exact_evidence(fa):
+    """gemma3 interleaves sliding-window and global layers: each layer's evidence covers the
+    cells of its own cache, and equals numpy attention with that layer's window mask."""
+    from amslocal.backend import Model
+
+    model = Model(GEMMA3)
+    g = Generator(model, ContextParams(n_ctx=1024, flash_attn=fa), SamplerParams(temp=0))
+    v = g.view
+    assert v.n_caches == 2
+    assert {v.layers[il].cache for il in range(model.n_layer)} == {0, 1}
+    assert all((v.layers[il].n_swa > 0) == (v.layers[il].cache == 1) for il in range(model.n_layer))
+    v.observe(4, attn=True, queries=True)
+    tokens = model.tokenize(PROMPT * 40)[:700]  # longer than the 512-token window
+    assert len(tokens) == 700
+    g.eval(tokens)
+    q_pos = np.arange(len(tokens))[-4:]
+    for il in range(model.n_layer):
+        li = v.layers[il]
+        cells, pos = v.occupied(li.cache)
+        want = attention_mass(v.last_queries(il), v.read_k(il, cells), q_pos, pos, v.kq_scale(il), li.n_swa)
+        np.testing.assert_allclose(v.last_attn(il)[:, cells], want, rtol=1e-3, atol=1e-6, err_msg=f"layer {il}")
