@@ -34,3 +34,18 @@ class DecodeError(AmsError):
     """llama_decode failed (out of KV cells, allocation failure, abort)."""
 
     exit_code = 4
+
+
+class OptionError(AmsError):
+    """An option (CLI flag or API argument) that cannot work with this model."""
+
+    exit_code = 2
+
+
+class BudgetError(OptionError):
+    """A budget that cannot work (not positive, too small for the protected tokens, above the
+    trained context)."""
+
+
+class InputError(AmsError):
+    """A text file the user named cannot be read."""

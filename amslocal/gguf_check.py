@@ -5,6 +5,11 @@ module walks the GGUF header, metadata and tensor table itself and checks that e
 lies inside the file. It does not use ``gguf.GGUFReader``: that reader builds a numpy view per
 metadata element, which costs ~2.5 s on the 100 MB default model (its 49k-token vocabulary), while
 this walk takes tens of milliseconds. ``gguf`` still supplies the format's constants.
+
+The walk also keeps what ``amslocal info`` needs: every scalar and string metadata value, short
+arrays of scalars (per-layer head counts, sliding-window patterns), the length of every array (the
+vocabulary), and per-tensor totals (parameter count, tensor types). Long arrays are skipped, never
+decoded.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
@@ -24,6 +31,10 @@ __all__ = ["GGUFInfo", "inspect_gguf", "read_arch", "validate_gguf"]
 _GGUF_MAGIC_BYTES = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+# What the walk keeps of the metadata (anything larger is skipped, its array length still recorded).
+_KEEP_STRING_BYTES = 1 << 20  # chat templates are a few KB
+_KEEP_SCALAR_ARRAY = 4096  # per-layer arrays; a vocabulary's scores/types are far longer
+_KEEP_STRING_ARRAY = 64  # general.languages, general.tags
 
 # Fixed-size metadata value types: struct format character (without byte order).
 _SCALAR = {
@@ -45,6 +56,11 @@ class GGUFInfo:
     arch: str | None  # general.architecture
     data_offset: int  # where tensor data starts
     size: int  # file size in bytes
+    # Metadata values: scalars, strings (decoded UTF-8), short arrays as tuples; see the module doc.
+    metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    array_lengths: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    n_params: int = 0  # elements in all tensors
+    tensor_types: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)  # "Q4_1" -> count
 
 
 class _Damaged(Exception):
@@ -81,19 +97,36 @@ class _Walker:
         return bytes(self.buf[start:self.pos])
 
     def value(self, vtype: int, *, keep: bool) -> object:
-        """Read (or, with ``keep=False``, skip cheaply) one metadata value of type ``vtype``."""
+        """Read (or, with ``keep=False``, skip cheaply) one metadata value of type ``vtype``.
+
+        With ``keep=True`` a string comes back decoded (``None`` when over the size limit) and an
+        array as ``(length, items)``, ``items`` a tuple or ``None`` when it is too long to keep.
+        """
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[GGUFValueType(vtype)])
         if vtype == GGUFValueType.STRING:
-            return self.string() if keep else self.skip(self.unpack("Q"))
+            n = self.unpack("Q")
+            start = self.pos
+            self.skip(n)
+            if not keep or n > _KEEP_STRING_BYTES:
+                return None
+            return bytes(self.buf[start:self.pos]).decode("utf-8", "replace")
         if vtype == GGUFValueType.ARRAY:
             itype, count = self.unpack("IQ")
+            items: tuple | None = None
             if itype in _SCALAR:  # fixed-size items: one bounds check, no per-item work
-                self.skip(count * struct.calcsize(_SCALAR[GGUFValueType(itype)]))
+                fmt = _SCALAR[GGUFValueType(itype)]
+                start = self.pos
+                self.skip(count * struct.calcsize(fmt))
+                if keep and count <= _KEEP_SCALAR_ARRAY:
+                    items = struct.unpack_from(f"{self.order}{count}{fmt}", self.buf, start)
             else:
+                kept = []
                 for _ in range(count):
-                    self.value(itype, keep=False)
-            return None
+                    kept.append(self.value(itype, keep=keep and count <= _KEEP_STRING_ARRAY))
+                if keep and count <= _KEEP_STRING_ARRAY:
+                    items = tuple(kept)
+            return (count, items) if keep else None
         raise _Damaged(f"unknown metadata value type {vtype} at byte {self.pos}")
 
 
@@ -112,17 +145,22 @@ def _walk(path: Path, buf: mmap.mmap | bytes) -> GGUFInfo:
 
     arch: str | None = None
     alignment = _DEFAULT_ALIGNMENT
+    metadata: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
     for _ in range(n_kv):
-        key = w.string()
+        key = w.string().decode("utf-8", "replace")
         vtype = w.unpack("I")
-        if key == b"general.architecture" and vtype == GGUFValueType.STRING:
-            arch = w.string().decode("utf-8", "replace")
-        elif key == b"general.alignment" and vtype == GGUFValueType.UINT32:
-            alignment = w.unpack("I")
+        val = w.value(vtype, keep=True)
+        if vtype == GGUFValueType.ARRAY:
+            array_lengths[key], val = val  # type: ignore[misc]
+        if val is not None:
+            metadata[key] = val
+        if key == "general.architecture" and vtype == GGUFValueType.STRING:
+            arch = val
+        elif key == "general.alignment" and vtype == GGUFValueType.UINT32:
+            alignment = val
             if alignment == 0 or alignment & (alignment - 1):
                 raise _Damaged(f"general.alignment {alignment} is not a power of two")
-        else:
-            w.value(vtype, keep=False)
 
     tensors = []
     for _ in range(n_tensors):
@@ -135,14 +173,19 @@ def _walk(path: Path, buf: mmap.mmap | bytes) -> GGUFInfo:
         tensors.append((name, dims, ttype, offset))
 
     data_offset = -(-w.pos // alignment) * alignment
+    n_params = 0
+    tensor_types: Counter[str] = Counter()
     for name, dims, ttype, offset in tensors:
         try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise _Damaged(f"tensor '{name}' has unknown type {ttype}") from None
         n_elem = 1
         for d in dims:
             n_elem *= d
+        n_params += n_elem
+        tensor_types[qtype.name] += 1
         if dims[0] % block:
             raise _Damaged(f"tensor '{name}' row of {dims[0]} is not a multiple of its block size {block}")
         if offset % alignment:
@@ -150,7 +193,8 @@ def _walk(path: Path, buf: mmap.mmap | bytes) -> GGUFInfo:
         end = data_offset + offset + n_elem // block * type_size
         if end > size:
             raise _Damaged(f"tensor '{name}' data ends at byte {end} but the file has {size} bytes")
-    return GGUFInfo(path, version, n_tensors, n_kv, arch, data_offset, size)
+    return GGUFInfo(path, version, n_tensors, n_kv, arch, data_offset, size,
+                    metadata, array_lengths, n_params, dict(tensor_types))
 
 
 def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:

@@ -112,7 +112,7 @@ def main() -> None:
               "tokens": args.tokens, "budget": args.budget, "interval": args.interval,
               "summary": summary, "per_prompt": per_config}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| config (scorer:selector:aggregation[:positions]) | mean KL to full | top-1 agreement | first divergence | events |")
+    print("| config (scorer:selector:aggregation[:positions]) | mean KL to full | top-1 agreement | first divergence | events |")
     print("|---|---|---|---|---|")
     for c, s in summary.items():
         print(f"| {c} | {s['kl']:.4f} | {s['top1']:.3f} | {s['first_divergence']:.1f} | {s['compressions']:.1f} |")

@@ -207,3 +207,68 @@ def test_validate_rejects_last_bytes_missing(tmp_path: Path, tiny_gguf: Path) ->
     cut.write_bytes(tiny_gguf.read_bytes()[:-1])
     with pytest.raises(ModelError, match="data ends at byte"):
         validate_gguf(cut)
+
+
+# --- budgets and models that cannot be compressed --------------------------------------------
+# (header-only checks from amslocal.models / amslocal.info; the ones marked `wired` need cli.py to
+# call models.check_request before loading, which comes with the `amslocal info` command)
+
+import functools  # noqa: E402
+
+
+@functools.lru_cache(maxsize=1)
+def _wired() -> bool:
+    return run_cli("info", "--help").returncode == 0
+
+
+def _need_wiring() -> None:
+    if not _wired():
+        pytest.skip("cli.py does not call models.check_request / has no `info` command yet")
+
+
+@pytest.mark.parametrize(
+    "budget, phrase",
+    [
+        ("0", "the budget must be a positive number of tokens (got 0)"),
+        ("-3", "the budget must be a positive number of tokens (got -3)"),
+        ("10", "budget 10 is too small: it must be at least n_sink + keep_last + 1 = 37"),
+        ("5000", "the budget 5000 is above the model's trained context (4096)"),
+        ("lots", "--budget"),
+    ],
+)
+def test_bad_budget(tiny_gguf: Path, budget: str, phrase: str) -> None:
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "-p", "hi", "--budget", budget), phrase, 2)
+
+
+def test_unknown_scorer(tiny_gguf: Path) -> None:
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "-p", "hi", "--budget", "64", "--scorer", "nope"),
+                          "--scorer", 2)
+
+
+def test_budget_on_recurrent_model(tmp_path: Path) -> None:
+    _need_wiring()
+    from test_info import write_header_gguf
+
+    mamba = write_header_gguf(tmp_path / "mamba.gguf", "mamba", {
+        "context_length": 4096, "embedding_length": 64, "block_count": 2, "attention.head_count": 0,
+        "ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4})
+    proc = run_cli("generate", str(mamba), "-p", "hi", "--budget", "256")
+    assert_one_line_error(proc, "mamba.gguf cannot be compressed: recurrent state cannot be evicted per token", 2)
+
+
+def test_compact_positions_on_mrope_model(tmp_path: Path) -> None:
+    _need_wiring()
+    from test_info import write_header_gguf
+
+    vl = write_header_gguf(tmp_path / "vl.gguf", "qwen2vl", {
+        "context_length": 4096, "embedding_length": 128, "block_count": 2, "attention.head_count": 4,
+        "attention.head_count_kv": 2, "rope.dimension_sections": [8, 12, 12, 0]})
+    proc = run_cli("generate", str(vl), "-p", "hi", "--budget", "256", "--positions", "compact")
+    assert_one_line_error(proc, "--positions compact is not possible", 2)
+
+
+def test_budget_checked_before_the_backend(tmp_path: Path, tiny_gguf: Path) -> None:
+    # a budget that cannot work is reported even where the native library cannot load
+    _need_wiring()
+    proc = run_cli("generate", str(tiny_gguf), "-p", "hi", "--budget", "10", env={"LLAMA_CPP_LIB_PATH": str(tmp_path)})
+    assert_one_line_error(proc, "budget 10 is too small", 2)

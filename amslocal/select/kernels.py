@@ -54,9 +54,9 @@ def moving_average_rows_ref(x: np.ndarray, width: int) -> np.ndarray:
     R, T = x.shape
     if T == 0:
         return np.empty((R, 0))
-    lo_off, hi_off = (width - 1) // 2, width // 2
+    hi_off = width // 2
     box = np.ones(width)
-    # convolve 'full' then slice: out[i] = sum x[i - lo_off .. i + hi_off]
+    # convolve "full" then slice: out[i] = sum x[i - (width - 1) // 2 .. i + hi_off]
     count = np.convolve(np.ones(T), box)[hi_off:hi_off + T]
     sums = np.stack([np.convolve(row, box)[hi_off:hi_off + T] for row in x]) if R else np.empty((0, T))
     return sums / count
