@@ -72,14 +72,11 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if prompt is not None:
         return prompt
     assert prompt_file is not None
-    try:
-        if prompt_file == "-":
-            return sys.stdin.read()
-        return Path(prompt_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise click.ClickException(f"prompt file {prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start})")
-    except OSError as exc:
-        raise click.ClickException(f"cannot read prompt file {prompt_file}: {exc.strerror or exc}")
+    if prompt_file == "-":
+        return sys.stdin.read()
+    from .models import read_text_file
+
+    return read_text_file(prompt_file, what="prompt file")
 
 
 def _scorer_names() -> list[str]:
@@ -135,12 +132,12 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
               cache_type_k: str, cache_type_v: str, threads: int, ignore_eos: bool, stats_json: Optional[str],
               verbose: bool) -> None:
     text = _read_prompt(prompt, prompt_file)
-    if budget is not None and budget <= 0:
-        raise click.BadParameter(f"the budget must be a positive number of tokens (got {budget})", param_hint="--budget")
-    from .models import load_model, resolve_model
+    from .models import check_request, load_model
 
-    # The file is checked before the backend loads, so a bad path is reported even on a stock build.
-    path = resolve_model(model)
+    # Header-only checks before the backend loads, so they are reported even on a stock build: the
+    # file, and with a budget whether the cache can be compressed and whether the budget can work.
+    facts = check_request(model, budget=budget, positions=positions if budget is not None else None)
+    path = Path(facts["path"])
     # Lazy: the backend import raises BackendMissingError on a stock llama.cpp build.
     from .backend import ContextParams, SamplerParams
     from .engine import TextStream
@@ -226,6 +223,396 @@ def calibrate(model: Optional[str], text_file: Optional[str], max_tokens: int) -
     out = run_calibration(path, text, max_tokens=max_tokens, progress=progress)
     click.echo("", err=True)
     _say(f"calibration of {path.name} written to {out}")
+
+
+CHAT_HELP = """\
+commands:
+  /help            this list
+  /clear           forget the conversation (the system prompt stays) and start a fresh cache
+  /stats           cache, compression and speed statistics
+  /budget N        keep N cells from the next message on; a smaller budget cuts the cache then,
+                   a larger one moves the session into a larger context (the cache is kept)
+  /scorer NAME     score with NAME from the next compression on (the cache is first cut to
+                   the budget with the current scorer)
+  /save FILE       save the session (conversation, compressed cache, controller state)
+  /load FILE       replace the session with a saved one (same model file; its settings return)
+  /read FILE       put FILE's text into your next message
+  /exit            quit (also Ctrl-D)
+A line ending in \\ continues on the next line; start a message with // to send a leading /.
+Ctrl-C stops a reply and keeps the session; Ctrl-C at the prompt quits with exit code 130."""
+
+
+def _parse_budget(value: Optional[str]) -> Optional[int]:
+    """``None`` (not given), ``off`` (full cache) or a positive number of tokens."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("off", "none", "full"):
+        return -1
+    try:
+        budget = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number of tokens or 'off' (got {value!r})", param_hint="--budget") from None
+    if budget <= 0:
+        raise click.BadParameter(f"the budget must be a positive number of tokens (got {budget})", param_hint="--budget")
+    return budget
+
+
+def _read_chat_template(value: Optional[str]) -> Optional[str]:
+    """``--chat-template``: a file's text, template text itself, or ``chatml``."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.ClickException(f"cannot read chat template file {value}: {getattr(exc, 'strerror', None) or exc}")
+    if value.strip().lower() == "chatml" or "{{" in value or "{%" in value:
+        return value
+    raise click.BadParameter(f"{value} is neither a file nor template text (or 'chatml')", param_hint="--chat-template")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--budget", metavar="N|off", default=None,
+              help="KV cache budget in tokens (default 1024, or less for a short trained context); "
+                   "'off' keeps the full cache of --ctx-size.")
+@click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Compress when budget + interval cells are occupied.")
+@click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True)
+@click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments.")
+@click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
+              help="Kept tokens keep their positions, or are shifted to dense positions.")
+@click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True)
+@click.option("--system", metavar="TEXT", help="System prompt (never evicted).")
+@click.option("--chat-template", metavar="STR|FILE",
+              help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.")
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--seed", type=click.IntRange(min=0, max=0xFFFFFFFE), default=None,
+              help="Sampling seed (default: random); with a seed, replies are reproducible, also after /load.")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 disables.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True,
+              help="1.0 disables.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Tokens per reply at most.")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Context size with --budget off.")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True)
+@click.option("--cache-type-v", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
+              help="A quantized V cache needs --flash-attn on.")
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@click.option("-q", "--quiet", is_flag=True, help="No status line after each reply.")
+@click.option("--ignore-eos", is_flag=True, hidden=True)  # tests: replies that only stop when told to
+def chat(**options: Any) -> None:
+    """Chat with MODEL (default: the bundled SmolLM2-135M) under a KV cache budget.
+
+    Replies stream to stdout; a status line (tokens, speed, cells / budget, compressions) follows
+    each reply on stderr. With piped input every line is one message and the command exits 0 at
+    the end of the input. Type /help in the chat for its commands.
+    """
+    try:
+        sys.exit(_chat(**options))
+    except KeyboardInterrupt:  # outside a reply (loading): the usual interrupted line
+        _fail("interrupted", EXIT_INTERRUPTED)
+
+
+class _ChatUI:
+    """The chat loop: reads lines, runs slash commands, streams replies; only the CLI prints."""
+
+    def __init__(self, session: Any, *, quiet: bool, ignore_eos: bool):
+        self.session = session
+        self.quiet = quiet
+        self.ignore_eos = ignore_eos
+        self.interactive = sys.stdin.isatty()
+        self.progress_tty = sys.stderr.isatty()
+        self.pending: list[str] = []  # texts from /read, for the next message
+        self.out = sys.stdout
+        if hasattr(self.out, "reconfigure"):
+            self.out.reconfigure(errors="replace")
+        debug_dir = os.environ.get("AMSLOCAL_DEBUG_LOGITS")
+        if debug_dir:  # hidden: the next-token logits of every turn, for exact comparisons in tests
+            session.logits_hook = self._dump_logits_to(Path(debug_dir))
+
+    def _dump_logits_to(self, folder: Path):
+        import numpy as np
+
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def dump(logits: Any) -> None:
+            turn = sum(1 for m in self.session.messages if m["role"] == "user")
+            np.save(folder / f"turn-{turn:03d}.npy", logits)
+
+        return dump
+
+    def error(self, message: str) -> None:
+        _say(f"error: {message}")
+
+    def info(self, message: str) -> None:
+        click.echo(message, err=True)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def read_line(self) -> Optional[str]:
+        """One message or command (None at the end of input); a trailing backslash continues."""
+        try:
+            line = input(">>> " if self.interactive else "")
+            while line.endswith("\\"):
+                line = line[:-1] + "\n" + input("... " if self.interactive else "")
+        except EOFError:
+            if self.interactive:
+                click.echo("")
+            return None
+        return line
+
+    def run(self) -> int:
+        while True:
+            try:
+                line = self.read_line()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt quits
+                click.echo("")
+                return EXIT_INTERRUPTED
+            if line is None:
+                return 0
+            text = line.strip()
+            if text.startswith("/") and not text.startswith("//"):
+                if self.command(text) == "exit":
+                    return 0
+                continue
+            if text.startswith("//"):
+                line = line.lstrip()[1:]
+            message = "\n\n".join(self.pending + ([line] if line.strip() else []))
+            if not message.strip():
+                continue
+            self.pending = []
+            self.reply(message)
+
+    # --- a reply ----------------------------------------------------------------------------
+
+    def reply(self, message: str) -> None:
+        import signal
+
+        from .errors import AmsError
+
+        s = self.session
+        shown = [False]
+
+        def progress(done: int, total: int) -> None:
+            if self.progress_tty and total >= 256:
+                width = 30
+                filled = width * done // total
+                click.echo(f"\r{PROG}: reading [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens",
+                           err=True, nl=False)
+                shown[0] = True
+
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: s.cancel())
+        wrote = False
+        try:
+            for piece in s.chat(message, on_progress=progress, ignore_eos=self.ignore_eos):
+                if shown[0]:
+                    click.echo("\r\x1b[K", err=True, nl=False)
+                    shown[0] = False
+                self.out.write(piece)
+                self.out.flush()
+                wrote = True
+        except AmsError as exc:
+            if wrote:
+                self.out.write("\n")
+            self.error(str(exc))
+            return
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if shown[0]:
+                click.echo("\r\x1b[K", err=True, nl=False)
+        self.out.write("\n")
+        self.out.flush()
+        self.status()
+
+    def status(self) -> None:
+        if self.quiet:
+            return
+        s = self.session
+        t = s.last_turn
+        st = s.stats
+        cfg = s.config
+        cells = f"cells {s.cells_used}/{cfg.budget}+{cfg.interval}" if cfg.budget is not None else \
+            f"cells {s.cells_used}/{s.session.gen.ctx.n_ctx} (no budget)"
+        note = {"cancelled": ", stopped", "max_tokens": ", max tokens reached", "context_full": ", context full",
+                "cancelled_reading": ", stopped while reading (the message was cut to what was read)",
+                }.get(t.stop, "")
+        _say(f"{t.reply_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s, {cells}, "
+             f"{st.compressions} compressions{note}")
+
+    # --- slash commands ---------------------------------------------------------------------
+
+    def command(self, text: str) -> Optional[str]:
+        from .errors import AmsError
+
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        handlers = {
+            "/help": self.cmd_help, "/clear": self.cmd_clear, "/stats": self.cmd_stats, "/budget": self.cmd_budget,
+            "/scorer": self.cmd_scorer, "/save": self.cmd_save, "/load": self.cmd_load, "/read": self.cmd_read,
+        }
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        handler = handlers.get(name)
+        if handler is None:
+            self.error(f"unknown command {name} (type /help)")
+            return None
+        try:
+            handler(arg)
+        except AmsError as exc:
+            self.error(str(exc))
+        return None
+
+    def _need(self, arg: str, command: str, what: str) -> bool:
+        if not arg:
+            self.error(f"{command} needs {what}")
+            return False
+        return True
+
+    def cmd_help(self, arg: str) -> None:
+        click.echo(CHAT_HELP)
+
+    def cmd_clear(self, arg: str) -> None:
+        self.session.clear()
+        self.pending = []
+        self.info("conversation cleared")
+
+    def cmd_stats(self, arg: str) -> None:
+        s = self.session
+        st = s.stats
+        cfg = s.config
+        replies = sum(1 for m in s.messages if m["role"] == "assistant")
+        kept, total = s.system_tokens_in_cache()
+        n_ctx = s.session.gen.ctx.n_ctx
+        budget = f"budget {cfg.budget} (+{cfg.interval} interval)" if cfg.budget is not None else "no budget"
+        rows = [
+            ("messages", f"{len(s.messages)} ({replies} {'reply' if replies == 1 else 'replies'})"),
+            ("cells", f"{s.cells_used} used, {budget}, context {n_ctx}, peak {st.kv_cells_peak}"),
+            ("compressions", f"{st.compressions} (compactions {st.compactions}, evicted {st.evicted_tokens} tokens, "
+                             f"{st.compress_ms_total:.0f} ms)"),
+            ("system prompt", f"{kept}/{total} tokens in cache"),
+            ("protected", f"{len(s.session.protected_positions)} positions"),
+            ("prompt", f"{st.prompt_tokens} tokens, {st.prefill_tok_per_s:.1f} tok/s"),
+            ("generated", f"{st.generated_tokens} tokens, {st.decode_tok_per_s:.1f} tok/s"),
+            ("scorer", f"{cfg.scorer}, {'AMS' if cfg.ams else 'top-k'}, positions {cfg.positions}"),
+            ("template", f"{s.template.kind}; full re-reads {s.refeeds}"),
+        ]
+        for key, value in rows:
+            click.echo(f"{key:<15}{value}")
+
+    def cmd_budget(self, arg: str) -> None:
+        if not self._need(arg, "/budget", "a number of tokens"):
+            return
+        try:
+            budget = int(arg)
+        except ValueError:
+            self.error(f"bad /budget value {arg!r}: give a number of tokens")
+            return
+        if budget <= 0:
+            self.error(f"bad /budget value {budget}: the budget must be positive")
+            return
+        self.session.set_budget(budget)
+        self.info(f"budget {budget} (+{self.session.config.interval}): takes effect from the next message")
+
+    def cmd_scorer(self, arg: str) -> None:
+        if not self._need(arg, "/scorer", "a scorer name (" + ", ".join(_scorer_names()) + ")"):
+            return
+        self.session.set_scorer(arg)
+        self.info(f"scorer {arg}: takes effect from the next compression")
+
+    def cmd_save(self, arg: str) -> None:
+        if not self._need(arg, "/save", "a FILE"):
+            return
+        n = self.session.save(Path(arg).expanduser())
+        s = self.session
+        self.info(f"saved {len(s.messages)} messages and {s.cells_used} cells to {arg} ({n / 1024:.0f} KiB)")
+
+    def cmd_load(self, arg: str) -> None:
+        if not self._need(arg, "/load", "a FILE"):
+            return
+        s = self.session
+        s.load(Path(arg).expanduser())
+        cfg = s.config
+        budget = f"budget {cfg.budget}" if cfg.budget is not None else "no budget"
+        self.info(f"loaded {arg}: {len(s.messages)} messages, {s.cells_used} cells, {budget}, scorer {cfg.scorer}")
+
+    def cmd_read(self, arg: str) -> None:
+        if not self._need(arg, "/read", "a FILE"):
+            return
+        try:
+            text = Path(arg).expanduser().read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            self.error(f"{arg} is not UTF-8 text ({exc.reason} at byte {exc.start})")
+            return
+        except OSError as exc:
+            self.error(f"cannot read {arg}: {exc.strerror or exc}")
+            return
+        self.pending.append(text)
+        self.info(f"read {arg} ({len(text)} characters); it goes into your next message")
+
+
+def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, positions: str,
+          aggregation: str, system: Optional[str], chat_template: Optional[str], temp: float, seed: Optional[int],
+          top_k: int, top_p: float, max_tokens: int, ctx_size: int, flash_attn: str, cache_type_k: str,
+          cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
+    parsed = _parse_budget(budget)
+    template = _read_chat_template(chat_template)
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    from .api import Engine
+
+    engine = Engine(path, n_threads=threads, flash_attn=flash_attn, cache_type_k=cache_type_k,
+                    cache_type_v=cache_type_v)
+    n_train = engine.model.n_ctx_train
+    if parsed is None:  # the default: 1024, or what a short trained context allows
+        chosen: Optional[int] = min(1024, max(n_train - interval, 1))
+    elif parsed == -1:
+        chosen = None
+    else:
+        if parsed > n_train:
+            raise click.BadParameter(f"the budget {parsed} is above the model's trained context ({n_train})",
+                                     param_hint="--budget")
+        chosen = parsed
+    session = engine.session(budget=chosen, interval=interval, scorer=scorer, ams=not no_ams, positions=positions,
+                             aggregation=aggregation, system=system, chat_template=template, temperature=temp,
+                             top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, ctx_size=ctx_size)
+    ui = _ChatUI(session, quiet=quiet, ignore_eos=ignore_eos)
+    if ui.interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - not on every platform
+            pass
+        budget_text = f"budget {chosen} (+{interval})" if chosen is not None else f"full cache of {ctx_size}"
+        _say(f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}, "
+             f"template {session.template.kind}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.")
+    return ui.run()
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def info(model: Optional[str], as_json: bool) -> None:
+    """Show MODEL's architecture, sizes, KV bytes per token and whether its cache can be compressed.
+
+    Reads the GGUF header only: fast, and works without the native backend.
+    """
+    from .info import format_info, model_info
+
+    facts = model_info(model)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(facts, indent=2))
+    else:
+        click.echo(format_info(facts))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,14 +13,14 @@ branch costs nothing in between), except for scorers that need every step (H2O).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .backend import ContextParams, Model, SamplerParams
+from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, ContextParams, Model, SamplerParams
 from .engine import Generator
-from .errors import AmsError
+from .errors import AmsError, BudgetError
 from .scorers import make_scorer
 from .scorers.base import (
     NEEDS_ATTN,
@@ -52,12 +52,6 @@ def _warm_kernels() -> None:
         _kernels_warm = True
 
 
-class BudgetError(AmsError):
-    """A budget that cannot work (too small for the protected tokens, above the trained context)."""
-
-    exit_code = 2
-
-
 @dataclass
 class CompressionConfig:
     """How a session keeps its cache bounded. ``budget=None`` means the full cache."""
@@ -78,6 +72,17 @@ class CompressionConfig:
     @property
     def capacity(self) -> Optional[int]:
         return None if self.budget is None else self.budget + self.interval
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (the calibration, a per-model file, is left out)."""
+        d = asdict(replace(self, calibration=None))
+        d.pop("calibration")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionConfig":
+        known = {f.name for f in fields(cls)} - {"ams_params", "calibration"}
+        return cls(**{k: v for k, v in d.items() if k in known}, ams_params=AMSParams(**d.get("ams_params", {})))
 
 
 @dataclass
@@ -154,6 +159,15 @@ class Session:
                                   ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
         self._observing = False
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
+
+    def _derive_from_scorer(self) -> None:
+        cfg = self.config
+        needs = self.scorer.needs
+        self.every_step = NEEDS_ATTN_EVERY_STEP in needs
+        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams
+        self.wants_queries = NEEDS_QUERIES in needs
+        # AMS segments by the evidence of the reference's 32-query window
+        self.window = cfg.window or max(int(self.scorer.window), 32 if cfg.ams else 0, 1)
 
     @staticmethod
     def _validate(cfg: CompressionConfig) -> None:
@@ -329,3 +343,154 @@ class Session:
         event = {"tokens": T, "kept": int(kept_mask.sum()), "ms": ms, "compacted": bool(compact)}
         self.events.append(event)
         return event
+
+    # --- live changes -------------------------------------------------------------------------
+
+    def set_budget(self, budget: int) -> None:
+        """Compress to ``budget`` from now on (the next feed cuts the cache if it holds more).
+
+        The context must already hold ``budget + interval`` cells; growing past it needs a new
+        context (export the state, build a session with the new config, import). A session made
+        without a budget cannot start compressing.
+        """
+        if self.config.budget is None:
+            raise BudgetError("this session has no budget (full cache); start a new one with a budget")
+        cfg = replace(self.config, budget=int(budget))
+        self._validate(cfg)
+        if cfg.capacity > self.gen.ctx.n_ctx:
+            raise BudgetError(f"budget {budget} + interval {cfg.interval} needs {cfg.capacity} cells; "
+                              f"the context has {self.gen.ctx.n_ctx}")
+        self.config = cfg
+        self.stats.kv_budget, self.stats.kv_capacity = cfg.budget, cfg.capacity
+
+    def set_scorer(self, name: str, *, calibration: Optional[dict] = None, **params: Any) -> None:
+        """Score with ``name`` from the next compression on.
+
+        If the cache holds more than the budget it is first cut with the current scorer (whose
+        evidence the observation window holds); the observation window then starts over with what
+        the new scorer needs. H2O's accumulated attention only counts from the switch on.
+        """
+        scorer = make_scorer(name, **params)
+        calibration = calibration if calibration is not None else self.config.calibration
+        if NEEDS_CALIBRATION in scorer.needs and calibration is None:
+            raise AmsError(f"scorer {name} needs a calibration of this model; run: amslocal calibrate {self.model.path}")
+        if self.config.budget is not None and self.n_occupied > self.config.budget:
+            self.compress()
+        self.config = replace(self.config, scorer=name, scorer_params=dict(params), calibration=calibration)
+        self.scorer = scorer
+        self._derive_from_scorer()
+        self.stats.scorer = name if self.config.budget is not None else "none"
+        if self._observing:
+            self.view.observe(0)
+            self._observing = False
+        self.view.reset_window()
+
+    # --- state export / import (save files, context rebuilds) ---------------------------------
+    # The cache view's accumulators are read and written here field by field (evidence_total and
+    # the window snapshot per layer, the query ring): keep these two methods in step with CacheView.
+
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray], bytes]:
+        """What decides this session's future: (JSON-able meta, arrays, llama.cpp sequence state).
+
+        Arrays: the position -> token map, protected positions, the AMS credit, and the cache
+        view's accumulated evidence (total and window snapshot, per layer) keyed by position, not
+        by cell, because a restore puts the cells elsewhere; plus the observed queries. Evidence a
+        cell still carries from a previous occupant (zeroed at the next observation) is saved as 0.
+        """
+        view = self.view
+        kv = self.gen.ctx.seq_state_get()
+        pos, toks = self.gen.kept_tokens()
+        arrays: dict[str, np.ndarray] = {
+            "tokens_pos": np.asarray(pos, dtype=np.int64),
+            "tokens_id": np.asarray(toks, dtype=np.int64),
+            "protected": np.asarray(sorted(self.protected_positions), dtype=np.int64),
+            "query_pos": np.asarray(view.query_pos, dtype=np.int64),
+        }
+        credit = getattr(self.selector, "credit", None)
+        if credit is not None:
+            arrays["credit_pos"] = np.asarray(credit.positions, dtype=np.int64)
+            arrays["credit_val"] = np.asarray(credit.credit, dtype=np.float64)
+        for c in range(view.n_caches):
+            cur = view.cell_pos(c)
+            cells = np.flatnonzero(cur >= 0)
+            valid = view.evidence_pos[c][cells] == cur[cells]
+            arrays[f"ev_pos_{c}"] = cur[cells].astype(np.int64)
+            for il in view.kv_layers:
+                if view.layers[il].cache == c:
+                    arrays[f"evt_{il}"] = np.where(valid, view.evidence_total[il][:, cells], 0.0)
+                    arrays[f"evb_{il}"] = np.where(valid, view._window_base[il][:, cells], 0.0)
+        q_count = int(view._q_count)
+        if q_count:
+            for il in view.kv_layers:
+                ring = view._q_ring[il]
+                arrays[f"q_{il}"] = ring[ring.shape[0] - q_count:].copy()
+        meta = {
+            "config": self.config.to_dict(),
+            "stats": asdict(self.stats),
+            "events": self.events,
+            "observing": self._observing,
+            "n_obs": view.n_obs,
+            "obs_flags": view.obs_flags,
+            "n_queries": view.n_queries,
+            "q_count": q_count,
+            "collect_s": view.collect_s,
+            "n_caches": view.n_caches,
+            "selector": self.selector.name,
+        }
+        return meta, arrays, kv
+
+    def import_state(self, meta: dict, arrays: dict[str, np.ndarray], kv: bytes) -> None:
+        """Restore :meth:`export_state` output into this (fresh) session, made with the same config
+        (or a larger budget). Raises :class:`AmsError` when the state does not fit."""
+        view = self.view
+        if int(meta["n_caches"]) != view.n_caches or meta["selector"] != self.selector.name:
+            raise AmsError("the saved state was made with another cache layout or selector")
+        self.gen.reset()
+        self.gen.ctx.seq_state_set(kv)
+        pos = arrays["tokens_pos"].astype(np.int64)
+        self.gen.tokens_at = {int(p): int(t) for p, t in zip(pos, arrays["tokens_id"])}
+        _, live = view.occupied(0)
+        if not np.array_equal(np.sort(pos), live.astype(np.int64)):
+            raise AmsError("the saved KV state and token map disagree")
+        self.protected_positions = {int(p) for p in arrays["protected"]}
+        credit = getattr(self.selector, "credit", None)
+        if credit is not None and "credit_pos" in arrays:
+            credit.positions = arrays["credit_pos"].astype(np.int64).copy()
+            credit.credit = arrays["credit_val"].astype(np.float64).copy()
+
+        view.observe(0)
+        view.reset_evidence()
+        n_obs, flags = int(meta["n_obs"]), int(meta["obs_flags"])
+        if n_obs > 0 and flags:
+            view.observe(n_obs, attn=bool(flags & LLAMA_AMS_OBS_ATTN), queries=bool(flags & LLAMA_AMS_OBS_QUERIES))
+        self._observing = bool(meta["observing"])
+        for c in range(view.n_caches):
+            cur = view.cell_pos(c)
+            view.evidence_pos[c] = cur
+            saved = arrays[f"ev_pos_{c}"]
+            cells = np.flatnonzero(cur >= 0)
+            if len(cells) == 0:
+                continue
+            order = np.argsort(saved, kind="stable")
+            j = np.minimum(np.searchsorted(saved[order], cur[cells]), max(len(saved) - 1, 0))
+            if len(saved) == 0 or not np.array_equal(saved[order][j], cur[cells]):
+                raise AmsError("the saved evidence does not match the restored cells")
+            src = order[j]
+            for il in view.kv_layers:
+                if view.layers[il].cache == c:
+                    view.evidence_total[il][:, cells] = arrays[f"evt_{il}"][:, src]
+                    view._window_base[il][:, cells] = arrays[f"evb_{il}"][:, src]
+        q_count = int(meta["q_count"])
+        if q_count:
+            for il in view.kv_layers:
+                ring = view._q_ring[il]
+                if ring.shape[0] < q_count:
+                    raise AmsError("the saved queries do not fit the observation window")
+                ring[ring.shape[0] - q_count:] = arrays[f"q_{il}"]
+        view._q_count = q_count
+        view.n_queries = int(meta["n_queries"])
+        view.query_pos = arrays["query_pos"].astype(np.int32)
+        view.collect_s = float(meta["collect_s"])
+        known = {f.name for f in fields(SessionStats)}
+        self.stats = SessionStats(**{k: v for k, v in meta["stats"].items() if k in known})
+        self.events = list(meta.get("events", []))

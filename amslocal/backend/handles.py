@@ -91,6 +91,39 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
 
+    def is_control(self, token: int) -> bool:
+        """A control token (``<|im_start|>``, ``<s>``...): chat-template structure, not text."""
+        return bool(llama.llama_vocab_is_control(self.vocab, token))
+
+    @property
+    def bos(self) -> int:
+        """The BOS token id (-1 if the vocabulary has none)."""
+        return int(llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        """The EOS token id (-1 if the vocabulary has none)."""
+        return int(llama.llama_vocab_eos(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether the model expects BOS at the start of a sequence."""
+        return bool(llama.llama_vocab_get_add_bos(self.vocab))
+
+    def token_text(self, token: int) -> str:
+        """A token's text with special tokens spelled out (``<|im_end|>``); '' for an invalid id."""
+        if not 0 <= token < self.n_vocab:
+            return ""
+        return self.token_bytes(token, special=True).decode("utf-8", "replace")
+
+    def chat_template(self, name: Optional[str] = None) -> Optional[str]:
+        """The chat template stored in the GGUF (``tokenizer.chat_template``), or None.
+
+        Read with ``llama_model_chat_template``: ``meta()`` has a short buffer and templates are long.
+        """
+        raw = llama.llama_model_chat_template(self.ptr, name.encode() if name else None)
+        return raw.decode("utf-8", "replace") if raw else None
+
     def close(self) -> None:
         if getattr(self, "_ptr", None):
             llama.llama_model_free(self._ptr)
@@ -184,6 +217,33 @@ class Context:
 
     def clear(self) -> None:
         llama.llama_memory_clear(self.memory, True)
+
+    # --- sequence state (save / restore) ----------------------------------------------------
+
+    def apply_pending_shift(self) -> None:
+        """Re-rotate K now if a ``seq_add`` is pending (the state copy saves K as it is in memory)."""
+        if ams.llama_ams_shift_pending(self.ptr):
+            ams.llama_ams_apply_shift(self.ptr)
+
+    def seq_state_get(self) -> bytes:
+        """The cells of sequence 0 (positions, K and V of every layer) as llama.cpp serialises them.
+
+        Positions may have holes; restoring puts the cells in the first free cells of the target
+        context in the same order. A pending position shift is applied first.
+        """
+        self.apply_pending_shift()
+        n = int(llama.llama_state_seq_get_size(self.ptr, 0))
+        buf = (ctypes.c_uint8 * max(n, 1))()
+        written = int(llama.llama_state_seq_get_data(self.ptr, buf, n, 0))
+        if written != n:
+            raise DecodeError(f"llama_state_seq_get_data wrote {written} of {n} bytes")
+        return bytes(buf[:n])
+
+    def seq_state_set(self, data: bytes) -> None:
+        """Replace sequence 0 with ``data`` from :meth:`seq_state_get` (same model and KV types)."""
+        buf = (ctypes.c_uint8 * max(len(data), 1)).from_buffer_copy(data or b"\0")
+        if int(llama.llama_state_seq_set_data(self.ptr, buf, len(data), 0)) == 0:
+            raise DecodeError("llama.cpp refused the saved KV state (another model, KV type or too few cells)")
 
     # --- observation (the patched API) ----------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""The embeddable API: load a model once, open many chat sessions under a KV budget.
+
+```python
+from amslocal.api import Engine
+
+with Engine("models/SmolLM2-135M-Instruct.Q4_1.gguf", n_threads=2) as engine:
+    chat = engine.session(budget=512, scorer="tova", system="You are concise.", temperature=0)
+    for piece in chat.chat("Name three rivers."):
+        print(piece, end="", flush=True)
+    print(chat.stats.compressions, chat.cells_used)
+```
+
+**Thread-safety.** An :class:`Engine` holds the model weights, which are read-only: it may serve
+several sessions, from several threads, and :meth:`Engine.session` may be called from any thread.
+Each session has its own llama.cpp context and is used by one thread at a time (a concurrent second
+call raises :class:`~amslocal.chat.SessionBusyError` instead of corrupting it); ``cancel()`` is
+safe from any thread at any time. ``Engine.close()`` closes its sessions before the weights.
+
+Errors a caller can act on derive from :class:`~amslocal.errors.AmsError` and carry a one-line
+message. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Optional, Union
+
+from .backend import ContextParams, Model, SamplerParams
+from .chat import ChatError, ChatSession, ChatTemplate, SaveFileError, SessionBusyError, TemplateError, TurnStats
+from .errors import AmsError
+from .models import load_model
+from .session import BudgetError, CompressionConfig, SessionStats
+from .select.ams import AMSParams
+
+__all__ = [
+    "AmsError", "BudgetError", "ChatError", "ChatSession", "Engine", "SaveFileError", "SessionBusyError",
+    "SessionStats", "TemplateError", "TurnStats",
+]
+
+RANDOM_SEED = 0xFFFFFFFF
+
+
+class Engine:
+    """A loaded model. Sessions made from it share its weights; each has its own KV cache."""
+
+    def __init__(self, model_path: Union[str, os.PathLike, None] = None, *, n_threads: int = 0,
+                 n_gpu_layers: int = 0, flash_attn: str = "auto", cache_type_k: str = "f16",
+                 cache_type_v: str = "f16", n_batch: int = 512):
+        """Load ``model_path`` (None: the default model), after checking the GGUF file.
+
+        ``n_threads`` 0 uses every core. ``flash_attn`` is auto | on | off; a quantized V cache
+        (``cache_type_v`` q8_0 / q4_0) needs it on. Raises :class:`AmsError` for a missing, damaged
+        or unsupported model.
+        """
+        self.model: Model = load_model(model_path)
+        self.n_threads = n_threads
+        self.flash_attn = flash_attn
+        self.cache_type_k = cache_type_k
+        self.cache_type_v = cache_type_v
+        self.n_batch = n_batch
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sessions: "weakref.WeakSet[ChatSession]" = weakref.WeakSet()
+
+    @property
+    def model_path(self) -> str:
+        return str(self.model.path)
+
+    def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "tova",
+                ams: bool = True, positions: str = "keep", aggregation: str = "mean",
+                system: Optional[str] = None, chat_template: Optional[str] = None,
+                temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
+                ams_params: Optional[AMSParams] = None) -> ChatSession:
+        """A new chat session.
+
+        ``budget``: KV cells kept after each compression (None: no compression, a ``ctx_size``
+        cache). ``interval``: tokens between compressions. ``scorer``: tova, snapkv, h2o, streaming,
+        keydiff, expected-attention, rkv or triattention (needs ``amslocal calibrate``). ``ams``:
+        Adaptive Mass-Segmented selection (else global top-k). ``positions``: keep | compact.
+        ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
+        instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
+        reproducible, also after ``load``. ``max_tokens``: the default reply length.
+
+        The returned :class:`~amslocal.chat.ChatSession` offers ``chat(messages_or_text)``,
+        ``generate(prompt)``, ``cancel()``, ``save(path)``, ``load(path)``, ``clear()``,
+        ``set_budget(n)``, ``set_scorer(name)``, ``stats``, ``last_turn`` and ``messages``.
+        """
+        if self._closed:
+            raise AmsError("the engine is closed")
+        if budget is not None and budget <= 0:
+            raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
+        config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, positions=positions,
+                                   aggregation=aggregation, ams_params=ams_params or AMSParams())
+        n_ctx = ctx_size
+        ctx_params = ContextParams(n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx), n_ubatch=min(self.n_batch, n_ctx),
+                                   n_threads=self.n_threads, flash_attn=self.flash_attn,
+                                   type_k=self.cache_type_k, type_v=self.cache_type_v)
+        sampler_params = SamplerParams(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       seed=RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF)
+        template = ChatTemplate.for_model(self.model, chat_template)
+        with self._lock:  # contexts are made one at a time; decoding in them runs in parallel
+            session = ChatSession(self.model, config, ctx_params, sampler_params, system=system, template=template,
+                                  max_tokens=max_tokens)
+            self._sessions.add(session)
+            return session
+
+    def close(self) -> None:
+        """Close every session made here, then free the model weights. Call it when no session is
+        generating; a session used after this raises :class:`ChatError`."""
+        with self._lock:
+            self._closed = True
+            for session in list(self._sessions):
+                session.close()
+            self.model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
