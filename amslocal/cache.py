@@ -215,6 +215,67 @@ class CacheView:
         self.n_queries += n_tok
         return n_tok
 
+    # --- save / restore -----------------------------------------------------------------------
+
+    def export_evidence(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Accumulated evidence and observed queries, keyed by position rather than by cell
+        (a restore puts the tokens in other cells). Evidence a cell still carries from a previous
+        occupant (zeroed at the next observation) is saved as 0."""
+        arrays: dict[str, np.ndarray] = {"query_pos": np.asarray(self.query_pos, dtype=np.int64)}
+        for c in range(self.n_caches):
+            cur = self.cell_pos(c)
+            cells = np.flatnonzero(cur >= 0)
+            valid = self.evidence_pos[c][cells] == cur[cells]
+            arrays[f"ev_pos_{c}"] = cur[cells].astype(np.int64)
+            for il in self.kv_layers:
+                if self.layers[il].cache == c:
+                    arrays[f"evt_{il}"] = np.where(valid, self.evidence_total[il][:, cells], 0.0)
+                    arrays[f"evb_{il}"] = np.where(valid, self._window_base[il][:, cells], 0.0)
+        if self._q_count:
+            for il in self.kv_layers:
+                ring = self._q_ring[il]
+                arrays[f"q_{il}"] = ring[ring.shape[0] - self._q_count:].copy()
+        meta = {"n_obs": self.n_obs, "obs_flags": self.obs_flags, "n_queries": self.n_queries,
+                "q_count": self._q_count, "collect_s": self.collect_s, "n_caches": self.n_caches}
+        return meta, arrays
+
+    def import_evidence(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`export_evidence` output onto the cells that now hold the same positions."""
+        if int(meta["n_caches"]) != self.n_caches:
+            raise ValueError("the saved evidence was made with another cache layout")
+        self.observe(0)
+        self.reset_evidence()
+        n_obs, flags = int(meta["n_obs"]), int(meta["obs_flags"])
+        if n_obs > 0 and flags:
+            self.observe(n_obs, attn=bool(flags & LLAMA_AMS_OBS_ATTN), queries=bool(flags & LLAMA_AMS_OBS_QUERIES))
+        for c in range(self.n_caches):
+            cur = self.cell_pos(c)
+            self.evidence_pos[c] = cur
+            saved = arrays[f"ev_pos_{c}"]
+            cells = np.flatnonzero(cur >= 0)
+            if len(cells) == 0:
+                continue
+            order = np.argsort(saved, kind="stable")
+            j = np.minimum(np.searchsorted(saved[order], cur[cells]), max(len(saved) - 1, 0))
+            if len(saved) == 0 or not np.array_equal(saved[order][j], cur[cells]):
+                raise ValueError("the saved evidence does not match the restored cells")
+            src = order[j]
+            for il in self.kv_layers:
+                if self.layers[il].cache == c:
+                    self.evidence_total[il][:, cells] = arrays[f"evt_{il}"][:, src]
+                    self._window_base[il][:, cells] = arrays[f"evb_{il}"][:, src]
+        q_count = int(meta["q_count"])
+        if q_count:
+            for il in self.kv_layers:
+                ring = self._q_ring[il]
+                if ring.shape[0] < q_count:
+                    raise ValueError("the saved queries do not fit the observation window")
+                ring[ring.shape[0] - q_count:] = arrays[f"q_{il}"]
+        self._q_count = q_count
+        self.n_queries = int(meta["n_queries"])
+        self.query_pos = arrays["query_pos"].astype(np.int32)
+        self.collect_s = float(meta["collect_s"])
+
     def last_attn(self, il: int) -> np.ndarray | None:
         """Evidence of the last decode alone for layer ``il``: [n_head_kv, n_kv], or None."""
         n_kv = int(ams.llama_ams_obs_n_kv(self.ctx.ptr, il))

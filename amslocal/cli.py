@@ -564,9 +564,14 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
           cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
     parsed = _parse_budget(budget)
     template = _read_chat_template(chat_template)
-    from .models import resolve_model
+    from .models import check_compressible, check_request
 
-    path = resolve_model(model)
+    # header checks before the backend loads: the file, the budget, and whether the cache compresses
+    compress = parsed != -1
+    facts = check_request(model, budget=parsed if compress else None, positions=positions if compress else None)
+    if compress and parsed is None:
+        check_compressible(facts, positions=positions)
+    path = Path(facts["path"])
     from .api import Engine
 
     engine = Engine(path, n_threads=threads, flash_attn=flash_attn, cache_type_k=cache_type_k,

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, ContextParams, Model, SamplerParams
+from .backend import ContextParams, Model, SamplerParams
 from .engine import Generator
 from .errors import AmsError, BudgetError
 from .scorers import make_scorer
@@ -404,37 +404,19 @@ class Session:
             "tokens_pos": np.asarray(pos, dtype=np.int64),
             "tokens_id": np.asarray(toks, dtype=np.int64),
             "protected": np.asarray(sorted(self.protected_positions), dtype=np.int64),
-            "query_pos": np.asarray(view.query_pos, dtype=np.int64),
         }
         credit = getattr(self.selector, "credit", None)
         if credit is not None:
             arrays["credit_pos"] = np.asarray(credit.positions, dtype=np.int64)
             arrays["credit_val"] = np.asarray(credit.credit, dtype=np.float64)
-        for c in range(view.n_caches):
-            cur = view.cell_pos(c)
-            cells = np.flatnonzero(cur >= 0)
-            valid = view.evidence_pos[c][cells] == cur[cells]
-            arrays[f"ev_pos_{c}"] = cur[cells].astype(np.int64)
-            for il in view.kv_layers:
-                if view.layers[il].cache == c:
-                    arrays[f"evt_{il}"] = np.where(valid, view.evidence_total[il][:, cells], 0.0)
-                    arrays[f"evb_{il}"] = np.where(valid, view._window_base[il][:, cells], 0.0)
-        q_count = int(view._q_count)
-        if q_count:
-            for il in view.kv_layers:
-                ring = view._q_ring[il]
-                arrays[f"q_{il}"] = ring[ring.shape[0] - q_count:].copy()
+        view_meta, view_arrays = view.export_evidence()
+        arrays.update(view_arrays)
         meta = {
             "config": self.config.to_dict(),
             "stats": asdict(self.stats),
             "events": self.events,
             "observing": self._observing,
-            "n_obs": view.n_obs,
-            "obs_flags": view.obs_flags,
-            "n_queries": view.n_queries,
-            "q_count": q_count,
-            "collect_s": view.collect_s,
-            "n_caches": view.n_caches,
+            **view_meta,
             "selector": self.selector.name,
         }
         return meta, arrays, kv
@@ -458,39 +440,11 @@ class Session:
             credit.positions = arrays["credit_pos"].astype(np.int64).copy()
             credit.credit = arrays["credit_val"].astype(np.float64).copy()
 
-        view.observe(0)
-        view.reset_evidence()
-        n_obs, flags = int(meta["n_obs"]), int(meta["obs_flags"])
-        if n_obs > 0 and flags:
-            view.observe(n_obs, attn=bool(flags & LLAMA_AMS_OBS_ATTN), queries=bool(flags & LLAMA_AMS_OBS_QUERIES))
+        try:
+            view.import_evidence(meta, arrays)
+        except ValueError as exc:
+            raise AmsError(str(exc)) from None
         self._observing = bool(meta["observing"])
-        for c in range(view.n_caches):
-            cur = view.cell_pos(c)
-            view.evidence_pos[c] = cur
-            saved = arrays[f"ev_pos_{c}"]
-            cells = np.flatnonzero(cur >= 0)
-            if len(cells) == 0:
-                continue
-            order = np.argsort(saved, kind="stable")
-            j = np.minimum(np.searchsorted(saved[order], cur[cells]), max(len(saved) - 1, 0))
-            if len(saved) == 0 or not np.array_equal(saved[order][j], cur[cells]):
-                raise AmsError("the saved evidence does not match the restored cells")
-            src = order[j]
-            for il in view.kv_layers:
-                if view.layers[il].cache == c:
-                    view.evidence_total[il][:, cells] = arrays[f"evt_{il}"][:, src]
-                    view._window_base[il][:, cells] = arrays[f"evb_{il}"][:, src]
-        q_count = int(meta["q_count"])
-        if q_count:
-            for il in view.kv_layers:
-                ring = view._q_ring[il]
-                if ring.shape[0] < q_count:
-                    raise AmsError("the saved queries do not fit the observation window")
-                ring[ring.shape[0] - q_count:] = arrays[f"q_{il}"]
-        view._q_count = q_count
-        view.n_queries = int(meta["n_queries"])
-        view.query_pos = arrays["query_pos"].astype(np.int32)
-        view.collect_s = float(meta["collect_s"])
         known = {f.name for f in fields(SessionStats)}
         self.stats = SessionStats(**{k: v for k, v in meta["stats"].items() if k in known})
         self.events = list(meta.get("events", []))
