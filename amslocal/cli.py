@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import click
 
@@ -86,6 +86,44 @@ def _scorer_names() -> list[str]:
     return sorted(SCORERS)
 
 
+def _options(*decorators: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    """Apply several click options as one decorator (they show in --help in this order)."""
+    def apply(f: Callable) -> Callable:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+# what `generate` and `chat` share: how the cache is compressed, sampled, and run
+_compression_options = _options(
+    click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="Compress when budget + interval cells are occupied."),
+    click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True),
+    click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments."),
+    click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
+                 help="Kept tokens keep their positions, or are shifted to dense positions."),
+    click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
+                 help="How per-layer, per-head scores become one ranking per token."),
+)
+_sampling_options = _options(
+    click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+                 help="Sampling temperature; 0 = greedy."),
+    click.option("--seed", type=click.IntRange(min=0, max=0xFFFFFFFE), default=None,
+                 help="Sampling seed (default: random); with a seed, output is reproducible."),
+    click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 disables."),
+    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True,
+                 help="1.0 disables."),
+)
+_runtime_options = _options(
+    click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+    click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True),
+    click.option("--cache-type-v", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
+                 help="A quantized V cache needs --flash-attn on."),
+    click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores."),
+)
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", help="Prompt text (raw; BOS is added if the model wants it).")
@@ -94,27 +132,11 @@ def _scorer_names() -> list[str]:
               help="Tokens to generate at most.")
 @click.option("--budget", type=int, default=None,
               help="KV cache budget in tokens (default: full cache, no compression).")
-@click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Compress when budget + interval cells are occupied.")
-@click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True)
-@click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments.")
-@click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
-              help="Kept tokens keep their positions, or are shifted to dense positions.")
-@click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
-              help="How per-layer, per-head scores become one ranking per token.")
-@click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
-              help="Sampling temperature; 0 = greedy.")
-@click.option("--seed", type=click.IntRange(min=0, max=0xFFFFFFFF), default=None, help="Sampling seed (default: random).")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 disables.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True,
-              help="1.0 disables.")
+@_compression_options
+@_sampling_options
 @click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Context size without --budget (llama.cpp rounds it up to a multiple of 256).")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True)
-@click.option("--cache-type-v", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
-              help="A quantized V cache needs --flash-attn on.")
-@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@_runtime_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
 @click.option("--stats-json", metavar="PATH", help="Write run statistics (tokens, speeds, cells, compressions) as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Print a timing line to stderr.")
@@ -277,32 +299,16 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
 @click.option("--budget", metavar="N|off", default=None,
               help="KV cache budget in tokens (default 1024, or less for a short trained context); "
                    "'off' keeps the full cache of --ctx-size.")
-@click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Compress when budget + interval cells are occupied.")
-@click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True)
-@click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments.")
-@click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
-              help="Kept tokens keep their positions, or are shifted to dense positions.")
-@click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True)
+@_compression_options
 @click.option("--system", metavar="TEXT", help="System prompt (never evicted).")
 @click.option("--chat-template", metavar="STR|FILE",
               help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.")
-@click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
-              help="Sampling temperature; 0 = greedy.")
-@click.option("--seed", type=click.IntRange(min=0, max=0xFFFFFFFE), default=None,
-              help="Sampling seed (default: random); with a seed, replies are reproducible, also after /load.")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 disables.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True,
-              help="1.0 disables.")
+@_sampling_options
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Tokens per reply at most.")
 @click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Context size with --budget off.")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True)
-@click.option("--cache-type-v", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
-              help="A quantized V cache needs --flash-attn on.")
-@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@_runtime_options
 @click.option("-q", "--quiet", is_flag=True, help="No status line after each reply.")
 @click.option("--ignore-eos", is_flag=True, hidden=True)  # tests: replies that only stop when told to
 def chat(**options: Any) -> None:
