@@ -162,6 +162,20 @@ class CacheView:
         """Per layer [n_head_kv, cache_size]: attention summed over the window's observed queries."""
         return [None if t is None else t - b for t, b in zip(self.evidence_total, self._window_base)]
 
+    def positions_shifted(self) -> None:
+        """The cells' positions were shifted (``seq_add``), not reassigned: keep their evidence.
+
+        Without this, the next :meth:`collect` would take the new positions for new occupants and
+        zero what the tokens had accumulated (H2O's totals, the window's evidence).
+        """
+        for c in range(self.n_caches):
+            pos = self.cell_pos(c)
+            occupied = pos >= 0
+            # only cells that still hold the token they accumulated for: freed cells keep their
+            # old mark, so that a new occupant is still seen as one
+            same = occupied & (self.evidence_pos[c] >= 0)
+            self.evidence_pos[c][same] = pos[same]
+
     def collect(self, positions_of_batch: np.ndarray | None = None) -> int:
         """Add the evidence of the last decode to the accumulators; returns observed query tokens.
 

@@ -148,4 +148,5 @@ class Generator:
         for p0, p1, delta in shifts:
             self.ctx.seq_add(p0, p1, delta)
         self.tokens_at = {start + i: t for i, t in enumerate(toks)}
+        self.view.positions_shifted()  # same tokens in the same cells: their evidence stays
         return len(shifts)

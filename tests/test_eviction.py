@@ -117,3 +117,21 @@ def test_generation_continues_after_compaction(smollm2_model):
     out = list(g.generate([], 10, ignore_eos=True))
     assert len(out) == 10
     assert_consistent(g)
+
+
+def test_compaction_keeps_accumulated_evidence(tiny_model):
+    """seq_add moves positions, not tokens: the tokens' accumulated evidence must survive it."""
+    g = Generator(tiny_model, ContextParams(n_ctx=256), SamplerParams(temp=0))
+    g.view.observe(1, attn=True)
+    g.eval(tiny_model.tokenize(TEXT))
+    for _ in range(4):
+        g.eval([g.sample()])
+    g.evict(range(5, 25))
+    cells, _ = g.view.occupied()
+    before = {il: g.view.evidence_total[il][:, cells].copy() for il in g.view.kv_layers}
+    assert all(b.sum() > 0 for b in before.values())
+    g.compact()
+    g.eval([g.sample()])  # the next collect sees the shifted positions
+    for il in g.view.kv_layers:
+        added = g.view.last_attn(il)[:, cells]
+        np.testing.assert_allclose(g.view.evidence_total[il][:, cells], before[il] + added, rtol=1e-6)
