@@ -107,24 +107,34 @@ class CacheView:
     def reset_evidence(self) -> None:
         """Forget all accumulated evidence (windowed and total) and queries."""
         # evidence_total[il]: [n_head_kv, cache_size] attention probability summed over every
-        # observed query since the cell's token entered (what H2O needs); zeroed on cell reuse
-        self.evidence_total = [
-            np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float64) if li.cache >= 0 else None
-            for li in self.layers
-        ]
-        # read-back buffers, allocated once: collect() runs on every observed decode step
-        self._attn_buf = [
-            np.empty(li.n_head_kv * self.cache_sizes[li.cache], dtype=np.float32) if li.cache >= 0 else None
-            for li in self.layers
-        ]
-        self._attn_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._attn_buf]
+        # observed query since the cell's token entered (what H2O needs); zeroed on cell reuse.
+        # Layers of one cache with the same KV head count share one stacked array (evidence_total[il]
+        # is a view into it), so that collect() adds a whole step with one numpy operation.
+        # (cache, layers, total [L, H, size] f64, read buffer [L, H*size] f32, its row pointers)
+        self._groups: list[tuple[int, list[int], np.ndarray, np.ndarray, list]] = []
+        self.evidence_total: list[np.ndarray | None] = [None] * self.n_layer
+        for c in range(self.n_caches):
+            for h in sorted({self.layers[il].n_head_kv for il in self.kv_layers if self.layers[il].cache == c}):
+                members = [il for il in self.kv_layers if self.layers[il].cache == c and self.layers[il].n_head_kv == h]
+                total = np.zeros((len(members), h, self.cache_sizes[c]), dtype=np.float64)
+                buf = np.empty((len(members), h * self.cache_sizes[c]), dtype=np.float32)
+                ptrs = [row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for row in buf]
+                self._groups.append((c, members, total, buf, ptrs))
+                for j, il in enumerate(members):
+                    self.evidence_total[il] = total[j]
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
         self.reset_window()
 
     def reset_window(self) -> None:
         """Start a new observation window: windowed evidence and queries restart, totals go on."""
         # the windowed evidence is total minus this snapshot: one accumulator per step, not two
-        self._window_base = [None if e is None else e.copy() for e in self.evidence_total]
+        self._window_base = [None] * self.n_layer
+        self._window_base_groups = []
+        for _, members, total, _, _ in self._groups:
+            base = total.copy()
+            self._window_base_groups.append(base)
+            for j, il in enumerate(members):
+                self._window_base[il] = base[j]
         self.n_queries = 0  # observed query tokens accumulated since the window started
         # the last n_obs observed queries per layer, oldest first, in a ring filled from the end
         w = max(self.n_obs, 1)
@@ -133,6 +143,7 @@ class CacheView:
             for li in self.layers
         ]
         self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
+        self._q_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._q_scratch]
         self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
 
@@ -145,6 +156,7 @@ class CacheView:
             for li in self.layers
         ]
         self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
+        self._q_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._q_scratch]
         self._q_count = min(old_n, w)
         if old:
             for r, o in zip(self._q_ring, old):
@@ -197,26 +209,32 @@ class CacheView:
             pos = self.cell_pos(c)
             moved = pos != self.evidence_pos[c]
             if moved.any():
-                for il in self.kv_layers:
-                    if self.layers[il].cache == c:
-                        self.evidence_total[il][:, moved] = 0.0
-                        self._window_base[il][:, moved] = 0.0
+                for (gc, _, total, _, _), base in zip(self._groups, self._window_base_groups):
+                    if gc == c:
+                        total[:, :, moved] = 0.0
+                        base[:, :, moved] = 0.0
                 self.evidence_pos[c] = pos
+        if self.obs_flags & LLAMA_AMS_OBS_ATTN:
+            for _, members, total, buf, ptrs in self._groups:
+                n_kv = int(ams.llama_ams_obs_n_kv(ptr, members[0]))  # one graph: one n_kv per cache
+                h = total.shape[1]
+                size = h * n_kv
+                if n_kv == 0:
+                    continue
+                ok = True
+                for il, row_ptr in zip(members, ptrs):
+                    ok &= ams.llama_ams_get_attn(ptr, il, row_ptr, size) == size
+                if ok:
+                    acc = total[:, :, :n_kv]
+                    np.add(acc, buf[:, :size].reshape(len(members), h, n_kv), out=acc)
         for il in self.kv_layers:
             li = self.layers[il]
-            if self.obs_flags & LLAMA_AMS_OBS_ATTN:
-                n_kv = int(ams.llama_ams_obs_n_kv(ptr, il))
-                size = li.n_head_kv * n_kv
-                if n_kv > 0 and ams.llama_ams_get_attn(ptr, il, self._attn_ptr[il], size) == size:
-                    acc = self.evidence_total[il][:, :n_kv]
-                    np.add(acc, self._attn_buf[il][:size].reshape(li.n_head_kv, n_kv), out=acc)
             if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
                 ring, buf = self._q_ring[il], self._q_scratch[il]
                 w = ring.shape[0]
                 take = min(n_tok, w)
                 size = n_tok * li.n_head * li.n_embd_head_k
-                if size <= buf.size and ams.llama_ams_get_queries(
-                        ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), size) == size:
+                if size <= buf.size and ams.llama_ams_get_queries(ptr, il, self._q_ptr[il], size) == size:
                     new = buf[:size].reshape(n_tok, li.n_head, li.n_embd_head_k)[n_tok - take:]
                     ring[: w - take] = ring[take:]
                     ring[w - take:] = new
