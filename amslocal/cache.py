@@ -32,6 +32,7 @@ class CacheView:
         self.n_obs = 0
         self.obs_flags = 0
         self.collect_s = 0.0  # time spent reading evidence back (controller overhead)
+        self._alloc_ring()
         self.reset_evidence()
 
     def _layer_info(self, il: int) -> LayerInfo:
@@ -136,20 +137,12 @@ class CacheView:
             for j, il in enumerate(members):
                 self._window_base[il] = base[j]
         self.n_queries = 0  # observed query tokens accumulated since the window started
-        # the last n_obs observed queries per layer, oldest first, in a ring filled from the end
-        w = max(self.n_obs, 1)
-        self._q_ring = [
-            np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
-            for li in self.layers
-        ]
-        self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
-        self._q_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._q_scratch]
         self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
 
-    def _resize_ring(self) -> None:
-        old_n = self._q_count
-        old = [None if r is None else r[r.shape[0] - old_n:] for r in self._q_ring] if old_n else None
+    def _alloc_ring(self) -> None:
+        """Buffers for the last n_obs observed queries of every layer, oldest first, in a ring
+        filled from the end, plus the read-back scratch and its pointer (made once)."""
         w = max(self.n_obs, 1)
         self._q_ring = [
             np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
@@ -157,11 +150,17 @@ class CacheView:
         ]
         self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
         self._q_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._q_scratch]
-        self._q_count = min(old_n, w)
-        if old:
-            for r, o in zip(self._q_ring, old):
-                if r is not None:
-                    r[w - self._q_count:] = o[o.shape[0] - self._q_count:]
+
+    def _resize_ring(self) -> None:
+        """A new window size: keep the newest queries that fit."""
+        n = self._q_count
+        old = [None if r is None else r[r.shape[0] - n:].copy() for r in self._q_ring]
+        self._alloc_ring()
+        w = max(self.n_obs, 1)
+        self._q_count = min(n, w)
+        for r, o in zip(self._q_ring, old):
+            if r is not None and self._q_count:
+                r[w - self._q_count:] = o[o.shape[0] - self._q_count:]
 
     @property
     def queries(self) -> list[np.ndarray | None]:
