@@ -148,12 +148,7 @@ class Session:
         self.layers = [il for il in self.view.kv_layers if self.view.layers[il].cache == 0]
         li0 = self.view.layers[self.layers[0]]
         self.group = li0.n_head // li0.n_head_kv
-        needs = self.scorer.needs
-        self.every_step = NEEDS_ATTN_EVERY_STEP in needs
-        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams
-        self.wants_queries = NEEDS_QUERIES in needs
-        # AMS segments by the evidence of the reference's 32-query window
-        self.window = cfg.window or max(int(self.scorer.window), 32 if cfg.ams else 0, 1)
+        self._derive_from_scorer()
         self.protected_positions: set[int] = set()
         self.stats = SessionStats(kv_budget=cfg.budget, kv_capacity=cfg.capacity, scorer=cfg.scorer if cfg.budget else "none",
                                   ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
@@ -161,6 +156,7 @@ class Session:
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
 
     def _derive_from_scorer(self) -> None:
+        """What to observe, and over how many queries, for this scorer and selector."""
         cfg = self.config
         needs = self.scorer.needs
         self.every_step = NEEDS_ATTN_EVERY_STEP in needs
@@ -324,8 +320,12 @@ class Session:
         self.gen.evict(evicted.tolist())
         self.protected_positions.difference_update(int(p) for p in evicted)
 
-        compact = cfg.positions == "compact" or (
-            self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train)
+        near_limit = self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train
+        compact = cfg.positions == "compact" or near_limit
+        if near_limit and not self.gen.ctx.can_shift():
+            # going on would place tokens past the trained context: stop rather than degrade silently
+            raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
+                           f"model's cache cannot shift them back; start a new session")
         if compact and self.gen.ctx.can_shift():
             old = positions[kept_mask].astype(np.int64)
             self.gen.compact()
