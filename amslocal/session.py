@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,18 @@ from .select.mass import evidence_mass
 
 
 _kernels_warm = False
+
+
+def _read_once(read: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """Memoise a per-layer read: a scorer may ask for a layer's keys more than once."""
+    done: dict[int, np.ndarray] = {}
+
+    def get(layer: int) -> np.ndarray:
+        if layer not in done:
+            done[layer] = read(layer)
+        return done[layer]
+
+    return get
 
 
 def _warm_kernels() -> None:
@@ -279,11 +291,9 @@ class Session:
             inp.queries = [view.queries[il] for il in layers]
             inp.query_positions = view.query_pos.astype(np.int64)
         if NEEDS_KEYS in needs:
-            cache_k: dict[int, np.ndarray] = {}
-            inp.keys = lambda l: cache_k.setdefault(l, view.read_k(layers[l], cells))
+            inp.keys = _read_once(lambda l: view.read_k(layers[l], cells))
         if NEEDS_VALUES in needs:
-            cache_v: dict[int, np.ndarray] = {}
-            inp.values = lambda l: cache_v.setdefault(l, view.read_v(layers[l], cells))
+            inp.values = _read_once(lambda l: view.read_v(layers[l], cells))
         return inp
 
     def compress(self) -> dict:
