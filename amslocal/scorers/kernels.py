@@ -102,6 +102,18 @@ def _unit_keys(keys: np.ndarray) -> np.ndarray:
     return u
 
 
+@numba.njit(cache=True)
+def _unit_key_sums(u: np.ndarray) -> np.ndarray:
+    """[H, T, d] unit keys -> [H, d]: per head, the sum of its unit keys (the mean direction)."""
+    H, T, d = u.shape
+    s = np.zeros((H, d), dtype=np.float64)
+    for h in range(H):
+        for t in range(T):
+            for i in range(d):
+                s[h, i] += u[h, t, i]
+    return s
+
+
 def _unit_keys_ref(keys: np.ndarray) -> np.ndarray:
     """[T, H, d] unit keys (not transposed)."""
     return keys / np.maximum(np.linalg.norm(keys, axis=-1, keepdims=True), _EPS)
@@ -116,13 +128,10 @@ def cos_to_mean_direction(keys: np.ndarray) -> np.ndarray:
     """
     T, H, d = keys.shape
     u = _unit_keys(keys)
+    sums = _unit_key_sums(u)
     out = np.zeros((H, T), dtype=np.float64)
-    m = np.empty(d, dtype=np.float64)
     for h in range(H):
-        m[:] = 0.0
-        for t in range(T):
-            for i in range(d):
-                m[i] += u[h, t, i]
+        m = sums[h]
         n = 0.0
         for i in range(d):
             n += m[i] * m[i]
@@ -162,13 +171,10 @@ def mean_cos_redundancy(keys: np.ndarray, retain_last: bool, threshold: float) -
     """
     T, H, d = keys.shape
     u = _unit_keys(keys)
+    sums = _unit_key_sums(u)
     out = np.zeros((H, T), dtype=np.float64)
-    s = np.empty(d, dtype=np.float64)
     for h in range(H):
-        s[:] = 0.0
-        for t in range(T):
-            for i in range(d):
-                s[i] += u[h, t, i]
+        s = sums[h]
         for j in range(T):
             a = 0.0
             b = 0.0
