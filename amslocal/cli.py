@@ -626,5 +626,139 @@ def info(model: Optional[str], as_json: bool) -> None:
         click.echo(format_info(facts))
 
 
+@main.group(cls=click.Group)
+def bench() -> None:
+    """Measure quality under a budget (accuracy, fidelity, passkey) and decode speed."""
+
+
+def _int_list(value: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got {value!r}", param_hint=what) from None
+    if not out or any(x <= 0 for x in out):
+        raise click.BadParameter(f"expected positive whole numbers, got {value!r}", param_hint=what)
+    return sorted(set(out))
+
+
+@bench.command("quality")
+@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity"]), required=True)
+@click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
+@click.option("--budgets", default="96,128,192", show_default=True,
+              help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey).")
+@click.option("--budget-base", type=click.Choice(["prompt", "absolute"]), default=None,
+              help="Budgets count on top of the prompt, or whole cells [default: prompt; absolute for passkey].")
+@click.option("--methods", default="full,context-shift,streaming,tova,ams-tova", show_default=True,
+              help="Comma-separated: full, context-shift, S (global top-k) or ams-S for a scorer S; 'all' for every one.")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Items (passkey: items per depth).")
+@click.option("--out", "out_dir", metavar="DIR", default=None, help="Results directory [default: bench-results/TASK-MODEL].")
+@click.option("--data", "data_dir", metavar="DIR", default=None, help="Where the sets are [default: ../shared/data].")
+@click.option("--interval", type=click.IntRange(min=1), default=None,
+              help="Memory is budget + interval cells; sessions compress back to the budget when it is full "
+                   "[default: 32; passkey 128, its long prompt goes through in chunks of this size].")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Per answer [default: 512; passkey 16; fidelity 256].")
+@click.option("--n-keep", type=int, default=0, show_default=True,
+              help="context-shift: tokens kept at the start, like llama.cpp's --keep (-1: the whole prompt).")
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per item (pass@k; needs --temp > 0).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--passkey-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="passkey: approximate prompt length.")
+@click.option("--no-replay", is_flag=True,
+              help="Decode every token of every method (default: feed the full cache's answer up to the first compression).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@click.option("--shard", metavar="I/K", default=None,
+              help="Run only items I, I+K, I+2K, ... (start K processes with -t 1 into one --out; "
+                   "on a few cores K single-thread processes beat one K-thread process).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Optional[str], methods: str, n: int,
+                  out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
+                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, no_replay: bool,
+                  no_plots: bool, threads: int, shard: Optional[str], quiet: bool) -> None:
+    """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
+
+    Resumable: run the same command again and it continues where it stopped. Writes one JSONL
+    line per item, summary.json, summary.md and PNG plots into --out.
+    """
+    from .bench.methods import parse_methods
+    from .bench.quality import QualityRun, run_quality
+    from .bench.runner import RunSettings
+    from .models import load_model, resolve_model
+
+    if samples > 1 and temp <= 0:
+        raise click.BadParameter("several samples need --temp > 0 (greedy samples are all the same)", param_hint="--samples")
+    method_list = parse_methods(methods)
+    budget_list = _int_list(budgets, "--budgets")
+    shard_ik = (0, 1)
+    if shard is not None:
+        try:
+            i, k = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise click.BadParameter(f"expected I/K such as 0/2, got {shard!r}", param_hint="--shard") from None
+        if not 0 <= i < k:
+            raise click.BadParameter(f"need 0 <= I < K, got {shard!r}", param_hint="--shard")
+        shard_ik = (i, k)
+    path = resolve_model(model)
+    default_max = {"passkey": 16, "fidelity": 256}.get(task, 512)
+    calibration = None
+    if any(m.scorer == "triattention" for m in method_list):
+        from .calibration import load_for_model
+
+        calibration = load_for_model(path)
+    interval = interval or (128 if task == "passkey" else 32)
+    settings = RunSettings(max_new=max_tokens or default_max, interval=interval, n_keep=n_keep, n_threads=threads,
+                           temperature=temp, top_p=top_p, seed=seed, replay=not no_replay, calibration=calibration)
+    out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
+    llm = load_model(path, compress=any(m.compresses for m in method_list))
+    run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,
+                     data_dir=Path(data_dir) if data_dir else None,
+                     budget_base=budget_base or ("absolute" if task == "passkey" else "prompt"), samples=samples,
+                     settings=settings, passkey_tokens=passkey_tokens, plots=not no_plots,
+                     progress=None if quiet else _say, shard=shard_ik)
+    summary = run_quality(run, llm)
+    from .bench.quality import markdown
+
+    click.echo(markdown(summary), nl=False)
+    _say(f"results in {out}")
+
+
+@bench.command("speed")
+@click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
+@click.option("--depths", default="512,2048,4096", show_default=True, help="Cache depths at which decode is timed.")
+@click.option("--budget", type=click.IntRange(min=37), default=256, show_default=True)
+@click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens timed per measurement.")
+@click.option("--methods", default=None, help="Comma-separated S / ams-S [default: every scorer with and without AMS].")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--no-stock", is_flag=True, help="Skip the stock llama-cpp-python decode loop.")
+@click.option("--json", "json_out", metavar="PATH", default=None, help="Also write the raw result as JSON.")
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def bench_speed(model: Optional[str], depths: str, budget: int, interval: int, n_gen: int, methods: Optional[str],
+                rounds: int, no_stock: bool, json_out: Optional[str], threads: int, quiet: bool) -> None:
+    """Decode tokens/s at several depths, full cache vs. a budget per scorer ± AMS (llama-bench style).
+
+    Every row of a depth is measured in one process, round-robin, so the ratios compare like with like.
+    """
+    import json
+
+    from .bench.speed import format_table, run_speed
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    result = run_speed(path, depths=tuple(_int_list(depths, "--depths")), budget=budget, interval=interval, n_gen=n_gen,
+                       methods=method_list, rounds=rounds, n_threads=threads, include_stock=not no_stock,
+                       progress=None if quiet else _say)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(format_table(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

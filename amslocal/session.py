@@ -135,8 +135,14 @@ class Session:
     """One sequence whose KV cache never holds more than ``budget + interval`` tokens."""
 
     def __init__(self, model: Model, config: CompressionConfig = CompressionConfig(),
-                 ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams()):
+                 ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams(),
+                 *, observe_attention: bool = False):
         self.model = model
+        # diagnostics (benchmarks): observe attention even when the scorer and selector do not use
+        # it, so that every event can be described by its attention mass; never changes a choice
+        self.observe_attention = observe_attention
+        # called at every event, before eviction, as on_compress(positions, kept_mask, score_input)
+        self.on_compress: Optional[Callable[[np.ndarray, np.ndarray, ScoreInput], None]] = None
         self.config = config
         cfg = config
         self.scorer = make_scorer(cfg.scorer, **cfg.scorer_params)
@@ -172,7 +178,7 @@ class Session:
         cfg = self.config
         needs = self.scorer.needs
         self.every_step = NEEDS_ATTN_EVERY_STEP in needs
-        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams
+        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams or self.observe_attention
         self.wants_queries = NEEDS_QUERIES in needs
         # AMS segments by the evidence of the reference's 32-query window
         self.window = cfg.window or max(int(self.scorer.window), 32 if cfg.ams else 0, 1)
@@ -326,6 +332,8 @@ class Session:
 
         kept_mask = np.zeros(T, dtype=bool)
         kept_mask[keep] = True
+        if self.on_compress is not None:
+            self.on_compress(positions.astype(np.int64), kept_mask, inp)
         evicted = positions[~kept_mask]
         self.gen.evict(evicted.tolist())
         self.protected_positions.difference_update(int(p) for p in evicted)

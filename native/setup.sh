@@ -50,8 +50,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     say "installing amslocal (editable, with test extras)"
     log=native/_work/pip-install-e.log
     mkdir -p native/_work
-    if ! "$VPY" -m pip install --disable-pip-version-check -e '.[test]' >"$log" 2>&1; then
-        die "pip install -e '.[test]' failed (log: $log)"
+    if ! "$VPY" -m pip install --disable-pip-version-check -e '.[test,bench]' >"$log" 2>&1; then
+        die "pip install -e '.[test,bench]' failed (log: $log)"
     fi
     # the unpinned llama-cpp-python dependency must still be OUR build (pip keeps it
     # unless something pins another version; patches/ may also have changed meanwhile)

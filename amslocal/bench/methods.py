@@ -1,0 +1,67 @@
+"""The methods a benchmark compares, by name.
+
+``full`` is the whole cache (the reference); ``context-shift`` is llama.cpp's own answer to a full
+context (keep ``n_keep`` first tokens, drop half of the rest, shift); ``S`` is scorer S with global
+top-k selection; ``ams-S`` is scorer S under AMS. ``streaming`` is StreamingLLM (sink + recent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import OptionError
+from ..scorers import SCORERS
+
+BASELINES = ("full", "context-shift")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str                      # "full" | "context-shift" | "session"
+    scorer: Optional[str] = None
+    ams: bool = False
+
+    @property
+    def compresses(self) -> bool:
+        return self.kind != "full"
+
+    @property
+    def topk_twin(self) -> Optional[str]:
+        """The same scorer with the other selector ("ams-tova" <-> "tova")."""
+        if self.kind != "session":
+            return None
+        return self.scorer if self.ams else f"ams-{self.scorer}"
+
+
+def parse_method(name: str) -> Method:
+    name = name.strip().lower()
+    if name in BASELINES:
+        return Method(name, name)
+    scorer, ams = (name[4:], True) if name.startswith("ams-") else (name, False)
+    if scorer not in SCORERS:
+        known = ", ".join(list(BASELINES) + list(SCORERS) + [f"ams-{s}" for s in SCORERS])
+        raise OptionError(f"unknown method '{name}' (known: {known})")
+    return Method(f"ams-{scorer}" if ams else scorer, "session", scorer, ams)
+
+
+def parse_methods(spec: str) -> list[Method]:
+    """``"full,context-shift,tova,ams-tova"``; ``all`` expands to every method; order kept, no repeats."""
+    names: list[str] = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part == "all":
+            names += list(BASELINES) + [m for s in SCORERS for m in (s, f"ams-{s}")]
+        else:
+            names.append(part)
+    methods: list[Method] = []
+    for n in names:
+        m = parse_method(n)
+        if m not in methods:
+            methods.append(m)
+    if not methods:
+        raise OptionError("no methods given")
+    return methods
