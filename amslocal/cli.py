@@ -674,11 +674,12 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("--shard", metavar="I/K", default=None,
               help="Run only items I, I+K, I+2K, ... (start K processes with -t 1 into one --out; "
                    "on a few cores K single-thread processes beat one K-thread process).")
+@click.option("--report-only", is_flag=True, help="Summarise and plot what --out holds; run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
                   temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, no_replay: bool,
-                  no_plots: bool, threads: int, shard: Optional[str], quiet: bool) -> None:
+                  no_plots: bool, threads: int, shard: Optional[str], report_only: bool, quiet: bool) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
 
     Resumable: run the same command again and it continues where it stopped. Writes one JSONL
@@ -718,7 +719,7 @@ def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Op
                      data_dir=Path(data_dir) if data_dir else None,
                      budget_base=budget_base or ("absolute" if task == "passkey" else "prompt"), samples=samples,
                      settings=settings, passkey_tokens=passkey_tokens, plots=not no_plots,
-                     progress=None if quiet else _say, shard=shard_ik)
+                     progress=None if quiet else _say, shard=shard_ik, report_only=report_only)
     summary = run_quality(run, llm)
     from .bench.quality import markdown
 

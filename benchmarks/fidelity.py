@@ -1,5 +1,8 @@
 """Fidelity of a compressed cache to the full cache, for choosing defaults by measurement.
 
+(The user-facing version, per method and budget, is ``amslocal bench quality --task fidelity``;
+this script also varies the aggregation and the positions mode.)
+
 For each prompt the full-cache greedy continuation is the reference. Every configuration then
 teacher-forces that same continuation under its budget, and at every step compares its next-token
 distribution with the full cache's: mean KL(full || compressed) and top-1 agreement. Nothing is
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from amslocal.backend import ContextParams, Model, SamplerParams  # noqa: E402
+from amslocal.bench.runner import log_softmax  # noqa: E402
 from amslocal.session import CompressionConfig, Session  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -33,12 +37,6 @@ DEFAULT_CONFIGS = ",".join([
     "snapkv:ams:mean", "snapkv:ams:max", "snapkv:ams:rank",
     "tova:topk:mean", "tova:ams:mean:compact",
 ])
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max()
-    return x - m - np.log(np.exp(x - m).sum())
 
 
 def prompts(n: int) -> list[str]:

@@ -54,6 +54,7 @@ class QualityRun:
     plots: bool = True
     progress: Optional[Callable[[str], None]] = None
     shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
+    report_only: bool = False            # summarise what the directory holds, run nothing
 
     def mine(self, items: list[Item]) -> list[Item]:
         i, k = self.shard
@@ -221,7 +222,9 @@ def run_quality(run: QualityRun, model: Model) -> dict:
     if not items:
         raise InputError(f"no {run.task} items to run")
     template = ChatTemplate.for_model(model)
-    if run.task == "fidelity":
+    if run.report_only:
+        pass
+    elif run.task == "fidelity":
         _run_fidelity(run, model, items, template)
     else:
         _run_generation(run, model, items, template)
@@ -408,7 +411,8 @@ def markdown(summary: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["results"]:
         acc_c = f"{_fmt(r['accuracy_compressed'])} ({_fmt(r.get('full_accuracy_compressed'))})" if r["method"] != "full" else "–"
-        lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['n']} | {_fmt(r['accuracy'])} | "
+        acc = _fmt(r["accuracy"]) + (f" (pass@k {_fmt(r['pass_at_k'])})" if r.get("pass_at_k") is not None else "")
+        lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['n']} | {acc} | "
                      f"{r['compressed_items']} | {acc_c} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | "
                      f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |")
     if summary["task"] == "passkey":
