@@ -216,6 +216,8 @@ def _record(run: QualityRun, model: Model, item: Item, method: Method, budget: O
 def run_quality(run: QualityRun, model: Model) -> dict:
     """Run every (item, method, budget) not yet in ``run.out_dir``; returns the summary."""
     out = run.out_dir
+    if run.report_only and not (out / "run.json").exists():
+        raise InputError(f"{out} holds no benchmark run to report")
     _check_manifest(out, _manifest(run, model))
     per_filler = len(model.tokenize(FILLER, add_special=False)) if run.task == "passkey" else 12.0
     items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens, tokens_per_filler=per_filler)
@@ -367,6 +369,8 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
             res["accuracy_compressed"] = _mean([float(r["correct"]) for r in compressed])
             if full_rows and m.kind != "full":
                 res["full_accuracy_compressed"] = _mean([float(full_rows[r["id"]]["correct"]) for r in compressed])
+                # far less noisy than accuracy: did the method reach the full cache's own answer?
+                res["same_answer_as_full"] = _mean([float(r["pred"] == full_rows[r["id"]]["pred"]) for r in rs])
             res["generated_tokens"] = _mean([r["generated_tokens"] for r in rs])
             res["compressions"] = _mean([r["compressions"] for r in rs])
             res["seconds"] = _mean([r["seconds"] for r in rs])
@@ -377,8 +381,28 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
                 res["by_depth"] = {f"{d:.2f}": _mean([float(r["correct"]) for r in rs if r["depth"] == d]) for d in depths}
         results.append(res)
     manifest = json.loads((out / "run.json").read_text())
-    return {"task": run.task, "model": run.model_path.name, "budget_base": run.budget_base, "n_common": len(common),
-            "settings": manifest, "results": results}
+    summary = {"task": run.task, "model": run.model_path.name, "budget_base": run.budget_base, "n_common": len(common),
+               "settings": manifest, "results": results}
+    if run.task != "fidelity":
+        summary["ams_vs_topk"] = _paired(rows, common, keys)
+    return summary
+
+
+def _paired(rows: dict[str, dict[str, dict]], common: list[str], keys: list[tuple[Method, Optional[int]]]) -> list[dict]:
+    """Per scorer and budget, on the same items: correct under AMS only, under top-k only, both."""
+    out = []
+    for m, b in keys:
+        twin = m.topk_twin
+        if not m.ams or twin is None or _key(twin, b) not in rows:
+            continue
+        ams, topk = rows[_key(m.name, b)], rows[_key(twin, b)]
+        a = [bool(ams[i]["correct"]) for i in common]
+        t = [bool(topk[i]["correct"]) for i in common]
+        out.append({"scorer": m.scorer, "budget": b, "n": len(common),
+                    "ams_only": sum(x and not y for x, y in zip(a, t)),
+                    "topk_only": sum(y and not x for x, y in zip(a, t)),
+                    "both": sum(x and y for x, y in zip(a, t))})
+    return out
 
 
 def _fmt(x, spec: str = ".3f") -> str:
@@ -406,15 +430,20 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | "
                          f"{_fmt(r['first_divergence'], '.1f')} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |")
         return "\n".join(lines) + "\n"
-    lines += ["| method | budget | n | accuracy | compressed items | acc. on compressed (full) | events/item | "
-              "wiped segments | events with wipe-out | longest evicted run (mean/max) | tokens | s/item |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | budget | n | accuracy | same answer as full | compressed items | acc. on compressed (full) | "
+              "events/item | wiped segments | events with wipe-out | longest evicted run (mean/max) | tokens | s/item |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["results"]:
         acc_c = f"{_fmt(r['accuracy_compressed'])} ({_fmt(r.get('full_accuracy_compressed'))})" if r["method"] != "full" else "–"
         acc = _fmt(r["accuracy"]) + (f" (pass@k {_fmt(r['pass_at_k'])})" if r.get("pass_at_k") is not None else "")
         lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['n']} | {acc} | "
-                     f"{r['compressed_items']} | {acc_c} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | "
+                     f"{_fmt(r.get('same_answer_as_full'))} | {r['compressed_items']} | {acc_c} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | "
                      f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |")
+    if summary.get("ams_vs_topk"):
+        lines += ["", "AMS vs global top-k on the same items (correct under one selector only):", "",
+                  "| scorer | budget | n | AMS only | top-k only | both |", "|---|---|---|---|---|---|"]
+        for p in summary["ams_vs_topk"]:
+            lines.append(f"| {p['scorer']} | {p['budget']} | {p['n']} | {p['ams_only']} | {p['topk_only']} | {p['both']} |")
     if summary["task"] == "passkey":
         depths = sorted({d for r in summary["results"] for d in (r.get("by_depth") or {})})
         lines += ["", "Retrieval accuracy by depth of the key (0 = start of the filler):", "",
