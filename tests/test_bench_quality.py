@@ -222,3 +222,21 @@ def test_bench_bad_input_is_one_line(tmp_path, args, phrase):
     proc = run_cli("bench", "quality", "--task", "gsm8k", "--model", str(DEFAULT_MODEL), "--n", "1",
                    "--out", str(tmp_path / "x"), "-q", *args)
     assert_one_line_error(proc, phrase)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--methods", "tova,nope"], "unknown method 'nope'"),
+    (["--depths", "512,x"], "comma-separated whole numbers"),
+    (["--budget", "8"], "--budget"),
+])
+@needs_model
+def test_bench_speed_bad_input_is_one_line(args, phrase):
+    proc = run_cli("bench", "speed", "--model", str(DEFAULT_MODEL), "-q", *args)
+    assert_one_line_error(proc, phrase)
+
+
+@needs_model
+def test_bench_report_only_needs_a_run(tmp_path):
+    proc = run_cli("bench", "quality", "--task", "gsm8k", "--model", str(DEFAULT_MODEL), "--report-only",
+                   "--out", str(tmp_path / "empty"), "-q")
+    assert_one_line_error(proc, "holds no benchmark run")
