@@ -147,3 +147,15 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
         plots.plot_accuracy(make_summary(), tmp_path / "a.png")
     with pytest.raises(AmsError, match="plots need matplotlib"):
         plots.plot_eviction_map(make_record(), tmp_path / "m.png")
+
+
+def test_pairs_plot_one_panel_per_budget(tmp_path):
+    from amslocal.bench.plots import plot_pairs
+
+    summary = {"task": "fidelity", "model": "m.gguf", "budget_base": "absolute", "results": [
+        {"method": "context-shift", "budget": 128, "n": 3, "kl": 0.4},
+        {"method": "tova", "budget": 128, "n": 3, "kl": 0.2}, {"method": "ams-tova", "budget": 128, "n": 3, "kl": 0.18},
+        {"method": "tova", "budget": 256, "n": 3, "kl": 0.1}, {"method": "ams-tova", "budget": 256, "n": 3, "kl": 0.09},
+    ]}
+    path = plot_pairs(summary, tmp_path / "pairs.png", metric="kl")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,10 @@ import numpy as np
 
 from amslocal.errors import AmsError
 
-SCORERS = ("tova", "snapkv", "h2o", "keydiff", "expected_attention", "rkv", "triattention")
+SCORERS = ("tova", "snapkv", "h2o", "keydiff", "expected-attention", "rkv", "triattention")
+SHARES = {"accuracy", "pass_at_k", "top1", "same_answer_as_full"}  # metrics drawn as percentages
+METRIC_LABELS = {"kl": "mean KL(full || method), nats", "top1": "top-1 agreement with full",
+                 "same_answer_as_full": "same answer as the full cache"}
 BASELINE_STYLES = {  # method -> (colour, linestyle, marker)
     "context-shift": ("black", ":", "s"),
     "streaming": ("0.55", "--", "v"),
@@ -61,7 +64,7 @@ def plot_accuracy(summary: dict, path, metric: str = "accuracy") -> Path:
     """Plot ``metric`` against budget, one line per method, for a bench summary; return the PNG path.
 
     ``full`` (budget None) is a dashed black horizontal line. A scorer and its ``ams-`` variant share
-    a colour: solid for AMS, dashed for global top-k. Values within 0..1 are shown as percentages.
+    a colour: solid for AMS, dashed for global top-k. Shares (accuracy, agreement) are percentages.
     """
     Figure, canvas_class = _matplotlib()
     from matplotlib.ticker import PercentFormatter
@@ -93,7 +96,7 @@ def plot_accuracy(summary: dict, path, metric: str = "accuracy") -> Path:
         xs, ys = zip(*points)
         ax.plot(xs, ys, linestyle=style, marker=marker, color=colour, label=method, linewidth=1.5)
     values = [r[metric] for r in results]
-    if values and max(values) <= 1:
+    if values and metric in SHARES:
         ax.set_ylim(-0.02, 1.02)
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     else:
@@ -103,13 +106,57 @@ def plot_accuracy(summary: dict, path, metric: str = "accuracy") -> Path:
         ax.set_xticks(budgets)
     prompt_base = summary.get("budget_base") == "prompt"
     ax.set_xlabel("budget (tokens over the prompt)" if prompt_base else "KV budget (tokens)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
     counts = [r["n"] for r in results if r.get("n") is not None]
     subtitle = f"n={min(counts)}" if counts else "n=?"
     ax.set_title(f"{summary.get('task', '?')} — {summary.get('model', '?')}\n{subtitle}", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _save(fig, canvas_class, path)
+
+
+def plot_pairs(summary: dict, path, metric: str = "accuracy") -> Path:
+    """Bars of ``metric`` per scorer, global top-k (hatched) beside AMS (solid), one panel per budget;
+    the baselines (context shift, StreamingLLM) as grey bars and the full cache as a line."""
+    Figure, canvas_class = _matplotlib()
+    from matplotlib.ticker import PercentFormatter
+
+    results = [r for r in summary.get("results", []) if r.get(metric) is not None]
+    budgets = sorted({r["budget"] for r in results if r.get("budget") is not None})
+    full = next((r[metric] for r in results if r["method"] == "full"), None)
+    fig = Figure(figsize=(10, 2.8 * max(1, len(budgets)) + 0.6), layout="constrained")
+    axes = [fig.add_subplot(max(1, len(budgets)), 1, k + 1) for k in range(max(1, len(budgets)))]
+    for ax, budget in zip(axes, budgets):
+        rows = {r["method"]: r[metric] for r in results if r.get("budget") == budget}
+        groups = [m for m in ("context-shift",) if m in rows]
+        groups += sorted({m.removeprefix("ams-") for m in rows if m != "context-shift"},
+                         key=lambda sc: _method_order(sc)[1:] if sc in SCORERS else (len(SCORERS), sc))
+        for x, group in enumerate(groups):
+            if group == "context-shift":
+                ax.bar(x, rows[group], width=0.5, color="0.3")
+                continue
+            colour = "0.55" if group == "streaming" else f"C{SCORERS.index(group)}" if group in SCORERS else "C7"
+            if group in rows:
+                ax.bar(x - 0.2, rows[group], width=0.4, color="white", edgecolor=colour, hatch="///",
+                       label="global top-k" if x == 1 else None)
+            if f"ams-{group}" in rows:
+                ax.bar(x + 0.2, rows[f"ams-{group}"], width=0.4, color=colour, label="AMS" if x == 1 else None)
+        if full is not None:
+            ax.axhline(full, color="black", linestyle="--", linewidth=1.0, label="full cache")
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        base = "over the prompt" if summary.get("budget_base") == "prompt" else "KV cells"
+        ax.set_title(f"budget {budget} ({base})", fontsize=9)
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+        if metric in SHARES:
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    counts = [r["n"] for r in results if r.get("n") is not None]
+    fig.suptitle(f"{summary.get('task', '?')} — {summary.get('model', '?')}, n={min(counts) if counts else '?'}: "
+                 "top-k (hatched) vs AMS (solid)", fontsize=10)
     return _save(fig, canvas_class, path)
 
 

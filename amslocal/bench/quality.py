@@ -456,11 +456,14 @@ def markdown(summary: dict) -> str:
 
 
 def make_plots(out: Path, summary: dict) -> list[Path]:
-    from .plots import plot_accuracy, plot_eviction_map
+    from .plots import plot_accuracy, plot_eviction_map, plot_pairs
 
     made = []
     metric = "kl" if summary["task"] == "fidelity" else "accuracy"
-    made.append(plot_accuracy(summary, out / f"{metric}.png", metric=metric))
+    budgets = {r["budget"] for r in summary["results"] if r["budget"] is not None}
+    if len(budgets) > 1:
+        made.append(plot_accuracy(summary, out / f"{metric}.png", metric=metric))
+    made.append(plot_pairs(summary, out / f"{metric}-pairs.png", metric=metric))
     for path in sorted((out / "maps").glob("*.json")) if (out / "maps").exists() else []:
         made.append(plot_eviction_map(json.loads(path.read_text()), out / f"eviction-{path.stem}.png"))
     return made
