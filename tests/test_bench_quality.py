@@ -172,7 +172,9 @@ def test_bench_run_writes_results_and_resumes(tmp_path):
     assert all(r["n"] == 3 for r in summary["results"])
     assert (out / "summary.md").read_text().startswith("# gsm8k")
     assert "| ams-tova | 16 | 3 |" in first.stdout
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one budget: no accuracy-vs-budget line, but the top-k vs AMS bars
+    assert not (out / "accuracy.png").exists()
+    assert (out / "accuracy-pairs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "eviction-ams-tova@16.png").exists() and (out / "maps" / "ams-tova@16.json").exists()
 
     # an interrupted run: one torn line at the end of a file; the item must be redone, nothing else
