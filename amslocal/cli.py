@@ -8,6 +8,7 @@ native backend is imported inside commands, so ``amslocal --help`` works without
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
@@ -675,11 +676,15 @@ def _int_list(value: str, what: str) -> list[int]:
               help="Run only items I, I+K, I+2K, ... (start K processes with -t 1 into one --out; "
                    "on a few cores K single-thread processes beat one K-thread process).")
 @click.option("--report-only", is_flag=True, help="Summarise and plot what --out holds; run nothing.")
+@click.option("--summary-name", metavar="NAME", default="summary", show_default=True,
+              help="Write NAME.json and NAME.md (and NAME-*.png plots), e.g. to report a subset of methods or items "
+                   "of one directory with --report-only.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
                   temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, no_replay: bool,
-                  no_plots: bool, threads: int, shard: Optional[str], report_only: bool, quiet: bool) -> None:
+                  no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
+                  quiet: bool) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
 
     Resumable: run the same command again and it continues where it stopped. Writes one JSONL
@@ -703,6 +708,9 @@ def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Op
         if not 0 <= i < k:
             raise click.BadParameter(f"need 0 <= I < K, got {shard!r}", param_hint="--shard")
         shard_ik = (i, k)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", summary_name) or summary_name.endswith((".json", ".md")):
+        raise click.BadParameter(f"expected a plain file stem such as summary-core, got {summary_name!r}",
+                                 param_hint="--summary-name")
     path = resolve_model(model)
     default_max = {"passkey": 16, "fidelity": 256}.get(task, 512)
     calibration = None
@@ -719,7 +727,8 @@ def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Op
                      data_dir=Path(data_dir) if data_dir else None,
                      budget_base=budget_base or ("absolute" if task == "passkey" else "prompt"), samples=samples,
                      settings=settings, passkey_tokens=passkey_tokens, plots=not no_plots,
-                     progress=None if quiet else _say, shard=shard_ik, report_only=report_only)
+                     progress=None if quiet else _say, shard=shard_ik, report_only=report_only,
+                     summary_name=summary_name)
     summary = run_quality(run, llm)
     from .bench.quality import markdown
 

@@ -193,6 +193,17 @@ def test_bench_run_writes_results_and_resumes(tmp_path):
         assert rows[:len(kept)] == kept
     assert json.loads((out / "summary.json").read_text())["n_common"] == 4
 
+    # a second report of a subset of the directory, next to the first, running nothing
+    main_summary = (out / "summary.json").read_text()
+    subset = run_cli(*[a if a != "full,context-shift,tova,ams-tova" else "full,tova,ams-tova" for a in args],
+                     "--n", "2", "--report-only", "--summary-name", "summary-tova")
+    assert subset.returncode == 0, subset.stderr
+    sub = json.loads((out / "summary-tova.json").read_text())
+    assert sub["n_common"] == 2 and {r["method"] for r in sub["results"]} == {"full", "tova", "ams-tova"}
+    assert (out / "summary-tova.md").exists() and (out / "summary-tova-accuracy-pairs.png").exists()
+    assert (out / "summary.json").read_text() == main_summary
+    assert all(len(_lines(out / "items" / n)) == 4 for n in names)
+
     changed = run_cli(*args, "--n", "4", "--max-tokens", "64")
     assert_one_line_error(changed, "max_new=48")
 
@@ -218,6 +229,7 @@ def test_bench_fidelity_run(tmp_path):
     (["--samples", "2"], "need --temp > 0"),
     (["--data", "/nonexistent-dir"], "benchmark data not found"),
     (["--budgets", "20", "--budget-base", "absolute"], "budget 20 leaves 20 cells"),
+    (["--summary-name", "../x"], "plain file stem"),
 ])
 @needs_model
 def test_bench_bad_input_is_one_line(tmp_path, args, phrase):

@@ -55,6 +55,7 @@ class QualityRun:
     progress: Optional[Callable[[str], None]] = None
     shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
     report_only: bool = False            # summarise what the directory holds, run nothing
+    summary_name: str = "summary"        # NAME.json, NAME.md; plots get a NAME- prefix unless the default
 
     def mine(self, items: list[Item]) -> list[Item]:
         i, k = self.shard
@@ -231,10 +232,11 @@ def run_quality(run: QualityRun, model: Model) -> dict:
     else:
         _run_generation(run, model, items, template)
     summary = summarise(run, items)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(summary))
+    name = run.summary_name
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(summary))
     if run.plots:
-        make_plots(out, summary)
+        make_plots(out, summary, prefix="" if name == "summary" else f"{name}-")
     return summary
 
 
@@ -455,15 +457,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_plots(out: Path, summary: dict) -> list[Path]:
+def make_plots(out: Path, summary: dict, prefix: str = "") -> list[Path]:
     from .plots import plot_accuracy, plot_eviction_map, plot_pairs
 
     made = []
     metric = "kl" if summary["task"] == "fidelity" else "accuracy"
     budgets = {r["budget"] for r in summary["results"] if r["budget"] is not None}
     if len(budgets) > 1:
-        made.append(plot_accuracy(summary, out / f"{metric}.png", metric=metric))
-    made.append(plot_pairs(summary, out / f"{metric}-pairs.png", metric=metric))
+        made.append(plot_accuracy(summary, out / f"{prefix}{metric}.png", metric=metric))
+    made.append(plot_pairs(summary, out / f"{prefix}{metric}-pairs.png", metric=metric))
     for path in sorted((out / "maps").glob("*.json")) if (out / "maps").exists() else []:
         made.append(plot_eviction_map(json.loads(path.read_text()), out / f"eviction-{path.stem}.png"))
     return made
