@@ -254,3 +254,20 @@ def test_bench_report_only_needs_a_run(tmp_path):
     proc = run_cli("bench", "quality", "--task", "gsm8k", "--model", str(DEFAULT_MODEL), "--report-only",
                    "--out", str(tmp_path / "empty"), "-q")
     assert_one_line_error(proc, "holds no benchmark run")
+
+
+@pytest.mark.parametrize("task, first_reference", [("math500", "\\left( 3, \\frac{\\pi}{2} \\right)"), ("aime24", None)])
+@needs_model
+@needs_data
+def test_bench_math_tasks_run_end_to_end(tmp_path, task, first_reference):
+    items = load_items(task, 2, DATA)
+    assert [len(it.messages) for it in items] == [1, 1] and all(it.reference for it in items)
+    assert "\\boxed{}" in items[0].messages[0]["content"]
+    if first_reference is not None:
+        assert items[0].reference == first_reference
+    out = tmp_path / task
+    proc = run_cli("bench", "quality", "--task", task, "--model", str(DEFAULT_MODEL), "--budgets", "16", "--interval", "8",
+                   "--methods", "full,ams-tova", "--max-tokens", "24", "--n", "1", "--out", str(out), "-q", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    rows = _lines(out / "items" / "ams-tova@16.jsonl")
+    assert len(rows) == 1 and rows[0]["reference"] == items[0].reference and isinstance(rows[0]["correct"], bool)
