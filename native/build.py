@@ -137,9 +137,42 @@ def extra_cmake_args() -> str:
     return os.environ.get("AMSLOCAL_CMAKE_ARGS", "").strip()
 
 
+# ggml's AMX weight path, which -march=native turns on for Xeons with AMX (Sapphire Rapids and
+# later), segfaults in ggml_backend_amx_mul_mat on the first decode with this llama.cpp (seen on
+# the project's own machines; upstream ggml-org/llama.cpp#20824, closed without a fix). An
+# explicit -mno-amx-* wins over -march=native whatever the order, so the rest of the native ISA
+# (AVX-512, VNNI, ...) stays; the AVX-512 kernels take over the matmuls AMX would have done.
+NO_AMX_CFLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def amx_off_flags(args: str, has_amx: Optional[bool] = None) -> List[str]:
+    """CMake flags that keep AMX out of a native x86 build on a CPU that has it (else none).
+
+    Only where -march=native would enable AMX: a portable build (GGML_NATIVE=OFF) leaves AMX off
+    by default, and other CPUs or compilers need no flag (older ones would not know it).
+    """
+    if has_amx is None:
+        has_amx = _cpu_has_amx()
+    if not has_amx or not _native_on(args) or sys.platform == "win32":
+        return []
+    return [f"-DCMAKE_C_FLAGS={NO_AMX_CFLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_CFLAGS}"]
+
+
 def wheel_cmake_args() -> str:
-    """The final CMAKE_ARGS string handed to the wheel build."""
+    """The final CMAKE_ARGS string handed to the wheel build (split with shlex by scikit-build-core)."""
     parts = OFF_FLAGS + backend_flags()
+    parts += [shlex.quote(f) for f in amx_off_flags(" ".join(parts + [extra_cmake_args()]))]
     extra = extra_cmake_args()
     if extra:
         parts.append(extra)
@@ -152,6 +185,7 @@ def stock_cmake_args() -> List[str]:
     args = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF",
             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF"]
     args += OFF_FLAGS + backend_flags()
+    args += amx_off_flags(" ".join(args + [extra_cmake_args()]))
     if sys.platform == "darwin" and backend() == "metal":
         args.append("-DGGML_METAL_EMBED_LIBRARY=ON")  # as llama-cpp-python does on Apple
     # relocatable: libllama finds libggml* next to itself wherever DIR is
