@@ -233,8 +233,16 @@ def test_bench_fidelity_run(tmp_path):
 ])
 @needs_model
 def test_bench_bad_input_is_one_line(tmp_path, args, phrase):
+    # a one-question set of our own, so that checks made after the data is read do not depend on
+    # ../shared/data being there
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_test.jsonl").write_text(json.dumps(
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+         "answer": "3 + 4 = 7\n#### 7"}) + "\n")
+    data_args = [] if "--data" in args else ["--data", str(data)]
     proc = run_cli("bench", "quality", "--task", "gsm8k", "--model", str(DEFAULT_MODEL), "--n", "1",
-                   "--out", str(tmp_path / "x"), "-q", *args)
+                   "--out", str(tmp_path / "x"), "-q", *data_args, *args)
     assert_one_line_error(proc, phrase)
 
 
