@@ -172,8 +172,8 @@ def amx_off_flags(args: str, has_amx: Optional[bool] = None) -> List[str]:
 def wheel_cmake_args() -> str:
     """The final CMAKE_ARGS string handed to the wheel build (split with shlex by scikit-build-core)."""
     parts = OFF_FLAGS + backend_flags()
-    parts += [shlex.quote(f) for f in amx_off_flags(" ".join(parts + [extra_cmake_args()]))]
     extra = extra_cmake_args()
+    parts += [shlex.quote(f) for f in amx_off_flags(" ".join(parts + [extra]))]
     if extra:
         parts.append(extra)
     return " ".join(parts)
