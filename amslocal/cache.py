@@ -31,6 +31,7 @@ class CacheView:
         self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
         self.n_obs = 0
         self.obs_flags = 0
+        self.q_window = 1  # the query ring keeps the last q_window observed queries
         self.collect_s = 0.0  # time spent reading evidence back (controller overhead)
         self._alloc_ring()
         self.reset_evidence()
@@ -97,13 +98,24 @@ class CacheView:
     # --- evidence -----------------------------------------------------------------------------
 
     def observe(self, n_obs: int, *, attn: bool = True, queries: bool = False) -> None:
-        """Observe the last ``n_obs`` queries of every following decode (0 = off, zero cost)."""
+        """Observe the last ``n_obs`` queries of every following decode (0 = off, zero cost).
+
+        Observed queries go into a ring of the last :attr:`q_window` (see :meth:`set_query_window`;
+        a call that observes queries grows the ring to ``n_obs`` if it is smaller).
+        """
         flags = (LLAMA_AMS_OBS_ATTN if attn else 0) | (LLAMA_AMS_OBS_QUERIES if queries else 0)
         self.n_obs = n_obs if flags else 0
         self.obs_flags = flags if n_obs > 0 else 0
-        if self.n_obs and self._q_ring[self.kv_layers[0]].shape[0] != self.n_obs:
-            self._resize_ring()  # keeps the newest queries that fit
+        if self.obs_flags & LLAMA_AMS_OBS_QUERIES and self.q_window < self.n_obs:
+            self.set_query_window(self.n_obs)
         self.ctx.set_obs(self.n_obs, self.obs_flags)
+
+    def set_query_window(self, w: int) -> None:
+        """Keep the last ``w`` observed queries (across compression events); the newest that fit stay."""
+        w = max(int(w), 1)
+        if w != self.q_window:
+            self.q_window = w
+            self._resize_ring()
 
     def reset_evidence(self) -> None:
         """Forget all accumulated evidence (windowed and total) and queries."""
@@ -113,6 +125,7 @@ class CacheView:
         # is a view into it), so that collect() adds a whole step with one numpy operation.
         # (cache, layers, total [L, H, size] f64, read buffer [L, H*size] f32, its row pointers)
         self._groups: list[tuple[int, list[int], np.ndarray, np.ndarray, list]] = []
+        self._group_of: dict[int, tuple[int, int]] = {}  # layer -> (group, row in it)
         self.evidence_total: list[np.ndarray | None] = [None] * self.n_layer
         for c in range(self.n_caches):
             for h in sorted({self.layers[il].n_head_kv for il in self.kv_layers if self.layers[il].cache == c}):
@@ -123,7 +136,10 @@ class CacheView:
                 self._groups.append((c, members, total, buf, ptrs))
                 for j, il in enumerate(members):
                     self.evidence_total[il] = total[j]
+                    self._group_of[il] = (len(self._groups) - 1, j)
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
+        self._q_count = 0
+        self.query_pos = np.empty(0, dtype=np.int32)
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -136,14 +152,31 @@ class CacheView:
             self._window_base_groups.append(base)
             for j, il in enumerate(members):
                 self._window_base[il] = base[j]
-        self.n_queries = 0  # observed query tokens accumulated since the window started
-        self._q_count = 0
-        self.query_pos = np.empty(0, dtype=np.int32)
+        self.n_queries = 0  # query tokens whose attention was accumulated since the window started
+        # marks: snapshots of the totals taken inside the window (evidence of the last W queries
+        # alone, for several W at one event): key -> (per-group snapshot, n_queries at the mark)
+        self._marks: dict[int, tuple[list[np.ndarray], int]] = {}
+
+    def mark(self, key: int) -> None:
+        """Remember the evidence so far under ``key``: :meth:`evidence_since` is what comes after."""
+        self._marks[key] = ([total.copy() for _, _, total, _, _ in self._groups], self.n_queries)
+
+    def queries_since(self, key: int) -> int:
+        """Observed query tokens since :meth:`mark` ``key`` (since the window started if unmarked)."""
+        return self.n_queries - self._marks[key][1] if key in self._marks else self.n_queries
+
+    def evidence_since(self, key: int, il: int, cells: np.ndarray) -> np.ndarray:
+        """Evidence of layer ``il`` at ``cells`` since :meth:`mark` ``key``: [n_head_kv, len(cells)]
+        (since the window started if ``key`` was not marked)."""
+        if key not in self._marks:
+            return self.evidence_at(il, cells)
+        g, j = self._group_of[il]
+        return self.evidence_total[il][:, cells] - self._marks[key][0][g][j][:, cells]
 
     def _alloc_ring(self) -> None:
-        """Buffers for the last n_obs observed queries of every layer, oldest first, in a ring
+        """Buffers for the last q_window observed queries of every layer, oldest first, in a ring
         filled from the end, plus the read-back scratch and its pointer (made once)."""
-        w = max(self.n_obs, 1)
+        w = self.q_window
         self._q_ring = [
             np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
             for li in self.layers
@@ -156,7 +189,7 @@ class CacheView:
         n = self._q_count
         old = [None if r is None else r[r.shape[0] - n:].copy() for r in self._q_ring]
         self._alloc_ring()
-        w = max(self.n_obs, 1)
+        w = self.q_window
         self._q_count = min(n, w)
         for r, o in zip(self._q_ring, old):
             if r is not None and self._q_count:
@@ -208,10 +241,12 @@ class CacheView:
             pos = self.cell_pos(c)
             moved = pos != self.evidence_pos[c]
             if moved.any():
-                for (gc, _, total, _, _), base in zip(self._groups, self._window_base_groups):
+                for g, ((gc, _, total, _, _), base) in enumerate(zip(self._groups, self._window_base_groups)):
                     if gc == c:
                         total[:, :, moved] = 0.0
                         base[:, :, moved] = 0.0
+                        for snapshots, _ in self._marks.values():
+                            snapshots[g][:, :, moved] = 0.0
                 self.evidence_pos[c] = pos
         if self.obs_flags & LLAMA_AMS_OBS_ATTN:
             for _, members, total, buf, ptrs in self._groups:
@@ -238,12 +273,13 @@ class CacheView:
                     ring[: w - take] = ring[take:]
                     ring[w - take:] = new
         if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
-            w = max(self.n_obs, 1)
+            w = self.q_window
             self._q_count = min(self._q_count + n_tok, w)
             if positions_of_batch is not None:
                 tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
                 self.query_pos = np.concatenate([self.query_pos, tail])[-w:]
-        self.n_queries += n_tok
+        if self.obs_flags & LLAMA_AMS_OBS_ATTN:
+            self.n_queries += n_tok  # the divisor of the attention sums
         return n_tok
 
     # --- save / restore -----------------------------------------------------------------------
@@ -266,7 +302,7 @@ class CacheView:
             for il in self.kv_layers:
                 ring = self._q_ring[il]
                 arrays[f"q_{il}"] = ring[ring.shape[0] - self._q_count:].copy()
-        meta = {"n_obs": self.n_obs, "obs_flags": self.obs_flags, "n_queries": self.n_queries,
+        meta = {"n_obs": self.n_obs, "obs_flags": self.obs_flags, "q_window": self.q_window, "n_queries": self.n_queries,
                 "q_count": self._q_count, "collect_s": self.collect_s, "n_caches": self.n_caches}
         return meta, arrays
 
@@ -277,6 +313,7 @@ class CacheView:
         self.observe(0)
         self.reset_evidence()
         n_obs, flags = int(meta["n_obs"]), int(meta["obs_flags"])
+        self.set_query_window(int(meta.get("q_window", max(n_obs, 1))))
         if n_obs > 0 and flags:
             self.observe(n_obs, attn=bool(flags & LLAMA_AMS_OBS_ATTN), queries=bool(flags & LLAMA_AMS_OBS_QUERIES))
         for c in range(self.n_caches):

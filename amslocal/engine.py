@@ -89,14 +89,18 @@ class Generator:
 
     # --- decoding ---------------------------------------------------------------------------
 
-    def eval(self, tokens: Sequence[int], positions: Sequence[int] | None = None) -> None:
+    def eval(self, tokens: Sequence[int], positions: Sequence[int] | None = None, *,
+             logits_all: bool = False) -> np.ndarray | None:
         """Decode ``tokens`` at ``positions`` (default: after the last live position).
 
-        The batch is cut into chunks of ``n_batch``; logits are kept for the last token only.
+        The batch is cut into chunks of ``n_batch``; logits are kept for the last token only, or,
+        with ``logits_all``, for every token and returned as [len(tokens), n_vocab] (teacher
+        forcing: one batch instead of one decode per token).
         When the cache view observes, evidence is collected after every chunk.
         """
         if not tokens:
-            return
+            return np.zeros((0, self.model.n_vocab), dtype=np.float32) if logits_all else None
+        rows: list[np.ndarray] = []
         if positions is None:
             start = self.next_pos
             positions = range(start, start + len(tokens))
@@ -104,12 +108,15 @@ class Generator:
         for i in range(0, len(tokens), n_batch):
             chunk = list(tokens[i:i + n_batch])
             pchunk = list(positions[i:i + n_batch])
-            self.batch.set(chunk, pchunk, logits_last=True)
+            self.batch.set(chunk, pchunk, logits_last=True, logits_all=logits_all)
             self.ctx.decode(self.batch)
+            if logits_all:
+                rows.append(self.ctx.logits_all(len(chunk)))
             for p, t in zip(pchunk, chunk):
                 self.tokens_at[p] = t
             if self.view.n_obs:
                 self.view.collect(np.asarray(pchunk, dtype=np.int32))
+        return np.concatenate(rows) if logits_all else None
 
     def sample(self) -> int:
         return self.sampler.sample(self.ctx, -1)

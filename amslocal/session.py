@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .backend import ContextParams, Model, SamplerParams
+from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, ContextParams, Model, SamplerParams
 from .engine import Generator
 from .errors import AmsError, BudgetError
 from .scorers import make_scorer
@@ -38,6 +38,7 @@ from .select.mass import evidence_mass
 
 
 _kernels_warm = False
+MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
 
 
 def _read_once(read: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
@@ -76,7 +77,7 @@ class CompressionConfig:
     positions: str = "keep"  # keep | compact
     n_sink: int = 4
     keep_last: int = 32
-    window: Optional[int] = None  # observed queries before an event; default: max(scorer's, AMS's 32)
+    window: Optional[int] = None  # the scorer's observed queries before an event; default: its own
     ams_params: AMSParams = field(default_factory=AMSParams)
     scorer_params: dict = field(default_factory=dict)
     calibration: Optional[dict] = None  # TriAttention statistics
@@ -170,18 +171,30 @@ class Session:
         self.protected_positions: set[int] = set()
         self.stats = SessionStats(kv_budget=cfg.budget, kv_capacity=cfg.capacity, scorer=cfg.scorer if cfg.budget else "none",
                                   ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
-        self._observing = False
+        self._observing, self._obs_kind = False, (False, False)
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
 
     def _derive_from_scorer(self) -> None:
-        """What to observe, and over how many queries, for this scorer and selector."""
+        """What to observe, and over how many queries, for this scorer and selector.
+
+        Each consumer gets the evidence of its own window, however the others are set: the
+        scorer's attention over its last ``attn_window`` queries (R-KV 8, SnapKV 32, TOVA 1), AMS
+        (and the diagnostics) the mass over the last ``mass_window`` = 32, the scorer's queries
+        from a ring of the last ``query_window``. Adding AMS never changes what a scorer sees.
+        """
         cfg = self.config
         needs = self.scorer.needs
+        own = max(int(cfg.window or self.scorer.window), 1)
         self.every_step = NEEDS_ATTN_EVERY_STEP in needs
-        self.wants_attn = bool(needs & {NEEDS_ATTN, NEEDS_ATTN_EVERY_STEP}) or cfg.ams or self.observe_attention
-        self.wants_queries = NEEDS_QUERIES in needs
-        # AMS segments by the evidence of the reference's 32-query window
-        self.window = cfg.window or max(int(self.scorer.window), 32 if cfg.ams else 0, 1)
+        self.attn_window = own if NEEDS_ATTN in needs else 0
+        self.mass_window = MASS_WINDOW if (cfg.ams or self.observe_attention) else 0
+        self.query_window = own if NEEDS_QUERIES in needs else 0
+        self.wants_attn = self.every_step or bool(self.attn_window or self.mass_window)
+        self.wants_queries = bool(self.query_window)
+        # the observed stretch before an event (every step for H2O)
+        self.window = max(self.attn_window, self.mass_window, self.query_window, 1)
+        if self.query_window:
+            self.view.set_query_window(self.query_window)
 
     @staticmethod
     def _validate(cfg: CompressionConfig) -> None:
@@ -205,31 +218,72 @@ class Session:
 
     # --- observation schedule -----------------------------------------------------------------
 
-    def _set_observation(self, upcoming: int) -> None:
-        """Observe only when the next ``upcoming`` tokens end within ``window`` of a compression."""
+    # A token that brings the cache to k occupied cells lies in the last W before the event when
+    # k > capacity - W. Batches are cut so that none straddles such a boundary (:meth:`_chunk_len`),
+    # so each one is observed whole or not at all, and the evidence of the last W queries alone is
+    # the total since a mark taken where the window starts. Fed in one batch or token by token, a
+    # window sees the same queries. The last token of a window is always decoded alone: TOVA
+    # scores by the attention of that one query.
+
+    def _window_bounds(self) -> list[int]:
+        ws = {self.attn_window, self.mass_window, self.query_window}
+        if self.wants_attn:
+            ws.add(max(self.attn_window, self.mass_window))
+            ws.add(1)
+        return sorted(w for w in ws if w > 0)
+
+    def _chunk_len(self, n: int) -> int:
+        """The longest prefix (<= n) of the next tokens that crosses no observation boundary."""
         cap = self.config.capacity
-        on = cap is not None and (self.wants_attn or self.wants_queries) and (
-            self.every_step or self.n_occupied + upcoming > cap - self.window)
-        n_obs = upcoming if self.every_step else self.window
-        if on != self._observing or (on and self.view.n_obs != n_obs):
+        if cap is None or not (self.wants_attn or self.wants_queries):
+            return n
+        k0 = self.n_occupied + 1
+        for w in self._window_bounds():
+            start = cap - w + 1  # occupancy of the first token inside window w
+            if k0 < start < k0 + n:
+                n = start - k0
+        return n
+
+    def _set_observation(self, n_tokens: int) -> None:
+        """Observe the next ``n_tokens`` (one boundary-free chunk) if they lie in a window."""
+        cap = self.config.capacity
+        attn = queries = False
+        if cap is not None:
+            k0 = self.n_occupied + 1
+            attn = self.wants_attn and (self.every_step or k0 > cap - max(self.attn_window, self.mass_window))
+            queries = self.wants_queries and k0 > cap - self.query_window
+            for w in {self.attn_window, self.mass_window} - {0}:
+                if k0 == cap - w + 1:
+                    self.view.mark(w)
+        on = attn or queries
+        n_obs = n_tokens if on else 0
+        flags = (attn, queries)
+        if on != self._observing or (on and (self.view.n_obs != n_obs or self._obs_kind != flags)):
             if on:
-                self.view.observe(n_obs, attn=self.wants_attn, queries=self.wants_queries)
+                self.view.observe(n_obs, attn=attn, queries=queries)
             else:
                 self.view.observe(0)
-            self._observing = on
+            self._observing, self._obs_kind = on, flags
 
-    def _eval(self, tokens: Sequence[int]) -> None:
+    def _eval(self, tokens: Sequence[int], logits: bool = False) -> Optional[np.ndarray]:
         self._set_observation(len(tokens))
-        self.gen.eval(tokens)
+        out = self.gen.eval(tokens, logits_all=logits)
         self.stats.observe_ms_total = self.view.collect_s * 1e3
         self.stats.kv_cells_peak = max(self.stats.kv_cells_peak, self.view.n_occupied(0))
+        return out
 
     # --- feeding and generating ---------------------------------------------------------------
 
-    def feed(self, tokens: Sequence[int]) -> None:
-        """Add tokens to the cache, compressing whenever it is full (bounded prefill)."""
+    def feed(self, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Add tokens to the cache, compressing whenever it is full (bounded prefill).
+
+        With ``logits`` returns the next-token logits after every token, [len(tokens), n_vocab]
+        (teacher forcing in batches: the same numbers as feeding token by token, up to the float
+        rounding of batched matrix products).
+        """
         cap = self.config.capacity
         tokens = list(tokens)
+        rows: list[np.ndarray] = []
         i = 0
         while i < len(tokens):
             if cap is None:
@@ -239,16 +293,14 @@ class Session:
                 if room <= 0:
                     self.compress()
                     continue
-                n = min(room, self.gen.batch.capacity, len(tokens) - i)
-            chunk = tokens[i:i + n]
-            if cap is not None and self.n_occupied + n == cap and n > 1 and (self.wants_attn or self.wants_queries):
-                # the chunk fills the cache: decode its last token alone so that the evidence of
-                # the very last query (TOVA) is not mixed with the chunk's other queries
-                self._eval(chunk[:-1])
-                self._eval(chunk[-1:])
-            else:
-                self._eval(chunk)
+                n = self._chunk_len(min(room, self.gen.batch.capacity, len(tokens) - i))
+            out = self._eval(tokens[i:i + n], logits)
+            if logits:
+                rows.append(out)
             i += n
+        if not logits:
+            return None
+        return np.concatenate(rows) if rows else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
     def prefill(self, tokens: Sequence[int]) -> None:
         t0 = time.perf_counter()
@@ -288,7 +340,13 @@ class Session:
             calibration=self.config.calibration,
         )
         if self.wants_attn:
-            inp.attn = np.stack([view.evidence_at(il, cells) for il in layers])
+            # the scorer's own window; a scorer that reads no window (H2O) gets the mass window's
+            w = self.attn_window or self.mass_window
+            inp.attn = np.stack([view.evidence_since(w, il, cells) for il in layers])
+            inp.n_queries = view.queries_since(w)
+            if self.mass_window:
+                inp.mass_attn = np.stack([view.evidence_since(self.mass_window, il, cells) for il in layers])
+                inp.mass_queries = view.queries_since(self.mass_window)
             last = [view.last_attn(il) for il in layers]
             if all(a is not None for a in last):
                 inp.attn_last = np.stack([a[:, cells] for a in last]).astype(np.float64)
@@ -325,9 +383,9 @@ class Session:
         mass = None
         if cfg.ams:
             window_mask = np.zeros(T, dtype=bool)
-            window_mask[max(0, T - self.window):] = True
-            if inp.attn is not None and inp.n_queries > 0:
-                mass = evidence_mass(inp.attn, inp.n_queries, self.group, window_mask, cfg.ams_params.smooth)
+            window_mask[max(0, T - self.mass_window):] = True
+            if inp.mass_attn is not None and inp.mass_queries > 0:
+                mass = evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask, cfg.ams_params.smooth)
         keep = self.selector.select(token_scores, budget, protected, positions.astype(np.int64), mass)
 
         kept_mask = np.zeros(T, dtype=bool)
@@ -400,7 +458,7 @@ class Session:
         self.stats.scorer = name if self.config.budget is not None else "none"
         if self._observing:
             self.view.observe(0)
-            self._observing = False
+            self._observing, self._obs_kind = False, (False, False)
         self.view.reset_window()
 
     # --- state export / import (save files, context rebuilds) ---------------------------------
@@ -463,6 +521,7 @@ class Session:
         except ValueError as exc:
             raise AmsError(str(exc)) from None
         self._observing = bool(meta["observing"])
+        self._obs_kind = (bool(view.obs_flags & LLAMA_AMS_OBS_ATTN), bool(view.obs_flags & LLAMA_AMS_OBS_QUERIES))
         known = {f.name for f in fields(SessionStats)}
         self.stats = SessionStats(**{k: v for k, v in meta["stats"].items() if k in known})
         self.events = list(meta.get("events", []))

@@ -199,6 +199,13 @@ class Context:
             raise DecodeError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
+    def logits_all(self, n: int) -> np.ndarray:
+        """Logits of the ``n`` output rows of the last decode, [n, n_vocab] (a copy)."""
+        ptr = llama.llama_get_logits(self.ptr)
+        if not ptr:
+            raise DecodeError("no logits for the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(n, self.model.n_vocab)).copy()
+
     # --- memory (sequence 0) --------------------------------------------------------------
 
     def seq_rm(self, p0: int, p1: int) -> bool:
@@ -267,7 +274,8 @@ class Batch:
         self.native = llama.llama_batch_init(capacity, 0, 1)
         self.n_tokens = 0
 
-    def set(self, tokens: Sequence[int], positions: Sequence[int], logits_last: bool = True) -> None:
+    def set(self, tokens: Sequence[int], positions: Sequence[int], logits_last: bool = True,
+            logits_all: bool = False) -> None:
         n = len(tokens)
         if n > self.capacity or n != len(positions):
             raise ValueError(f"batch of {n} tokens does not fit capacity {self.capacity}")
@@ -277,7 +285,7 @@ class Batch:
             b.pos[i] = positions[i]
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = 0
+            b.logits[i] = int(logits_all)
         if n and logits_last:
             b.logits[n - 1] = 1
         b.n_tokens = n

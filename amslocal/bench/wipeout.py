@@ -39,13 +39,14 @@ def wiped_segments(bounds: np.ndarray, kept: np.ndarray) -> tuple[int, int]:
 
 
 def event_mass(inp: ScoreInput, window: int, group: int, params: AMSParams = AMSParams()) -> Optional[np.ndarray]:
-    """The event's attention mass [T] as AMS step 1 computes it; None without attention evidence."""
-    if inp.attn is None or inp.n_queries <= 0:
+    """The event's attention mass [T] as AMS step 1 computes it (over the mass window's evidence,
+    whatever the scorer's window); None without that evidence."""
+    if inp.mass_attn is None or inp.mass_queries <= 0:
         return None
-    T = inp.attn.shape[-1]
+    T = inp.mass_attn.shape[-1]
     window_mask = np.zeros(T, dtype=bool)
     window_mask[max(0, T - window):] = True
-    return evidence_mass(inp.attn, inp.n_queries, group, window_mask, params.smooth)
+    return evidence_mass(inp.mass_attn, inp.mass_queries, group, window_mask, params.smooth)
 
 
 @dataclass

@@ -41,6 +41,10 @@ class ScoreInput:
     attn: Optional[np.ndarray] = None     # [L, H_kv, T] over the last n_queries queries
     n_queries: int = 0
     attn_last: Optional[np.ndarray] = None   # [L, H_kv, T] the last observed query alone
+    # over the last mass_queries (32) queries: what AMS and the diagnostics segment by; a scorer
+    # never reads it (its own window is ``attn``), so adding AMS does not change a score
+    mass_attn: Optional[np.ndarray] = None   # [L, H_kv, T]
+    mass_queries: int = 0
     attn_total: Optional[np.ndarray] = None  # [L, H_kv, T] every query since each token entered
     queries: Optional[list[np.ndarray]] = None  # [L] of [W, n_head, d], post-RoPE
     query_positions: Optional[np.ndarray] = None  # [W]
