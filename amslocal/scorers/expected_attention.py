@@ -28,12 +28,12 @@ class ExpectedAttention:
     group; ``(score + epsilon) * ||v_j||``.
     """
 
-    window: int = 32
+    window: int = 256          # the reference evaluation buffers up to 256 queries
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True
-    epsilon: float = 0.0
+    epsilon: float = 1e-2      # the reference evaluation's epsilon
 
     name: ClassVar[str] = "expected-attention"
     needs: ClassVar[frozenset[str]] = frozenset({NEEDS_QUERIES, NEEDS_KEYS, NEEDS_VALUES})
