@@ -10,6 +10,8 @@ Inputs are contiguous float64 / int64 / bool arrays so that every kernel compile
 - :func:`segment_bounds`: segments from cumulative mass (cut, split long, merge short).
 - :func:`allocate_quotas`: per-segment keep quotas (minimum, proportional share, round-robin fix).
 - :func:`select_in_segments`: protected + per-segment top-k + global fill -> kept mask.
+- :func:`row_votes`: AMS steps 3-5 on every row of [R, T] scores and masses, each row on its own
+  segments and quotas; returns how many rows keep each token (the voting selector's tally).
 """
 
 from __future__ import annotations
@@ -367,6 +369,64 @@ def select_in_segments_ref(bounds: np.ndarray, quotas: np.ndarray, scores: np.nd
     return kept
 
 
+# --- per-row AMS with voting -----------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def row_votes(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
+              seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+    """Votes [T] (int64, 0..R): for each row r of ``scores`` / ``mass`` [R, T], the tokens that AMS
+    steps 3-5 keep on that row alone, counted over rows.
+
+    A row runs exactly what ``AMSSelector.select`` runs on one token set, minus the credit (the
+    caller mixes it into ``mass``): :func:`segment_bounds` on ``mass[r]``; per segment, its cap is
+    its number of unprotected tokens and its share the mass of those (summed in position order);
+    :func:`allocate_quotas` of ``keep - n_protected``; :func:`select_in_segments` on ``scores[r]``
+    with budget ``keep``. Every row keeps ``keep`` tokens, so protected tokens get R votes.
+    Scores must not be NaN (map NaN to -inf first, as ``prepare_inputs`` does for one row).
+    """
+    R, T = scores.shape
+    votes = np.zeros(T, dtype=np.int64)
+    n_prot = 0
+    for i in range(T):
+        if protected[i]:
+            n_prot += 1
+    for r in range(R):
+        bounds = segment_bounds(mass[r], seg_mass, min_len, max_len)
+        n_seg = bounds.shape[0] - 1
+        caps = np.zeros(n_seg, dtype=np.int64)
+        free_mass = np.zeros(n_seg, dtype=np.float64)
+        for s in range(n_seg):
+            for i in range(bounds[s], bounds[s + 1]):
+                if not protected[i]:
+                    caps[s] += 1
+                    free_mass[s] += mass[r, i]
+        quotas = allocate_quotas(free_mass, caps, keep - n_prot, min_keep)
+        kept = select_in_segments(bounds, quotas, scores[r], protected, keep)
+        for i in range(T):
+            if kept[i]:
+                votes[i] += 1
+    return votes
+
+
+def row_votes_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
+                  seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+    """Reference of :func:`row_votes` from the ``*_ref`` kernels, one row at a time."""
+    R, T = scores.shape
+    votes = np.zeros(T, dtype=np.int64)
+    n_prot = int(protected.sum())
+    for r in range(R):
+        b = segment_bounds_ref(mass[r], seg_mass, min_len, max_len)
+        free = ~protected
+        caps = np.array([free[a:z].sum() for a, z in zip(b[:-1], b[1:])], dtype=np.int64)
+        # sequential sums (cumsum), like the kernel, so allocate_quotas rounds bit for bit alike
+        seg = np.array([np.cumsum(np.where(free[a:z], mass[r, a:z], 0.0))[-1]
+                        for a, z in zip(b[:-1], b[1:])])
+        q = allocate_quotas_ref(seg, caps, keep - n_prot, min_keep)
+        votes += select_in_segments_ref(b, q, scores[r], protected, keep)
+    return votes
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     m = np.full(8, 1.0 / 8)
@@ -375,3 +435,4 @@ def warmup() -> None:
     b = segment_bounds(m, 0.25, 2, 4)
     q = allocate_quotas(np.ones(b.shape[0] - 1), np.diff(b), 4, 1)
     select_in_segments(b, q, m, np.zeros(8, dtype=np.bool_), 4)
+    row_votes(np.ones((1, 8)), np.ones((1, 8)), np.zeros(8, dtype=np.bool_), 4, 0.25, 2, 4, 1)

@@ -4,6 +4,8 @@ Step 1 on llama.cpp: the cache view gives attention probability **summed** over 
 ``n_queries`` queries and the ``group`` query heads of each KV head, [L, H_kv, T]. The reference
 works per layer and head; here every (layer, KV head) row is turned into evidence the same way and
 the rows are averaged, because llama.cpp evicts a token from all layers and heads at once.
+:func:`row_evidence_mass` keeps the rows apart instead (one mass curve per row, for the voting
+selector), and :class:`RowCreditState` holds one credit row per (layer, KV head) row.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def to_mass(x: np.ndarray) -> np.ndarray:
     """relu(x) + 1e-12, normalised to sum 1 (the reference's ``_to_mass``)."""
     m = np.maximum(np.asarray(x, dtype=np.float64), 0.0) + EPS
     return m / m.sum()
+
+
+def to_mass_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`to_mass` of every row of [R, T]: relu + 1e-12, each row normalised to sum 1."""
+    m = np.maximum(np.asarray(x, dtype=np.float64), 0.0) + EPS
+    return m / m.sum(axis=-1, keepdims=True)
 
 
 def evidence_mass(attn: np.ndarray, n_queries: int, group: int,
@@ -50,6 +58,51 @@ def evidence_mass(attn: np.ndarray, n_queries: int, group: int,
     # smoothing, the max and the row mean all commute with the positive 1 / (n_queries * group)
     ev = window_evidence(rows, win, max(int(smooth), 1))
     return to_mass(ev / float(n_queries * group))
+
+
+def row_evidence_mass(attn: np.ndarray, n_queries: int, group: int,
+                      window_mask: Optional[np.ndarray], smooth: int = 5) -> np.ndarray:
+    """Attention mass per (layer, KV head) row, [L*H, T], each row summing to 1.
+
+    Row r is what :func:`evidence_mass` gives for that row alone (same smoothing, window max,
+    relu + 1e-12 and normalisation), for selectors that segment every row on its own mass
+    instead of on the row average. A row without evidence (all zero) comes out uniform through the
+    1e-12; no observed query (or no token outside the window) gives uniform rows.
+    """
+    a = np.asarray(attn, dtype=np.float64)
+    T = a.shape[-1]
+    R = int(np.prod(a.shape[:-1]))  # not reshape(-1, T): that is ambiguous when T == 0
+    rows = np.ascontiguousarray(a.reshape(R, T))
+    if T == 0:
+        return np.zeros((R, 0))
+    win = (np.zeros(T, dtype=np.bool_) if window_mask is None
+           else np.ascontiguousarray(window_mask, dtype=np.bool_))
+    if win.shape != (T,):
+        raise ValueError(f"window_mask must be [{T}], got shape {win.shape}")
+    if n_queries * group <= 0 or win.all():
+        return np.full((R, T), 1.0 / T)
+    width = max(int(smooth), 1)
+    out = np.empty((R, T))
+    for r in range(R):  # window_evidence of one row is that row's evidence (the mean over 1 row)
+        out[r] = to_mass(window_evidence(rows[r:r + 1], win, width) / float(n_queries * group))
+    return out
+
+
+def peaked_mass(row_mass: np.ndarray) -> np.ndarray:
+    """One mass curve [T] from per-row masses [R, T] (rows sum to 1), weighting each row by how
+    peaked it is: ``w_r = 1 - H(m_r) / log T`` (H the entropy). A row that spreads its attention
+    evenly (w ~ 0) says little about where the context's regions are, and averaging it in only
+    flattens the curve the segments are cut on. All rows flat (or T < 2): the plain mean.
+    """
+    m = np.asarray(row_mass, dtype=np.float64)
+    R, T = m.shape
+    if T < 2 or R == 0:
+        return to_mass(m.mean(axis=0)) if R else np.full(T, 1.0 / max(T, 1))
+    ent = -(m * np.log(np.maximum(m, EPS))).sum(axis=1) / np.log(T)
+    w = np.clip(1.0 - ent, 0.0, None)
+    if w.sum() <= 0:
+        return to_mass(m.mean(axis=0))
+    return to_mass(w @ m / w.sum())
 
 
 @dataclass
@@ -96,7 +149,7 @@ class CreditState:
     def keep(self, positions_kept: np.ndarray) -> None:
         """Keep the credit of ``positions_kept`` only (after an eviction)."""
         sel = np.isin(self.positions, np.asarray(positions_kept, dtype=np.int64))
-        self.positions, self.credit = self.positions[sel], self.credit[sel]
+        self.positions, self.credit = self.positions[sel], self.credit[..., sel]
 
     def remap(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
         """Move the credit of token ``old_positions[i]`` to ``new_positions[i]``; others stay put."""
@@ -122,7 +175,56 @@ class CreditState:
 
     def _set_sorted(self, pos: np.ndarray, credit: np.ndarray) -> None:
         order = np.argsort(pos, kind="stable")
-        pos, credit = pos[order], credit[order]
+        pos, credit = pos[order], credit[..., order]  # [..., n]: RowCreditState has [R, n]
         if pos.size > 1 and (np.diff(pos) == 0).any():
             raise ValueError("two tokens mapped onto one position")
         self.positions, self.credit = pos, credit
+
+
+@dataclass
+class RowCreditState(CreditState):
+    """:class:`CreditState` with one credit row per (layer, KV head) row: ``credit`` is [R, n],
+    keyed by the same ``positions`` [n], so eviction and compaction move every row together.
+
+    Each row follows step 2 on its own mass (as :class:`CreditState` with R = 1 would). The row
+    count is fixed while tokens are held; :meth:`reset` (or holding nothing) lets it change.
+    """
+
+    credit: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
+
+    def reset(self) -> None:
+        """Forget every token (a new sequence)."""
+        self.positions = np.zeros(0, dtype=np.int64)
+        self.credit = np.zeros((0, 0))
+
+    def credit_at(self, positions: np.ndarray, rows: Optional[int] = None) -> np.ndarray:
+        """Credit [rows, T] of ``positions`` (ascending), 0 for tokens not held.
+
+        ``rows`` defaults to the rows held; a different count is an error unless nothing is held.
+        """
+        pos = np.asarray(positions, dtype=np.int64)
+        held = self.credit.shape[0]
+        R = held if rows is None else int(rows)
+        if self.positions.size and R != held:
+            raise ValueError(f"credit holds {held} rows, asked for {R}")
+        out = np.zeros((R, pos.shape[0]))
+        if self.positions.size and pos.size:
+            i = np.minimum(np.searchsorted(self.positions, pos), self.positions.size - 1)
+            hit = self.positions[i] == pos
+            out[:, hit] = self.credit[:, i[hit]]
+        return out
+
+    def mix(self, positions: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Update the credit of ``positions`` with ``mass`` [R, T]; return the used mass [R, T].
+
+        Per row exactly :meth:`CreditState.mix`: the row is normalised first (relu + 1e-12), held
+        tokens not in ``positions`` are dropped.
+        """
+        pos = np.asarray(positions, dtype=np.int64)
+        m = np.asarray(mass, dtype=np.float64)
+        if m.ndim != 2 or m.shape[1] != pos.shape[0]:
+            raise ValueError(f"mass must be [R, {pos.shape[0]}], got shape {m.shape}")
+        m = to_mass_rows(m)
+        credit = self.decay * self.credit_at(pos, m.shape[0]) + (1.0 - self.decay) * m
+        self.positions, self.credit = pos.copy(), credit
+        return to_mass_rows(self.mix_beta * m + (1.0 - self.mix_beta) * to_mass_rows(credit))
