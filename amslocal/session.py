@@ -34,11 +34,12 @@ from .scorers.base import (
 from .select import make_selector
 from .select.aggregate import aggregate
 from .select.ams import AMSParams
-from .select.mass import evidence_mass
+from .select.mass import evidence_mass, peaked_mass, row_evidence_mass
 
 
 _kernels_warm = False
 MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
+AMS_VARIANTS = ("mean", "peaked", "vote")
 
 
 def _read_once(read: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
@@ -73,6 +74,10 @@ class CompressionConfig:
     interval: int = 128
     scorer: str = "tova"
     ams: bool = True
+    # how AMS reads the rows of one token set: "mean" (one mass curve, the row average),
+    # "peaked" (rows weighted by how peaked their attention is), "vote" (every (layer, KV head)
+    # row runs its own AMS; tokens kept by the most rows win)
+    ams_variant: str = "mean"
     aggregation: str = "mean"
     positions: str = "keep"  # keep | compact
     n_sink: int = 4
@@ -160,7 +165,8 @@ class Session:
             raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
-        self.selector = make_selector("ams", **asdict(cfg.ams_params)) if cfg.ams else make_selector("topk")
+        self.selector = (make_selector("ams-vote" if cfg.ams_variant == "vote" else "ams", **asdict(cfg.ams_params))
+                         if cfg.ams else make_selector("topk"))
         if cfg.budget is not None:
             _warm_kernels()
         # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
@@ -205,6 +211,8 @@ class Session:
             raise BudgetError(f"interval must be at least 1 (got {cfg.interval})")
         if cfg.positions not in ("keep", "compact"):
             raise BudgetError(f"positions must be keep or compact (got {cfg.positions})")
+        if cfg.ams_variant not in AMS_VARIANTS:
+            raise BudgetError(f"ams_variant must be one of {', '.join(AMS_VARIANTS)} (got {cfg.ams_variant})")
 
     # --- state --------------------------------------------------------------------------------
 
@@ -370,7 +378,8 @@ class Session:
         if T <= budget:
             return {}
         inp = self.score_input(cells, positions)
-        token_scores = aggregate(self.scorer.score(inp), cfg.aggregation)
+        row_scores = self.scorer.score(inp)
+        token_scores = aggregate(row_scores, cfg.aggregation)
 
         protected = np.zeros(T, dtype=bool)
         protected[: cfg.n_sink] = True
@@ -380,13 +389,21 @@ class Session:
         if protected.sum() > budget:
             raise BudgetError(f"{int(protected.sum())} protected tokens do not fit the budget {budget}")
 
-        mass = None
-        if cfg.ams:
+        mass = row_mass = None
+        if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
             window_mask = np.zeros(T, dtype=bool)
             window_mask[max(0, T - self.mass_window):] = True
-            if inp.mass_attn is not None and inp.mass_queries > 0:
+            if cfg.ams_variant == "mean":
                 mass = evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask, cfg.ams_params.smooth)
-        keep = self.selector.select(token_scores, budget, protected, positions.astype(np.int64), mass)
+            else:
+                row_mass = row_evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask,
+                                             cfg.ams_params.smooth)
+                mass = peaked_mass(row_mass) if cfg.ams_variant == "peaked" else None
+        if cfg.ams and cfg.ams_variant == "vote":
+            keep = self.selector.select_rows(row_scores, token_scores, budget, protected, positions.astype(np.int64),
+                                             row_mass)
+        else:
+            keep = self.selector.select(token_scores, budget, protected, positions.astype(np.int64), mass)
 
         kept_mask = np.zeros(T, dtype=bool)
         kept_mask[keep] = True

@@ -2,7 +2,9 @@
 
 ``full`` is the whole cache (the reference); ``context-shift`` is llama.cpp's own answer to a full
 context (keep ``n_keep`` first tokens, drop half of the rest, shift); ``S`` is scorer S with global
-top-k selection; ``ams-S`` is scorer S under AMS. ``streaming`` is StreamingLLM (sink + recent).
+top-k selection; ``ams-S`` is scorer S under AMS (one mass curve, the row average), ``peak-S``
+under AMS on a mass curve weighted to the peaked rows, ``vote-S`` under per-row AMS with voting.
+``streaming`` is StreamingLLM (sink + recent).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..errors import OptionError
 from ..scorers import SCORERS
 
 BASELINES = ("full", "context-shift")
+VARIANT_PREFIXES = {"ams": "mean", "peak": "peaked", "vote": "vote"}  # method name prefix -> AMS variant
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Method:
     kind: str                      # "full" | "context-shift" | "session"
     scorer: Optional[str] = None
     ams: bool = False
+    variant: str = "mean"          # AMS variant: mean | peaked | vote
 
     @property
     def compresses(self) -> bool:
@@ -34,16 +38,23 @@ class Method:
             return None
         return self.scorer if self.ams else f"ams-{self.scorer}"
 
+    @property
+    def config(self) -> dict:
+        """The CompressionConfig fields this method sets."""
+        return {"scorer": self.scorer, "ams": self.ams, "ams_variant": self.variant}
+
 
 def parse_method(name: str) -> Method:
     name = name.strip().lower()
     if name in BASELINES:
         return Method(name, name)
-    scorer, ams = (name[4:], True) if name.startswith("ams-") else (name, False)
+    prefix, _, rest = name.partition("-")
+    variant = VARIANT_PREFIXES.get(prefix) if rest else None
+    scorer, ams = (rest, True) if variant else (name, False)
     if scorer not in SCORERS:
-        known = ", ".join(list(BASELINES) + list(SCORERS) + [f"ams-{s}" for s in SCORERS])
-        raise OptionError(f"unknown method '{name}' (known: {known})")
-    return Method(f"ams-{scorer}" if ams else scorer, "session", scorer, ams)
+        known = ", ".join(list(BASELINES) + list(SCORERS) + [f"{p}-S" for p in VARIANT_PREFIXES])
+        raise OptionError(f"unknown method '{name}' (known: {known}, S a scorer)")
+    return Method(name, "session", scorer, ams, variant or "mean")
 
 
 def parse_methods(spec: str) -> list[Method]:

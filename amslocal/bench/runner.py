@@ -102,10 +102,10 @@ def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: i
         gen = Generation(replayed + out, "", 0.0, compressions=cs.shifts, evicted=cs.evicted_tokens,
                          kv_peak=capacity, replayed=len(replayed))
     else:
-        cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, scorer=method.scorer, ams=method.ams,
+        cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, **method.config,
                                 calibration=settings.calibration if method.scorer == "triattention" else None)
         s = Session(model, cfg, ctx, sampler, observe_attention=True)
-        rec = WipeoutRecorder(window=s.window, group=s.group, keep_events=keep_events)
+        rec = WipeoutRecorder(window=s.mass_window, group=s.group, keep_events=keep_events)
         s.on_compress = rec
         out = list(s.generate(prompt + replayed, settings.max_new - len(replayed)))
         gen = Generation(replayed + out, "", 0.0, compressions=s.stats.compressions, evicted=s.stats.evicted_tokens,
@@ -131,10 +131,10 @@ def _forcing_runner(model: Model, method: Method, n_prompt: int, kv_budget: int,
     if method.kind == "context-shift":
         n_keep = n_prompt if settings.n_keep < 0 else settings.n_keep
         return ContextShiftSession(model, kv_budget + settings.interval, n_keep, ctx), None
-    cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, scorer=method.scorer, ams=method.ams,
+    cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, **method.config,
                             calibration=settings.calibration if method.scorer == "triattention" else None)
     s = Session(model, cfg, ctx, observe_attention=True)
-    s.on_compress = WipeoutRecorder(window=s.window, group=s.group)
+    s.on_compress = WipeoutRecorder(window=s.mass_window, group=s.group)
     return s, s.on_compress
 
 
@@ -179,4 +179,73 @@ def fidelity(model: Model, methods: Sequence[Method], prompt: Sequence[int], kv_
             "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
             "wipeout": made[name][1].summary() if made[name][1] is not None else None,
         }
+    return out
+
+
+def log_softmax_rows(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of [n, V] logits, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], kv_budget: int,
+               settings: RunSettings, *, step: Optional[int] = None) -> dict[str, dict]:
+    """Teacher-force a document through the full cache and every method in lockstep.
+
+    Every method holds ``kv_budget + interval`` cells and compresses for the first time when the
+    token at index ``kv_budget + interval`` arrives (context shift too: same memory). Only the
+    predictions made after that are scored: at token t (t >= first eviction) the method's
+    next-token distribution is compared with the full cache's, and with the text's token t + 1.
+
+    The lockstep moves ``step`` tokens at a time (default: the interval): each runner is fed
+    that slice as one batch with logits for every token. Between two events a method's cache is
+    fixed, and its session cuts batches at its own events and observation windows, so the
+    numbers are those of feeding token by token (``step=1``) up to the float rounding of batched
+    matrix products; the full distribution of only one slice is held at a time. Slices before
+    the first eviction are fed without logits.
+
+    Returns per method: ``tokens`` scored, sums of ``nll``, ``kl`` (KL(full || method)), ``top1``
+    (argmax agrees with the full cache's), the full cache's ``full_nll`` over the same tokens,
+    ``compressions`` and the wipe-out summary.
+    """
+    tokens = list(tokens)
+    n = len(tokens)
+    capacity = kv_budget + settings.interval
+    if n - 1 <= capacity:
+        raise ValueError(f"a document of {n} tokens never passes the memory of {capacity} cells")
+    step = step or settings.interval
+    reference = Session(model, CompressionConfig(budget=None),
+                        ContextParams(n_ctx=n + 8, n_threads=settings.n_threads))
+    made = {m.name: _forcing_runner(model, m, 0, kv_budget, settings) for m in methods if m.compresses}
+    runners = {name: r for name, (r, _) in made.items()}
+    acc = {name: {"tokens": 0, "nll": 0.0, "kl": 0.0, "top1": 0, "full_nll": 0.0} for name in runners}
+    for i in range(0, n, step):
+        chunk = tokens[i:i + step]
+        # scored rows: token t predicts t + 1, for capacity <= t <= n - 2
+        lo, hi = max(capacity, i) - i, min(n - 1, i + len(chunk)) - i
+        if hi <= lo:
+            for r in [reference, *runners.values()]:
+                r.feed(chunk)
+            continue
+        ref = log_softmax_rows(reference.feed(chunk, logits=True)[lo:hi])
+        target = np.asarray(tokens[i + lo + 1:i + hi + 1])
+        rows = np.arange(hi - lo)
+        p = np.exp(ref)
+        ref_top = ref.argmax(axis=1)
+        full_nll = float(-ref[rows, target].sum())
+        for name, r in runners.items():
+            lp = log_softmax_rows(r.feed(chunk, logits=True)[lo:hi])
+            a = acc[name]
+            a["tokens"] += hi - lo
+            a["nll"] += float(-lp[rows, target].sum())
+            a["kl"] += float((p * (ref - lp)).sum())
+            a["top1"] += int((lp.argmax(axis=1) == ref_top).sum())
+            a["full_nll"] += full_nll
+    out = {}
+    for name, r in runners.items():
+        rec = made[name][1]
+        out[name] = {**acc[name],
+                     "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
+                     "wipeout": rec.summary() if rec is not None else None}
     return out
