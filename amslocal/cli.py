@@ -643,10 +643,11 @@ def _int_list(value: str, what: str) -> list[int]:
 
 
 @bench.command("quality")
-@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity"]), required=True)
+@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity"]), required=True)
 @click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
-@click.option("--budgets", default="96,128,192", show_default=True,
-              help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey).")
+@click.option("--budgets", default=None,
+              help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey and perplexity) "
+                   "[default: 96,128,192; perplexity 256,512,1024].")
 @click.option("--budget-base", type=click.Choice(["prompt", "absolute"]), default=None,
               help="Budgets count on top of the prompt, or whole cells [default: prompt; absolute for passkey].")
 @click.option("--methods", default="full,context-shift,streaming,tova,ams-tova", show_default=True,
@@ -668,6 +669,8 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--passkey-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
               help="passkey: approximate prompt length.")
+@click.option("--doc-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="perplexity: tokens of each document.")
 @click.option("--no-replay", is_flag=True,
               help="Decode every token of every method (default: feed the full cache's answer up to the first compression).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
@@ -680,9 +683,9 @@ def _int_list(value: str, what: str) -> list[int]:
               help="Write NAME.json and NAME.md (and NAME-*.png plots), e.g. to report a subset of methods or items "
                    "of one directory with --report-only.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Optional[str], methods: str, n: int,
+def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
-                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, no_replay: bool,
+                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, no_replay: bool,
                   no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
                   quiet: bool) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
@@ -698,7 +701,9 @@ def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Op
     if samples > 1 and temp <= 0:
         raise click.BadParameter("several samples need --temp > 0 (greedy samples are all the same)", param_hint="--samples")
     method_list = parse_methods(methods)
-    budget_list = _int_list(budgets, "--budgets")
+    if task == "perplexity" and budget_base == "prompt":
+        raise click.BadParameter("perplexity budgets are whole cells (there is no prompt)", param_hint="--budget-base")
+    budget_list = _int_list(budgets or ("256,512,1024" if task == "perplexity" else "96,128,192"), "--budgets")
     shard_ik = (0, 1)
     if shard is not None:
         try:
@@ -718,15 +723,15 @@ def bench_quality(task: str, model: Optional[str], budgets: str, budget_base: Op
         from .calibration import load_for_model
 
         calibration = load_for_model(path)
-    interval = interval or (128 if task == "passkey" else 32)
+    interval = interval or (128 if task in ("passkey", "perplexity") else 32)
     settings = RunSettings(max_new=max_tokens or default_max, interval=interval, n_keep=n_keep, n_threads=threads,
                            temperature=temp, top_p=top_p, seed=seed, replay=not no_replay, calibration=calibration)
     out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
     llm = load_model(path, compress=any(m.compresses for m in method_list))
     run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,
                      data_dir=Path(data_dir) if data_dir else None,
-                     budget_base=budget_base or ("absolute" if task == "passkey" else "prompt"), samples=samples,
-                     settings=settings, passkey_tokens=passkey_tokens, plots=not no_plots,
+                     budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity") else "prompt"), samples=samples,
+                     settings=settings, passkey_tokens=passkey_tokens, doc_tokens=doc_tokens, plots=not no_plots,
                      progress=None if quiet else _say, shard=shard_ik, report_only=report_only,
                      summary_name=summary_name)
     summary = run_quality(run, llm)

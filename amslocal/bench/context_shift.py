@@ -10,7 +10,9 @@ limit is kept here rather than by the context).
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
 
 from ..backend import ContextParams, Model, SamplerParams
 from ..engine import Generator
@@ -53,9 +55,11 @@ class ContextShiftSession:
         self.shifts += 1
         self.evicted_tokens += len(gone)
 
-    def feed(self, tokens: Sequence[int]) -> None:
-        """Add tokens, shifting whenever the context is full (a long prompt goes through in pieces)."""
+    def feed(self, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+        """Add tokens, shifting whenever the context is full (a long prompt goes through in pieces);
+        with ``logits`` returns the logits after every token, as :meth:`Session.feed`."""
         tokens = list(tokens)
+        rows = []
         i = 0
         while i < len(tokens):
             room = self.n_ctx - self.n_occupied
@@ -63,8 +67,11 @@ class ContextShiftSession:
                 self.shift()
                 continue
             n = min(room, self.gen.batch.capacity, len(tokens) - i)
-            self.gen.eval(tokens[i:i + n])
+            rows.append(self.gen.eval(tokens[i:i + n], logits_all=logits))
             i += n
+        if not logits:
+            return None
+        return np.concatenate(rows) if rows else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
     def generate(self, prompt: Sequence[int], max_tokens: int, *, ignore_eos: bool = False) -> Iterator[int]:
         """Feed ``prompt``, then yield up to ``max_tokens`` tokens, as :meth:`Session.generate`."""

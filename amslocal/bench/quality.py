@@ -31,7 +31,7 @@ from ..chat import ChatTemplate
 from ..errors import BudgetError, InputError, OptionError
 from .answers import grade
 from .methods import Method, parse_method
-from .runner import Generation, RunSettings, fidelity, run_method
+from .runner import Generation, RunSettings, fidelity, perplexity, run_method
 from .tasks import FILLER, Item, load_items
 
 FORMAT = 1  # bump when prompts or records change meaning; a directory of another format is refused
@@ -51,6 +51,7 @@ class QualityRun:
     samples: int = 1
     settings: RunSettings = field(default_factory=RunSettings)
     passkey_tokens: int = 2048
+    doc_tokens: int = 2048               # perplexity: tokens of each document
     plots: bool = True
     progress: Optional[Callable[[str], None]] = None
     shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
@@ -105,7 +106,8 @@ def _manifest(run: QualityRun, model: Model) -> dict:
     return {"format": FORMAT, "task": run.task, "model": run.model_path.name, "model_bytes": run.model_path.stat().st_size,
             "budget_base": run.budget_base, "max_new": s.max_new, "interval": s.interval, "n_keep": s.n_keep,
             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "samples": run.samples,
-            "replay": s.replay, "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None}
+            "replay": s.replay, "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
+            **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {})}
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
@@ -221,7 +223,8 @@ def run_quality(run: QualityRun, model: Model) -> dict:
         raise InputError(f"{out} holds no benchmark run to report")
     _check_manifest(out, _manifest(run, model))
     per_filler = len(model.tokenize(FILLER, add_special=False)) if run.task == "passkey" else 12.0
-    items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens, tokens_per_filler=per_filler)
+    items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens, tokens_per_filler=per_filler,
+                       doc_tokens=run.doc_tokens)
     if not items:
         raise InputError(f"no {run.task} items to run")
     template = ChatTemplate.for_model(model)
@@ -229,6 +232,8 @@ def run_quality(run: QualityRun, model: Model) -> dict:
         pass
     elif run.task == "fidelity":
         _run_fidelity(run, model, items, template)
+    elif run.task == "perplexity":
+        _run_perplexity(run, model, items)
     else:
         _run_generation(run, model, items, template)
     summary = summarise(run, items)
@@ -317,6 +322,49 @@ def _run_fidelity(run: QualityRun, model: Model, items: list[Item], template: Ch
     prog.show(finished=True)
 
 
+def document_tokens(model: Model, item: Item, n: int) -> list[int]:
+    """The first ``n`` tokens of a document (BOS first when the model adds one)."""
+    tokens = model.tokenize(item.text or "", add_special=True)[:n]
+    if len(tokens) < n:
+        raise InputError(f"document {item.id} has only {len(tokens)} tokens, fewer than {n}")
+    return tokens
+
+
+def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
+    out, s = run.out_dir, run.settings
+    compressing = [m for m in run.methods if m.compresses]
+    if not compressing:
+        raise OptionError("perplexity compares methods with the full cache: name at least one other method")
+    done = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m in compressing for b in run.budgets}
+    for b in run.budgets:
+        if b <= N_SINK_KEEP_LAST:
+            raise BudgetError(f"budget {b} must be more than {N_SINK_KEEP_LAST} cells "
+                              "(4 sink tokens + the 32 last tokens are always kept)")
+        if b + s.interval + 1 >= run.doc_tokens:
+            raise BudgetError(f"budget {b} + interval {s.interval} leaves no token of a {run.doc_tokens}-token "
+                              "document after the first eviction; raise --doc-tokens")
+    mine = run.mine(items)
+    todo = [it for it in mine if any(it.id not in d for d in done.values())]
+    prog = Progress(run.task, len(mine), len(mine) - len(todo), enabled=run.progress is not None)
+    prog.show()
+    for item in todo:
+        tokens = document_tokens(model, item, run.doc_tokens)
+        for budget in run.budgets:
+            missing = [m for m in compressing if item.id not in done[_key(m.name, budget)]]
+            if not missing:
+                continue
+            prog.show(f"budget {budget}")
+            t0 = time.perf_counter()
+            res = perplexity(model, missing, tokens, budget, s)
+            for m in missing:
+                rec = {"id": item.id, "kind": item.kind, "source": item.reference, "method": m.name, "budget": budget,
+                       "kv_budget": budget, "doc_tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 3),
+                       **res[m.name]}
+                _append(out / "items" / f"{_key(m.name, budget)}.jsonl", rec)
+        prog.step()
+    prog.show(finished=True)
+
+
 # --- summary -------------------------------------------------------------------------------------
 
 def _mean(xs: list) -> Optional[float]:
@@ -346,7 +394,7 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
     that every row is measured on the same questions."""
     out = run.out_dir
     keys: list[tuple[Method, Optional[int]]] = []
-    if (out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods):
+    if run.task != "perplexity" and ((out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods)):
         keys.append((Method("full", "full"), None))
     keys += [(m, b) for b in run.budgets for m in run.methods if m.compresses]
     rows = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m, b in keys}
@@ -360,6 +408,9 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
         if run.task == "fidelity":
             for k in ("kl", "top1", "first_divergence", "compressions"):
                 res[k] = _mean([r[k] for r in rs])
+            res["wipeout"] = _wipeout(rs)
+        elif run.task == "perplexity":
+            res.update(_pooled_perplexity(rs))
             res["wipeout"] = _wipeout(rs)
         else:
             res["correct"] = int(sum(r["correct"] for r in rs))
@@ -385,9 +436,22 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
     manifest = json.loads((out / "run.json").read_text())
     summary = {"task": run.task, "model": run.model_path.name, "budget_base": run.budget_base, "n_common": len(common),
                "settings": manifest, "results": results}
-    if run.task != "fidelity":
+    if run.task not in ("fidelity", "perplexity"):
         summary["ams_vs_topk"] = _paired(rows, common, keys)
     return summary
+
+
+def _pooled_perplexity(rs: list[dict]) -> dict:
+    """Pooled over documents (every scored token weighs the same): perplexity of the text under
+    the method and under the full cache on the same tokens, their ratio, mean KL, top-1."""
+    n = sum(r["tokens"] for r in rs)
+    if not n:
+        return {"tokens": 0, "ppl": None, "full_ppl": None, "ppl_ratio": None, "kl": None, "top1": None, "compressions": None}
+    ppl = float(np.exp(sum(r["nll"] for r in rs) / n))
+    full = float(np.exp(sum(r["full_nll"] for r in rs) / n))
+    return {"tokens": n, "ppl": ppl, "full_ppl": full, "ppl_ratio": ppl / full,
+            "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
+            "compressions": _mean([r["compressions"] for r in rs])}
 
 
 def _paired(rows: dict[str, dict[str, dict]], common: list[str], keys: list[tuple[Method, Optional[int]]]) -> list[dict]:
@@ -425,6 +489,16 @@ def markdown(summary: dict) -> str:
     lines = [f"# {summary['task']} — {summary['model']}", "",
              f"{summary['n_common']} items common to every row; budget = {base} "
              f"(memory = budget + interval {summary['settings']['interval']}).", ""]
+    if summary["task"] == "perplexity":
+        lines += ["Teacher-forced documents; counted: the tokens after the first eviction, pooled over documents.", "",
+                  "| method | budget | docs | tokens | perplexity | full cache | ratio | mean KL to full | top-1 agreement | "
+                  "events/doc | wiped segments | events with wipe-out | longest evicted run (mean/max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in summary["results"]:
+            lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {r['tokens']} | {_fmt(r['ppl'], '.3f')} | "
+                         f"{_fmt(r['full_ppl'], '.3f')} | {_fmt(r['ppl_ratio'], '.4f')} | {_fmt(r['kl'], '.4f')} | "
+                         f"{_fmt(r['top1'])} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |")
+        return "\n".join(lines) + "\n"
     if summary["task"] == "fidelity":
         lines += ["| method | budget | n | mean KL to full | top-1 agreement | first divergence | events | "
                   "wiped segments | events with wipe-out | longest evicted run (mean/max) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -461,7 +535,7 @@ def make_plots(out: Path, summary: dict, prefix: str = "") -> list[Path]:
     from .plots import plot_accuracy, plot_eviction_map, plot_pairs
 
     made = []
-    metric = "kl" if summary["task"] == "fidelity" else "accuracy"
+    metric = "kl" if summary["task"] in ("fidelity", "perplexity") else "accuracy"
     budgets = {r["budget"] for r in summary["results"] if r["budget"] is not None}
     if len(budgets) > 1:
         made.append(plot_accuracy(summary, out / f"{prefix}{metric}.png", metric=metric))

@@ -16,8 +16,9 @@ from typing import Optional
 
 from ..errors import InputError, OptionError
 from .answers import gsm8k_reference
+from .documents import load_documents
 
-TASKS = ("gsm8k", "math500", "aime24", "passkey", "fidelity")
+TASKS = ("gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity")
 FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "aime24": "aime24_test.jsonl",
          "fidelity": "gsm8k_test.jsonl"}
 # the instruction Qwen2.5 and most open models were tuned to answer math in
@@ -30,6 +31,8 @@ class Item:
     messages: list[dict]
     reference: str
     depth: Optional[float] = None  # passkey only: where the key sits, 0 = start, 1 = end
+    text: Optional[str] = None     # perplexity only: the document, fed as it is
+    kind: Optional[str] = None     # perplexity only: prose | code | dialogue
 
 
 def default_data_dir() -> Path:
@@ -60,12 +63,15 @@ def _math_item(id_: str, problem: str, reference: str) -> Item:
 
 def load_items(task: str, n: Optional[int], data_dir: Optional[Path] = None, *,
                passkey_tokens: int = 2048, depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
-               tokens_per_filler: float = 12.0) -> list[Item]:
+               tokens_per_filler: float = 12.0, doc_tokens: int = 2048) -> list[Item]:
     """The first ``n`` items of ``task`` (all when n is None), in the data's order."""
     if task not in TASKS:
         raise OptionError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
     if task == "passkey":
         return passkey_items(n or 5, passkey_tokens, depths, tokens_per_filler)
+    if task == "perplexity":
+        docs = load_documents(Path(data_dir or default_data_dir()), n, doc_tokens)
+        return [Item(d.id, [], d.source, text=d.text, kind=d.kind) for d in docs]
     rows = _read_jsonl(Path(data_dir or default_data_dir()) / FILES[task])[:n]
     try:
         if task in ("gsm8k", "fidelity"):
