@@ -643,7 +643,8 @@ def _int_list(value: str, what: str) -> list[int]:
 
 
 @bench.command("quality")
-@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity"]), required=True)
+@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity", "chat"]),
+              required=True)
 @click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
 @click.option("--budgets", default=None,
               help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey and perplexity) "
@@ -671,6 +672,8 @@ def _int_list(value: str, what: str) -> list[int]:
               help="passkey: approximate prompt length.")
 @click.option("--doc-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
               help="perplexity: tokens of each document.")
+@click.option("--turns", type=click.IntRange(min=1), default=12, show_default=True,
+              help="chat: GSM8K questions per conversation (-n counts conversations).")
 @click.option("--no-replay", is_flag=True,
               help="Decode every token of every method (default: feed the full cache's answer up to the first compression).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
@@ -685,7 +688,8 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
-                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, no_replay: bool,
+                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, turns: int,
+                  no_replay: bool,
                   no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
                   quiet: bool) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
@@ -703,7 +707,9 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
     method_list = parse_methods(methods)
     if task == "perplexity" and budget_base == "prompt":
         raise click.BadParameter("perplexity budgets are whole cells (there is no prompt)", param_hint="--budget-base")
-    budget_list = _int_list(budgets or ("256,512,1024" if task == "perplexity" else "96,128,192"), "--budgets")
+    if task == "chat" and click.get_current_context().get_parameter_source("methods").name == "DEFAULT":
+        method_list = [m for m in method_list if m.kind != "context-shift"]  # not a chat session
+    budget_list = _int_list(budgets or {"perplexity": "256,512,1024", "chat": "256,512"}.get(task, "96,128,192"), "--budgets")
     shard_ik = (0, 1)
     if shard is not None:
         try:
@@ -717,23 +723,23 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
         raise click.BadParameter(f"expected a plain file stem such as summary-core, got {summary_name!r}",
                                  param_hint="--summary-name")
     path = resolve_model(model)
-    default_max = {"passkey": 16, "fidelity": 256}.get(task, 512)
+    default_max = {"passkey": 16, "fidelity": 256, "chat": 256}.get(task, 512)
     calibration = None
     if any(m.scorer == "triattention" for m in method_list):
         from .calibration import load_for_model
 
         calibration = load_for_model(path)
-    interval = interval or (128 if task in ("passkey", "perplexity") else 32)
+    interval = interval or (128 if task in ("passkey", "perplexity", "chat") else 32)
     settings = RunSettings(max_new=max_tokens or default_max, interval=interval, n_keep=n_keep, n_threads=threads,
                            temperature=temp, top_p=top_p, seed=seed, replay=not no_replay, calibration=calibration)
     out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
     llm = load_model(path, compress=any(m.compresses for m in method_list))
     run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,
                      data_dir=Path(data_dir) if data_dir else None,
-                     budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity") else "prompt"), samples=samples,
+                     budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity", "chat") else "prompt"), samples=samples,
                      settings=settings, passkey_tokens=passkey_tokens, doc_tokens=doc_tokens, plots=not no_plots,
                      progress=None if quiet else _say, shard=shard_ik, report_only=report_only,
-                     summary_name=summary_name)
+                     summary_name=summary_name, turns=turns)
     summary = run_quality(run, llm)
     from .bench.quality import markdown
 

@@ -57,6 +57,7 @@ class QualityRun:
     shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
     report_only: bool = False            # summarise what the directory holds, run nothing
     summary_name: str = "summary"        # NAME.json, NAME.md; plots get a NAME- prefix unless the default
+    turns: int = 12                      # chat: GSM8K questions per conversation (see chat_task)
 
     def mine(self, items: list[Item]) -> list[Item]:
         i, k = self.shard
@@ -107,7 +108,8 @@ def _manifest(run: QualityRun, model: Model) -> dict:
             "budget_base": run.budget_base, "max_new": s.max_new, "interval": s.interval, "n_keep": s.n_keep,
             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "samples": run.samples,
             "replay": s.replay, "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
-            **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {})}
+            **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {}),
+            **({"turns": run.turns} if run.task == "chat" else {})}
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
@@ -221,10 +223,17 @@ def run_quality(run: QualityRun, model: Model) -> dict:
     out = run.out_dir
     if run.report_only and not (out / "run.json").exists():
         raise InputError(f"{out} holds no benchmark run to report")
+    if run.task == "chat":
+        from .chat_task import check_chat_run, load_conversations
+
+        check_chat_run(run)
     _check_manifest(out, _manifest(run, model))
     per_filler = len(model.tokenize(FILLER, add_special=False)) if run.task == "passkey" else 12.0
-    items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens, tokens_per_filler=per_filler,
-                       doc_tokens=run.doc_tokens)
+    if run.task == "chat":
+        items = load_conversations(run.n, run.turns, run.data_dir)
+    else:
+        items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens,
+                           tokens_per_filler=per_filler, doc_tokens=run.doc_tokens)
     if not items:
         raise InputError(f"no {run.task} items to run")
     template = ChatTemplate.for_model(model)
@@ -234,6 +243,10 @@ def run_quality(run: QualityRun, model: Model) -> dict:
         _run_fidelity(run, model, items, template)
     elif run.task == "perplexity":
         _run_perplexity(run, model, items)
+    elif run.task == "chat":
+        from .chat_task import run_chat
+
+        run_chat(run, model, items, template)
     else:
         _run_generation(run, model, items, template)
     summary = summarise(run, items)
@@ -392,6 +405,10 @@ def _wipeout(rows: list[dict]) -> Optional[dict]:
 def summarise(run: QualityRun, items: list[Item]) -> dict:
     """Per (method, budget), over the items that every listed (method, budget) has finished, so
     that every row is measured on the same questions."""
+    if run.task == "chat":
+        from .chat_task import summarise_chat
+
+        return summarise_chat(run, items)
     out = run.out_dir
     keys: list[tuple[Method, Optional[int]]] = []
     if run.task != "perplexity" and ((out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods)):
@@ -485,6 +502,10 @@ def _wipe_cells(r: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+    if summary["task"] == "chat":
+        from .chat_task import markdown_chat
+
+        return markdown_chat(summary)
     base = "over the prompt" if summary["budget_base"] == "prompt" else "KV cells"
     lines = [f"# {summary['task']} — {summary['model']}", "",
              f"{summary['n_common']} items common to every row; budget = {base} "

@@ -18,7 +18,7 @@ from ..errors import InputError, OptionError
 from .answers import gsm8k_reference
 from .documents import load_documents
 
-TASKS = ("gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity")
+TASKS = ("gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity", "chat")  # chat: see chat_task
 FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "aime24": "aime24_test.jsonl",
          "fidelity": "gsm8k_test.jsonl"}
 # the instruction Qwen2.5 and most open models were tuned to answer math in
