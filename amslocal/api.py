@@ -69,7 +69,7 @@ class Engine:
         return str(self.model.path)
 
     def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "tova",
-                ams: bool = True, positions: str = "keep", aggregation: str = "mean",
+                ams: bool = True, ams_variant: str = "mean", positions: str = "keep", aggregation: str = "mean",
                 system: Optional[str] = None, chat_template: Optional[str] = None,
                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                 seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
@@ -79,7 +79,9 @@ class Engine:
         ``budget``: KV cells kept after each compression (None: no compression, a ``ctx_size``
         cache). ``interval``: tokens between compressions. ``scorer``: tova, snapkv, h2o, streaming,
         keydiff, expected-attention, rkv or triattention (needs ``amslocal calibrate``). ``ams``:
-        Adaptive Mass-Segmented selection (else global top-k). ``positions``: keep | compact.
+        Adaptive Mass-Segmented selection (else global top-k); ``ams_variant``: mean (one mass
+        curve), peaked (rows weighted by how peaked they are) or vote (per-row AMS with voting).
+        ``positions``: keep | compact.
         ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
         reproducible, also after ``load``. ``max_tokens``: the default reply length.
@@ -92,7 +94,8 @@ class Engine:
             raise AmsError("the engine is closed")
         if budget is not None and budget <= 0:
             raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
-        config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, positions=positions,
+        config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, ams_variant=ams_variant,
+                                   positions=positions,
                                    aggregation=aggregation, ams_params=ams_params or AMSParams())
         n_ctx = ctx_size
         ctx_params = ContextParams(n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx), n_ubatch=min(self.n_batch, n_ctx),

@@ -263,8 +263,9 @@ class ChatSession:
     def __init__(self, model: Model, config: CompressionConfig = CompressionConfig(),
                  ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams(),
                  *, system: Optional[str] = None, template: Union[ChatTemplate, str, None] = None,
-                 max_tokens: int = 512):
+                 max_tokens: int = 512, observe_attention: bool = False):
         self.model = model
+        self.observe_attention = observe_attention  # diagnostics (benchmarks), see Session
         self.ctx_params = ctx_params
         self.sampler_params = sampler_params
         self.template = template if isinstance(template, ChatTemplate) else ChatTemplate.for_model(model, template)
@@ -295,7 +296,8 @@ class ChatSession:
             from .calibration import load_for_model
 
             config = replace(config, calibration=load_for_model(self.model.path))
-        return Session(self.model, config, self.ctx_params, self.sampler_params)
+        return Session(self.model, config, self.ctx_params, self.sampler_params,
+                       observe_attention=self.observe_attention)
 
     def _reset_conversation(self) -> None:
         self._messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
