@@ -111,7 +111,9 @@ def test_perplexity_task_end_to_end(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     rows = {x["method"]: x for x in summary["results"]}
-    assert set(rows) == {"context-shift", "tova", "vote-tova"}
+    assert set(rows) == {"full", "context-shift", "tova", "vote-tova"}
+    # "full" is the noise floor: the full cache fed in a session's batches, compared with the reference
+    assert rows["full"]["kl"] < 0.1 * rows["tova"]["kl"] and rows["full"]["ppl"] == pytest.approx(rows["full"]["full_ppl"], rel=1e-3)
     for x in rows.values():
         assert x["tokens"] == 160 - 1 - 80 and x["ppl"] > 1 and x["full_ppl"] > 1
         assert x["ppl_ratio"] == pytest.approx(x["ppl"] / x["full_ppl"]) and 0 <= x["top1"] <= 1 and x["kl"] >= 0

@@ -345,9 +345,9 @@ def document_tokens(model: Model, item: Item, n: int) -> list[int]:
 
 def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
     out, s = run.out_dir, run.settings
-    compressing = [m for m in run.methods if m.compresses]
-    if not compressing:
+    if not any(m.compresses for m in run.methods):
         raise OptionError("perplexity compares methods with the full cache: name at least one other method")
+    compressing = list(run.methods)  # "full" here is the noise floor, per budget (see runner.perplexity)
     done = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m in compressing for b in run.budgets}
     for b in run.budgets:
         if b <= N_SINK_KEEP_LAST:
@@ -413,7 +413,7 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
     keys: list[tuple[Method, Optional[int]]] = []
     if run.task != "perplexity" and ((out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods)):
         keys.append((Method("full", "full"), None))
-    keys += [(m, b) for b in run.budgets for m in run.methods if m.compresses]
+    keys += [(m, b) for b in run.budgets for m in run.methods if m.compresses or run.task == "perplexity"]
     rows = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m, b in keys}
     order = [it.id for it in items]
     common = [i for i in order if all(i in r for r in rows.values())]
