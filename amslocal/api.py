@@ -69,7 +69,8 @@ class Engine:
         return str(self.model.path)
 
     def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "tova",
-                ams: bool = True, ams_variant: str = "mean", positions: str = "keep", aggregation: str = "mean",
+                ams: bool = True, ams_variant: str = "mean", question_aware: bool = True, positions: str = "keep",
+                aggregation: str = "mean",
                 system: Optional[str] = None, chat_template: Optional[str] = None,
                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                 seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
@@ -81,6 +82,8 @@ class Engine:
         keydiff, expected-attention, rkv or triattention (needs ``amslocal calibrate``). ``ams``:
         Adaptive Mass-Segmented selection (else global top-k); ``ams_variant``: mean (one mass
         curve), peaked (rows weighted by how peaked they are) or vote (per-row AMS with voting).
+        ``question_aware``: a message compressed before its end is read is scored by the attention
+        of its last tokens (decoded ahead, then removed).
         ``positions``: keep | compact.
         ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
@@ -95,7 +98,7 @@ class Engine:
         if budget is not None and budget <= 0:
             raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
         config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, ams_variant=ams_variant,
-                                   positions=positions,
+                                   question_aware=question_aware, positions=positions,
                                    aggregation=aggregation, ams_params=ams_params or AMSParams())
         n_ctx = ctx_size
         ctx_params = ContextParams(n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx), n_ubatch=min(self.n_batch, n_ctx),

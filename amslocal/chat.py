@@ -558,6 +558,9 @@ class ChatSession:
         s = self.session
         n_batch = s.gen.batch.capacity
         i, total = 0, len(tokens)
+        # question-aware prefill: until the feed reaches them, the message's last tokens observe
+        # every compression (see Session.feed)
+        obs = s.observer_tail(tokens) if s.config.question_aware and s.config.budget is not None else []
         while i < total:
             if self._cancel.is_set():
                 break
@@ -565,9 +568,10 @@ class ChatSession:
             if cap is None:
                 n = min(n_batch, total - i)
             else:
-                room = cap - s.n_occupied
+                active = obs if i < total - len(obs) else []
+                room = cap - s.n_occupied - len(active)
                 if room <= 0:
-                    s.compress()
+                    s.compress(observers=active)
                     continue
                 n = min(room, n_batch, total - i)
             p0 = s.gen.next_pos
@@ -575,7 +579,7 @@ class ChatSession:
             if protect:
                 s.protect(protect)
                 self._limit_protection()
-            s.prefill(tokens[i:i + n])
+            s.prefill(tokens[i:i + n], observers=())
             i += n
             if on_progress is not None:
                 on_progress(i, total)

@@ -102,6 +102,11 @@ _compression_options = _options(
                  help="Compress when budget + interval cells are occupied."),
     click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True),
     click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments."),
+    click.option("--ams-variant", type=click.Choice(["mean", "peaked", "vote"]), default="mean", show_default=True,
+                 help="AMS on one token set: one mass curve (row mean), rows weighted by peakedness, or per-row "
+                      "AMS with voting."),
+    click.option("--no-question-aware", is_flag=True,
+                 help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead."),
     click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
                  help="Kept tokens keep their positions, or are shifted to dense positions."),
     click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
@@ -150,8 +155,8 @@ def generate(**options: Any) -> None:
 
 
 def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional[str], max_tokens: int,
-              budget: Optional[int], interval: int, scorer: str, no_ams: bool, positions: str, aggregation: str,
-              temp: float, seed: Optional[int], top_k: int, top_p: float, ctx_size: int, flash_attn: str,
+              budget: Optional[int], interval: int, scorer: str, no_ams: bool, ams_variant: str,
+              no_question_aware: bool, positions: str, aggregation: str, temp: float, seed: Optional[int], top_k: int, top_p: float, ctx_size: int, flash_attn: str,
               cache_type_k: str, cache_type_v: str, threads: int, ignore_eos: bool, stats_json: Optional[str],
               verbose: bool) -> None:
     text = _read_prompt(prompt, prompt_file)
@@ -173,8 +178,8 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
     if budget is not None and budget > llm.n_ctx_train:
         raise click.BadParameter(f"the budget {budget} is above the model's trained context ({llm.n_ctx_train})",
                                  param_hint="--budget")
-    config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=not no_ams,
-                               positions=positions, aggregation=aggregation)
+    config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
+                               question_aware=not no_question_aware, positions=positions, aggregation=aggregation)
     if budget is not None and scorer == "triattention":
         from .calibration import load_for_model
 
@@ -565,8 +570,8 @@ class _ChatUI:
         self.info(f"read {arg} ({len(text)} characters); it goes into your next message")
 
 
-def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, positions: str,
-          aggregation: str, system: Optional[str], chat_template: Optional[str], temp: float, seed: Optional[int],
+def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, ams_variant: str,
+          no_question_aware: bool, positions: str, aggregation: str, system: Optional[str], chat_template: Optional[str], temp: float, seed: Optional[int],
           top_k: int, top_p: float, max_tokens: int, ctx_size: int, flash_attn: str, cache_type_k: str,
           cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
     parsed = _parse_budget(budget)
@@ -593,7 +598,8 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
             raise click.BadParameter(f"the budget {parsed} is above the model's trained context ({n_train})",
                                      param_hint="--budget")
         chosen = parsed
-    session = engine.session(budget=chosen, interval=interval, scorer=scorer, ams=not no_ams, positions=positions,
+    session = engine.session(budget=chosen, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
+                             question_aware=not no_question_aware, positions=positions,
                              aggregation=aggregation, system=system, chat_template=template, temperature=temp,
                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, ctx_size=ctx_size)
     ui = _ChatUI(session, quiet=quiet, ignore_eos=ignore_eos)

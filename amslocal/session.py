@@ -39,6 +39,7 @@ from .select.mass import evidence_mass, peaked_mass, row_evidence_mass
 
 _kernels_warm = False
 MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
+MAX_OBSERVERS = 64  # question-aware prefill: at most this many of a prompt's last tokens observe
 AMS_VARIANTS = ("mean", "peaked", "vote")
 
 
@@ -80,6 +81,9 @@ class CompressionConfig:
     ams_variant: str = "mean"
     aggregation: str = "mean"
     positions: str = "keep"  # keep | compact
+    # a prompt compressed before its end is read is scored by the attention of its last tokens
+    # (decoded ahead as observers, then removed): the question a long message ends with decides
+    question_aware: bool = True
     n_sink: int = 4
     keep_last: int = 32
     window: Optional[int] = None  # the scorer's observed queries before an event; default: its own
@@ -282,24 +286,34 @@ class Session:
 
     # --- feeding and generating ---------------------------------------------------------------
 
-    def feed(self, tokens: Sequence[int], *, logits: bool = False) -> Optional[np.ndarray]:
+    def feed(self, tokens: Sequence[int], *, logits: bool = False,
+             observers: Sequence[int] = ()) -> Optional[np.ndarray]:
         """Add tokens to the cache, compressing whenever it is full (bounded prefill).
 
         With ``logits`` returns the next-token logits after every token, [len(tokens), n_vocab]
         (teacher forcing in batches: the same numbers as feeding token by token, up to the float
         rounding of batched matrix products).
+
+        ``observers`` (question-aware prefill): the last tokens of ``tokens``, or of the message
+        that ``tokens`` begin. Every compression before they are reached keeps room for them,
+        decodes them ahead of the text (at the next positions), scores by their attention and then
+        removes them (see :meth:`compress`): the cells never pass ``budget + interval``.
         """
         cap = self.config.capacity
         tokens = list(tokens)
+        obs = self.observer_tail(observers) if cap is not None else []
+        # observers that are the tail of ``tokens`` stop observing once the feed reaches them
+        tail = len(obs) if obs and tokens[-len(obs):] == obs else 0
         rows: list[np.ndarray] = []
         i = 0
         while i < len(tokens):
             if cap is None:
                 n = min(self.gen.batch.capacity, len(tokens) - i)
             else:
-                room = cap - self.n_occupied
+                active = obs if obs and i < len(tokens) - tail else []
+                room = cap - self.n_occupied - len(active)
                 if room <= 0:
-                    self.compress()
+                    self.compress(observers=active)
                     continue
                 n = self._chunk_len(min(room, self.gen.batch.capacity, len(tokens) - i))
             out = self._eval(tokens[i:i + n], logits)
@@ -310,9 +324,20 @@ class Session:
             return None
         return np.concatenate(rows) if rows else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
-    def prefill(self, tokens: Sequence[int]) -> None:
+    def observer_tail(self, tokens: Sequence[int]) -> list[int]:
+        """The observers of a message ending in ``tokens``: its last MAX_OBSERVERS tokens, at most
+        half the interval. While observers wait, an event comes after ``interval - observers`` new
+        tokens instead of ``interval`` (they take cells too), so more would multiply the events."""
+        n = min(MAX_OBSERVERS, self.config.interval // 2, len(tokens))
+        return list(tokens[len(tokens) - n:]) if n > 0 else []
+
+    def prefill(self, tokens: Sequence[int], observers: Optional[Sequence[int]] = None) -> None:
+        """Feed a prompt; ``observers`` as in :meth:`feed`, by default the prompt's last tokens
+        when the config is question-aware."""
         t0 = time.perf_counter()
-        self.feed(tokens)
+        if observers is None:
+            observers = self.observer_tail(tokens) if self.config.question_aware else ()
+        self.feed(tokens, observers=observers)
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prompt_tokens += len(tokens)
 
@@ -368,11 +393,24 @@ class Session:
             inp.values = _read_once(lambda l: view.read_v(layers[l], cells))
         return inp
 
-    def compress(self) -> dict:
-        """Cut the cache back to the budget; returns a record of the event."""
+    def compress(self, observers: Sequence[int] = ()) -> dict:
+        """Cut the cache back to the budget; returns a record of the event.
+
+        ``observers`` (question-aware prefill): tokens decoded after the cached ones just for this
+        event, when they fit the capacity, so that their queries are the evidence it scores by;
+        they are no candidates, and they are removed again with the evicted tokens.
+        """
         cfg = self.config
         t0 = time.perf_counter()
+        transient = np.zeros(0, dtype=np.int64)
+        if observers and self.n_occupied > cfg.budget and self.n_occupied + len(observers) <= cfg.capacity:
+            p0 = self.gen.next_pos
+            self.feed(observers)  # fits: no event inside; cut and observed by the usual windows
+            transient = np.arange(p0, p0 + len(observers), dtype=np.int64)
         cells, positions = self.view.occupied(0)
+        if transient.size:
+            real = ~np.isin(positions, transient)
+            cells, positions = cells[real], positions[real]
         T = len(positions)
         budget = cfg.budget
         if T <= budget:
@@ -392,7 +430,9 @@ class Session:
         mass = row_mass = None
         if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
             window_mask = np.zeros(T, dtype=bool)
-            window_mask[max(0, T - self.mass_window):] = True
+            in_window = self.mass_window - transient.size  # the window's queries that are candidates
+            if in_window > 0:
+                window_mask[max(0, T - in_window):] = True
             if cfg.ams_variant == "mean":
                 mass = evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask, cfg.ams_params.smooth)
             else:
@@ -410,7 +450,7 @@ class Session:
         if self.on_compress is not None:
             self.on_compress(positions.astype(np.int64), kept_mask, inp)
         evicted = positions[~kept_mask]
-        self.gen.evict(evicted.tolist())
+        self.gen.evict(evicted.tolist() + transient.tolist())
         self.protected_positions.difference_update(int(p) for p in evicted)
 
         near_limit = self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train
