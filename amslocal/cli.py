@@ -156,7 +156,8 @@ def generate(**options: Any) -> None:
 
 def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional[str], max_tokens: int,
               budget: Optional[int], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-              no_question_aware: bool, positions: str, aggregation: str, temp: float, seed: Optional[int], top_k: int, top_p: float, ctx_size: int, flash_attn: str,
+              no_question_aware: bool, positions: str, aggregation: str, temp: float, seed: Optional[int],
+              top_k: int, top_p: float, ctx_size: int, flash_attn: str,
               cache_type_k: str, cache_type_v: str, threads: int, ignore_eos: bool, stats_json: Optional[str],
               verbose: bool) -> None:
     text = _read_prompt(prompt, prompt_file)
@@ -571,7 +572,8 @@ class _ChatUI:
 
 
 def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-          no_question_aware: bool, positions: str, aggregation: str, system: Optional[str], chat_template: Optional[str], temp: float, seed: Optional[int],
+          no_question_aware: bool, positions: str, aggregation: str, system: Optional[str],
+          chat_template: Optional[str], temp: float, seed: Optional[int],
           top_k: int, top_p: float, max_tokens: int, ctx_size: int, flash_attn: str, cache_type_k: str,
           cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
     parsed = _parse_budget(budget)
@@ -682,6 +684,8 @@ def _int_list(value: str, what: str) -> list[int]:
               help="chat: GSM8K questions per conversation (-n counts conversations).")
 @click.option("--no-replay", is_flag=True,
               help="Decode every token of every method (default: feed the full cache's answer up to the first compression).")
+@click.option("--no-question-aware", is_flag=True,
+              help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
 @click.option("--shard", metavar="I/K", default=None,
@@ -695,7 +699,7 @@ def _int_list(value: str, what: str) -> list[int]:
 def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
                   temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, turns: int,
-                  no_replay: bool,
+                  no_replay: bool, no_question_aware: bool,
                   no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
                   quiet: bool) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
@@ -737,7 +741,8 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
         calibration = load_for_model(path)
     interval = interval or (128 if task in ("passkey", "perplexity", "chat") else 32)
     settings = RunSettings(max_new=max_tokens or default_max, interval=interval, n_keep=n_keep, n_threads=threads,
-                           temperature=temp, top_p=top_p, seed=seed, replay=not no_replay, calibration=calibration)
+                           temperature=temp, top_p=top_p, seed=seed, replay=not no_replay,
+                           question_aware=not no_question_aware, calibration=calibration)
     out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
     llm = load_model(path, compress=any(m.compresses for m in method_list))
     run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,

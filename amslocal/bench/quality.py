@@ -108,6 +108,7 @@ def _manifest(run: QualityRun, model: Model) -> dict:
             "budget_base": run.budget_base, "max_new": s.max_new, "interval": s.interval, "n_keep": s.n_keep,
             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "samples": run.samples,
             "replay": s.replay, "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
+            **({} if s.question_aware else {"question_aware": False}),
             **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {}),
             **({"turns": run.turns} if run.task == "chat" else {})}
 

@@ -36,6 +36,7 @@ class RunSettings:
     top_p: float = 1.0
     seed: int = 0
     replay: bool = True
+    question_aware: bool = True        # prompts: the last tokens observe compressions before them
     calibration: Optional[dict] = None  # TriAttention's statistics of this model
 
     @property
@@ -103,6 +104,7 @@ def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: i
                          kv_peak=capacity, replayed=len(replayed))
     else:
         cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, **method.config,
+                                question_aware=settings.question_aware,
                                 calibration=settings.calibration if method.scorer == "triattention" else None)
         s = Session(model, cfg, ctx, sampler, observe_attention=True)
         rec = WipeoutRecorder(window=s.mass_window, group=s.group, keep_events=keep_events)
