@@ -680,6 +680,9 @@ def _int_list(value: str, what: str) -> list[int]:
               help="passkey: approximate prompt length.")
 @click.option("--doc-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
               help="perplexity: tokens of each document.")
+@click.option("--step", type=click.IntRange(min=1), default=None,
+              help="perplexity: tokens per lockstep slice [default: the interval]; 1 feeds token by token "
+                   "(the same numbers, slower: for checking).")
 @click.option("--turns", type=click.IntRange(min=1), default=12, show_default=True,
               help="chat: GSM8K questions per conversation (-n counts conversations).")
 @click.option("--no-replay", is_flag=True,
@@ -698,7 +701,7 @@ def _int_list(value: str, what: str) -> list[int]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budget_base: Optional[str], methods: str, n: int,
                   out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
-                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, turns: int,
+                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, step: Optional[int], turns: int,
                   no_replay: bool, no_question_aware: bool,
                   no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
                   quiet: bool) -> None:
@@ -748,7 +751,7 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
     run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,
                      data_dir=Path(data_dir) if data_dir else None,
                      budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity", "chat") else "prompt"), samples=samples,
-                     settings=settings, passkey_tokens=passkey_tokens, doc_tokens=doc_tokens, plots=not no_plots,
+                     settings=settings, passkey_tokens=passkey_tokens, doc_tokens=doc_tokens, step=step, plots=not no_plots,
                      progress=None if quiet else _say, shard=shard_ik, report_only=report_only,
                      summary_name=summary_name, turns=turns)
     summary = run_quality(run, llm)

@@ -52,6 +52,7 @@ class QualityRun:
     settings: RunSettings = field(default_factory=RunSettings)
     passkey_tokens: int = 2048
     doc_tokens: int = 2048               # perplexity: tokens of each document
+    step: Optional[int] = None           # perplexity: tokens per lockstep slice (default: the interval; 1 = token by token)
     plots: bool = True
     progress: Optional[Callable[[str], None]] = None
     shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
@@ -369,7 +370,7 @@ def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
                 continue
             prog.show(f"budget {budget}")
             t0 = time.perf_counter()
-            res = perplexity(model, missing, tokens, budget, s)
+            res = perplexity(model, missing, tokens, budget, s, step=run.step)
             for m in missing:
                 rec = {"id": item.id, "kind": item.kind, "source": item.reference, "method": m.name, "budget": budget,
                        "kv_budget": budget, "doc_tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 3),
