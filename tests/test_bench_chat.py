@@ -11,6 +11,7 @@ import pytest
 from amslocal.bench.chat_task import fact_sentence, load_conversations, personal_fact, recall_correct
 from amslocal.bench.tasks import MATH_INSTRUCTION
 from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
+from test_bench_quality import _lines
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason=f"benchmark data missing at {DATA}")
@@ -58,10 +59,6 @@ def test_conversations_take_consecutive_rows(tmp_path):
 
 
 # --- a whole run on the default model --------------------------------------------------------------
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
 
 @needs_model
 @needs_data

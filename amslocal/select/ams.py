@@ -24,7 +24,7 @@ import numpy as np
 
 from .kernels import allocate_quotas, segment_bounds, select_in_segments
 from .mass import CreditState, evidence_mass
-from .topk import prepare_inputs
+from .topk import prepare_inputs, prepare_positions
 
 
 @dataclass
@@ -84,9 +84,7 @@ class AMSSelector:
         p = self.params
         s, prot, keep = prepare_inputs(scores, budget, protected)
         T = s.shape[0]
-        pos = np.ascontiguousarray(positions, dtype=np.int64)
-        if pos.shape != (T,):
-            raise ValueError(f"positions must be [{T}], got shape {pos.shape}")
+        pos = prepare_positions(positions, T)
         if mass is None:
             used = np.full(T, 1.0 / max(T, 1))
         else:

@@ -31,6 +31,14 @@ def prepare_inputs(scores: np.ndarray, budget: int,
     return s, prot, keep
 
 
+def prepare_positions(positions: np.ndarray, T: int) -> np.ndarray:
+    """Checked contiguous int64 positions [T] (a selector keyed by position)."""
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    if pos.shape != (T,):
+        raise ValueError(f"positions must be [{T}], got shape {pos.shape}")
+    return pos
+
+
 @dataclass
 class TopKSelector:
     """Keep all protected tokens, fill the budget with the highest scores among the others.

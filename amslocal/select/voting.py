@@ -30,7 +30,7 @@ import numpy as np
 from .ams import AMSParams
 from .kernels import row_votes
 from .mass import RowCreditState, row_evidence_mass
-from .topk import prepare_inputs
+from .topk import prepare_inputs, prepare_positions
 
 
 def _rows(x: np.ndarray, T: int, what: str) -> np.ndarray:
@@ -79,9 +79,7 @@ class VotingAMSSelector:
         p = self.params
         s, prot, keep = prepare_inputs(scores, budget, protected)
         T = s.shape[0]
-        pos = np.ascontiguousarray(positions, dtype=np.int64)
-        if pos.shape != (T,):
-            raise ValueError(f"positions must be [{T}], got shape {pos.shape}")
+        pos = prepare_positions(positions, T)
         rs = _rows(row_scores, T, "row_scores")
         rs = np.where(np.isnan(rs), -np.inf, rs)  # as prepare_inputs: NaN ranks last in its row
         if row_mass is None:
