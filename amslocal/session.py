@@ -291,8 +291,8 @@ class Session:
         """Add tokens to the cache, compressing whenever it is full (bounded prefill).
 
         With ``logits`` returns the next-token logits after every token, [len(tokens), n_vocab]
-        (teacher forcing in batches: the same numbers as feeding token by token, up to the float
-        rounding of batched matrix products).
+        (teacher forcing in batches: the same evidence and evictions as feeding token by token,
+        and the same numbers up to llama.cpp's batched-vs-single-query rounding).
 
         ``observers`` (question-aware prefill): the last tokens of ``tokens``, or of the message
         that ``tokens`` begin. Every compression before they are reached keeps room for them,

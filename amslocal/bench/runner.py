@@ -202,10 +202,12 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
 
     The lockstep moves ``step`` tokens at a time (default: the interval): each runner is fed
     that slice as one batch with logits for every token. Between two events a method's cache is
-    fixed, and its session cuts batches at its own events and observation windows, so the
-    numbers are those of feeding token by token (``step=1``) up to the float rounding of batched
-    matrix products; the full distribution of only one slice is held at a time. Slices before
-    the first eviction are fed without logits.
+    fixed, and its session cuts batches at its own events and observation windows, so a batch
+    sees the queries that token-by-token feeding (``step=1``) would; the full distribution of only
+    one slice is held at a time. Slices before the first eviction are fed without logits.
+    Measured: identical logits while a context holds at most 256 cells; past that llama.cpp's CPU
+    attention for a batch of queries and for a single query round differently (a few tenths of
+    a logit on small models), which the ``full`` row (the noise floor, below) shows.
 
     Returns per method: ``tokens`` scored, sums of ``nll``, ``kl`` (KL(full || method)), ``top1``
     (argmax agrees with the full cache's), the full cache's ``full_nll`` over the same tokens,
