@@ -68,8 +68,8 @@ class Engine:
     def model_path(self) -> str:
         return str(self.model.path)
 
-    def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "tova",
-                ams: bool = True, ams_variant: str = "mean", question_aware: bool = True, positions: str = "keep",
+    def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "rkv",
+                ams: bool = True, ams_variant: str = "vote", question_aware: bool = True, positions: str = "keep",
                 aggregation: str = "mean",
                 system: Optional[str] = None, chat_template: Optional[str] = None,
                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,

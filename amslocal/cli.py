@@ -100,9 +100,9 @@ def _options(*decorators: Callable[[Callable], Callable]) -> Callable[[Callable]
 _compression_options = _options(
     click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
                  help="Compress when budget + interval cells are occupied."),
-    click.option("--scorer", type=click.Choice(_scorer_names()), default="tova", show_default=True),
+    click.option("--scorer", type=click.Choice(_scorer_names()), default="rkv", show_default=True),
     click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments."),
-    click.option("--ams-variant", type=click.Choice(["mean", "peaked", "vote"]), default="mean", show_default=True,
+    click.option("--ams-variant", type=click.Choice(["mean", "peaked", "vote"]), default="vote", show_default=True,
                  help="AMS on one token set: one mass curve (row mean), rows weighted by peakedness, or per-row "
                       "AMS with voting."),
     click.option("--no-question-aware", is_flag=True,

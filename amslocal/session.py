@@ -73,12 +73,13 @@ class CompressionConfig:
 
     budget: Optional[int] = None
     interval: int = 128
-    scorer: str = "tova"
+    # defaults by measurement: the best on long documents (BENCHMARKS.md, long context)
+    scorer: str = "rkv"
     ams: bool = True
     # how AMS reads the rows of one token set: "mean" (one mass curve, the row average),
     # "peaked" (rows weighted by how peaked their attention is), "vote" (every (layer, KV head)
     # row runs its own AMS; tokens kept by the most rows win)
-    ams_variant: str = "mean"
+    ams_variant: str = "vote"
     aggregation: str = "mean"
     positions: str = "keep"  # keep | compact
     # a prompt compressed before its end is read is scored by the attention of its last tokens

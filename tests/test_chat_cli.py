@@ -88,7 +88,7 @@ def test_pty_two_turns_stats_save_then_load_in_a_new_process(tmp_path: Path) -> 
     b = _spawn("-t", "1", AMSLOCAL_DEBUG_LOGITS=str(dir_b))
     _say(b, questions[2])
     b.sendline(f"/load {save}")
-    b.expect(r"loaded .*: 5 messages, \d+ cells, budget 96, scorer tova")
+    b.expect(r"loaded .*: 5 messages, \d+ cells, budget 96, scorer rkv")
     b.expect_exact(">>> ")
     reply_b, _ = _say(b, questions[2])
     _say(b, "Thank you. Say goodbye.")
