@@ -404,7 +404,11 @@ class Session:
         cfg = self.config
         t0 = time.perf_counter()
         transient = np.zeros(0, dtype=np.int64)
-        if observers and self.n_occupied > cfg.budget and self.n_occupied + len(observers) <= cfg.capacity:
+        fit = cfg.capacity - self.n_occupied if cfg.capacity is not None else 0
+        if observers and self.n_occupied > cfg.budget and fit > 0:
+            # as many of the last observers as fit: they end the window at the capacity, so the
+            # last decode before the event is observed (TOVA) whatever the cache held before
+            observers = list(observers)[max(0, len(observers) - fit):]
             p0 = self.gen.next_pos
             self.feed(observers)  # fits: no event inside; cut and observed by the usual windows
             transient = np.arange(p0, p0 + len(observers), dtype=np.int64)

@@ -54,6 +54,39 @@ def test_observers_are_the_evidence_of_prompt_events(smollm2_model):
         assert qpos.max() == pos.max()
 
 
+@pytest.mark.parametrize("ams", [False, True])
+def test_observers_that_do_not_all_fit_still_end_the_window(smollm2_model, ams):
+    """A prompt arriving when the cache holds more than capacity - observers (a reply ended
+    there): the event takes as many observers as fit, so its last query is observed. Before, it
+    compressed on the unobserved cache and TOVA had no last query to score by."""
+    s = Session(smollm2_model, CompressionConfig(budget=64, interval=128, scorer="tova", ams=ams),
+                ContextParams(n_threads=2))
+    tokens = smollm2_model.tokenize(TEXT)
+    s.prefill(tokens[:192 - 40], observers=())   # 40 cells free, outside every window
+    seen = []
+    s.on_compress = lambda pos, kept, inp: seen.append((pos.max(), inp.attn_last is not None))
+    s.prefill(tokens[192 - 40:])                  # wants 64 observers; 40 fit
+    assert seen and seen[0] == (192 - 40 - 1, True)
+    assert sorted(s.gen.tokens_at) == s.view.occupied(0)[1].tolist() and s.gen.next_pos == len(tokens)
+
+
+@pytest.mark.parametrize("scorer", ["tova", "snapkv"])
+def test_second_message_on_a_part_full_cache_is_observed(smollm2_model, scorer):
+    """A reply can end anywhere below the capacity; the next message's first event then has room
+    for fewer observers than it wants. It takes as many as fit, so the last query before the
+    event is still observed (TOVA scores by it alone)."""
+    from amslocal.chat import ChatSession
+
+    cfg = CompressionConfig(budget=BUDGET, interval=INTERVAL, scorer=scorer)
+    chat = ChatSession(smollm2_model, cfg, ContextParams(n_threads=2), template="chatml", max_tokens=12)
+    s = chat.session
+    for message in ("Say hello.", TEXT[:300], TEXT[:400]):
+        "".join(chat.chat(message))
+        assert sorted(s.gen.tokens_at) == s.view.occupied(0)[1].tolist()
+        assert s.n_occupied <= BUDGET + INTERVAL
+    assert s.stats.compressions >= 3
+
+
 def test_chat_message_is_question_aware_and_leaves_no_observer(smollm2_model):
     from amslocal.chat import ChatSession
 
