@@ -202,8 +202,6 @@ class Session:
         self.query_window = own if NEEDS_QUERIES in needs else 0
         self.wants_attn = self.every_step or bool(self.attn_window or self.mass_window)
         self.wants_queries = bool(self.query_window)
-        # the observed stretch before an event (every step for H2O)
-        self.window = max(self.attn_window, self.mass_window, self.query_window, 1)
         if self.query_window:
             self.view.set_query_window(self.query_window)
 
