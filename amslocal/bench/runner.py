@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..backend import ContextParams, Model, SamplerParams
-from ..session import CompressionConfig, Session
+from ..session import MASS_WINDOW, CompressionConfig, Session
 from .context_shift import ContextShiftSession
 from .methods import Method
 from .wipeout import WipeoutRecorder
@@ -119,9 +119,10 @@ def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: i
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max()
-    return x - m - np.log(np.exp(x - m).sum())
+    """Log-softmax along the last axis (one row of logits, or [n, V]), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _forcing_runner(model: Model, method: Method, n_prompt: int, kv_budget: int, settings: RunSettings):
@@ -184,13 +185,6 @@ def fidelity(model: Model, methods: Sequence[Method], prompt: Sequence[int], kv_
     return out
 
 
-def log_softmax_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of [n, V] logits, float64."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
 def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], kv_budget: int,
                settings: RunSettings, *, step: Optional[int] = None) -> dict[str, dict]:
     """Teacher-force a document through the full cache and every method in lockstep.
@@ -239,14 +233,14 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
             for r in [reference, *runners.values()]:
                 r.feed(chunk)
             continue
-        ref = log_softmax_rows(reference.feed(chunk, logits=True)[lo:hi])
+        ref = log_softmax(reference.feed(chunk, logits=True)[lo:hi])
         target = np.asarray(tokens[i + lo + 1:i + hi + 1])
         rows = np.arange(hi - lo)
         p = np.exp(ref)
         ref_top = ref.argmax(axis=1)
         full_nll = float(-ref[rows, target].sum())
         for name, r in runners.items():
-            lp = log_softmax_rows(r.feed(chunk, logits=True)[lo:hi])
+            lp = log_softmax(r.feed(chunk, logits=True)[lo:hi])
             a = acc[name]
             a["tokens"] += hi - lo
             a["nll"] += float(-lp[rows, target].sum())
@@ -257,7 +251,7 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
     for name, r in runners.items():
         rec = made[name][1]
         out[name] = {**acc[name],
-                     "compressions": r.shifts if isinstance(r, ContextShiftSession) else getattr(r, "stats", r).compressions,
+                     "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
                      "wipeout": rec.summary() if rec is not None else None}
     return out
 
@@ -273,7 +267,7 @@ class _RebatchedFull:
         self.session = Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=n + 8, n_threads=settings.n_threads))
         self.cuts = set()
         for event in range(capacity, n + settings.interval, settings.interval):
-            self.cuts.update({event - 32, event - 1})
+            self.cuts.update({event - MASS_WINDOW, event - 1})
         self.fed = 0
 
     @property
