@@ -349,12 +349,10 @@ def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
     out, s = run.out_dir, run.settings
     if not any(m.compresses for m in run.methods):
         raise OptionError("perplexity compares methods with the full cache: name at least one other method")
-    compressing = list(run.methods)  # "full" here is the noise floor, per budget (see runner.perplexity)
-    done = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m in compressing for b in run.budgets}
+    measured = list(run.methods)  # "full" here is the noise floor, per budget (see runner.perplexity)
+    done = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m in measured for b in run.budgets}
     for b in run.budgets:
-        if b <= N_SINK_KEEP_LAST:
-            raise BudgetError(f"budget {b} must be more than {N_SINK_KEEP_LAST} cells "
-                              "(4 sink tokens + the 32 last tokens are always kept)")
+        _kv_budget(run, b, 0)  # budgets are whole cells here; the same floor as every task
         if b + s.interval + 1 >= run.doc_tokens:
             raise BudgetError(f"budget {b} + interval {s.interval} leaves no token of a {run.doc_tokens}-token "
                               "document after the first eviction; raise --doc-tokens")
@@ -365,7 +363,7 @@ def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
     for item in todo:
         tokens = document_tokens(model, item, run.doc_tokens)
         for budget in run.budgets:
-            missing = [m for m in compressing if item.id not in done[_key(m.name, budget)]]
+            missing = [m for m in measured if item.id not in done[_key(m.name, budget)]]
             if not missing:
                 continue
             prog.show(f"budget {budget}")
