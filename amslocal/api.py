@@ -70,7 +70,7 @@ class Engine:
 
     def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "rkv",
                 ams: bool = True, ams_variant: str = "vote", question_aware: bool = True, positions: str = "keep",
-                aggregation: str = "mean",
+                granularity: str = "token", aggregation: str = "mean",
                 system: Optional[str] = None, chat_template: Optional[str] = None,
                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                 seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
@@ -84,7 +84,8 @@ class Engine:
         curve), peaked (rows weighted by how peaked they are) or vote (per-row AMS with voting).
         ``question_aware``: a message compressed before its end is read is scored by the attention
         of its last tokens (decoded ahead, then removed).
-        ``positions``: keep | compact.
+        ``positions``: keep | compact. ``granularity``: token (one token set for every layer and
+        head), layer, or head (each (layer, KV head) keeps its own tokens in the same cells).
         ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
         reproducible, also after ``load``. ``max_tokens``: the default reply length.
@@ -98,7 +99,7 @@ class Engine:
         if budget is not None and budget <= 0:
             raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
         config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, ams_variant=ams_variant,
-                                   question_aware=question_aware, positions=positions,
+                                   question_aware=question_aware, positions=positions, granularity=granularity,
                                    aggregation=aggregation, ams_params=ams_params or AMSParams())
         n_ctx = ctx_size
         ctx_params = ContextParams(n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx), n_ubatch=min(self.n_batch, n_ctx),

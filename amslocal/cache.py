@@ -95,6 +95,74 @@ class CacheView:
         """Values of layer ``il`` at ``cells``: [n, n_head_kv, head_dim] f32."""
         return self._read(ams.llama_ams_read_v, il, cells, self.layers[il].n_embd_head_v)
 
+    # --- per-row token sets (patch 0002) -------------------------------------------------------
+    # In per-head or per-layer mode a cell keeps one position (its label: what the mask and
+    # seq_rm see) while each (layer, KV head) row of it may hold another token's K/V, moved there
+    # by :meth:`move_rows`. The row map says which: row_pos[l, h, cell] is the position of the
+    # token whose K/V row (l, h) of the cell holds. A cell whose label changed since the map last
+    # saw it got a new token in every row (llama.cpp wrote it), so its rows read as the label.
+
+    def _row_map(self, layers: list[int]) -> np.ndarray:
+        h = self.layers[layers[0]].n_head_kv
+        if any(self.layers[il].n_head_kv != h or self.layers[il].cache != 0 for il in layers):
+            raise ValueError("per-row token sets need one KV head count on layers of the base cache")
+        if self._rows_layers != layers:
+            self._rows_layers = list(layers)
+            self._row_pos = np.full((len(layers), h, self.cache_sizes[0]), -1, dtype=np.int64)
+            self._row_label = np.full(self.cache_sizes[0], -1, dtype=np.int64)
+        pos = self.cell_pos(0).astype(np.int64)
+        fresh = pos != self._row_label
+        if fresh.any():
+            self._row_pos[:, :, fresh] = pos[fresh]
+            self._row_label[fresh] = pos[fresh]
+        return self._row_pos
+
+    def row_positions(self, layers: list[int], cells: np.ndarray) -> np.ndarray:
+        """[L, H_kv, len(cells)] int64: the position of the token each row of each cell holds."""
+        return self._row_map(layers)[:, :, cells].copy()
+
+    def set_row_positions(self, layers: list[int], cells: np.ndarray, rows: np.ndarray) -> None:
+        """Restore a row map (a loaded save file): ``rows`` [L, H_kv, len(cells)]."""
+        m = self._row_map(layers)
+        if rows.shape != (m.shape[0], m.shape[1], len(cells)):
+            raise ValueError(f"row map must be [{m.shape[0]}, {m.shape[1]}, {len(cells)}], got {rows.shape}")
+        m[:, :, cells] = rows
+
+    def move_rows(self, layers: list[int], dst: np.ndarray, src: np.ndarray) -> None:
+        """Row (l, h) of cell ``dst[j]`` takes what row (l, h) of cell ``src[l, h, j]`` held (-1 =
+        stays): K and V bytes in llama.cpp, and here the row map and the accumulated evidence.
+
+        ``layers`` are the model layers that ``src``'s first axis indexes (all of the base cache).
+        The cell labels do not change; the caller evicts the cells no row keeps.
+        """
+        dst = np.ascontiguousarray(dst, dtype=np.int32)
+        src = np.asarray(src, dtype=np.int32)
+        rows = self._row_map(layers)
+        L, H, n = src.shape
+        if L != len(layers) or n != dst.size or H != rows.shape[1]:
+            raise ValueError(f"src must be [{len(layers)}, {rows.shape[1]}, {dst.size}], got {src.shape}")
+        stride = max(li.n_head_kv for li in self.layers)
+        full = np.full((self.n_layer, stride, n), -1, dtype=np.int32)
+        full[layers, :H] = src
+        if ams.llama_ams_shift_pending(self.ctx.ptr):
+            ams.llama_ams_apply_shift(self.ctx.ptr)
+        rc = ams.llama_ams_move_rows(self.ctx.ptr, 0, dst.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
+                                     full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
+        if rc != 0:
+            raise RuntimeError(f"moving KV rows between cells failed (code {rc})")
+        moving = src >= 0
+        l_idx, h_idx, j_idx = np.nonzero(moving)
+        from_cells = src[moving]
+        to_cells = dst[j_idx]
+        rows[l_idx, h_idx, to_cells] = rows[l_idx, h_idx, from_cells]
+        # the evidence a row gathered goes with its token (H2O's totals; the window restarts anyway)
+        for li, il in enumerate(layers):
+            sel = l_idx == li
+            if not sel.any():
+                continue
+            for acc in (self.evidence_total[il], self._window_base[il]):
+                acc[h_idx[sel], to_cells[sel]] = acc[h_idx[sel], from_cells[sel]]
+
     # --- evidence -----------------------------------------------------------------------------
 
     def observe(self, n_obs: int, *, attn: bool = True, queries: bool = False) -> None:
@@ -138,6 +206,7 @@ class CacheView:
                     self.evidence_total[il] = total[j]
                     self._group_of[il] = (len(self._groups) - 1, j)
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
+        self._rows_layers = None  # the per-row map starts over with the evidence (a cleared cache)
         self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
         self.reset_window()

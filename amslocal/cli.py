@@ -109,6 +109,9 @@ _compression_options = _options(
                  help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead."),
     click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
                  help="Kept tokens keep their positions, or are shifted to dense positions."),
+    click.option("--granularity", type=click.Choice(["token", "layer", "head"]), default="token", show_default=True,
+                 help="One token set for the whole cache, one per layer, or one per (layer, KV head): each row "
+                      "keeps what it attends to, in the same cells."),
     click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
                  help="How per-layer, per-head scores become one ranking per token."),
 )
@@ -156,7 +159,8 @@ def generate(**options: Any) -> None:
 
 def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional[str], max_tokens: int,
               budget: Optional[int], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-              no_question_aware: bool, positions: str, aggregation: str, temp: float, seed: Optional[int],
+              no_question_aware: bool, positions: str, granularity: str, aggregation: str, temp: float,
+              seed: Optional[int],
               top_k: int, top_p: float, ctx_size: int, flash_attn: str,
               cache_type_k: str, cache_type_v: str, threads: int, ignore_eos: bool, stats_json: Optional[str],
               verbose: bool) -> None:
@@ -180,7 +184,8 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
         raise click.BadParameter(f"the budget {budget} is above the model's trained context ({llm.n_ctx_train})",
                                  param_hint="--budget")
     config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
-                               question_aware=not no_question_aware, positions=positions, aggregation=aggregation)
+                               question_aware=not no_question_aware, positions=positions, granularity=granularity,
+                               aggregation=aggregation)
     if budget is not None and scorer == "triattention":
         from .calibration import load_for_model
 
@@ -572,7 +577,7 @@ class _ChatUI:
 
 
 def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-          no_question_aware: bool, positions: str, aggregation: str, system: Optional[str],
+          no_question_aware: bool, positions: str, granularity: str, aggregation: str, system: Optional[str],
           chat_template: Optional[str], temp: float, seed: Optional[int],
           top_k: int, top_p: float, max_tokens: int, ctx_size: int, flash_attn: str, cache_type_k: str,
           cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
@@ -601,7 +606,7 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
                                      param_hint="--budget")
         chosen = parsed
     session = engine.session(budget=chosen, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
-                             question_aware=not no_question_aware, positions=positions,
+                             question_aware=not no_question_aware, positions=positions, granularity=granularity,
                              aggregation=aggregation, system=system, chat_template=template, temperature=temp,
                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, ctx_size=ctx_size)
     ui = _ChatUI(session, quiet=quiet, ignore_eos=ignore_eos)

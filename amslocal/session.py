@@ -35,12 +35,18 @@ from .select import make_selector
 from .select.aggregate import aggregate
 from .select.ams import AMSParams
 from .select.mass import evidence_mass, peaked_mass, row_evidence_mass
+from .select.rows import place_rows
 
 
 _kernels_warm = False
 MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
 MAX_OBSERVERS = 64  # question-aware prefill: at most this many of a prompt's last tokens observe
 AMS_VARIANTS = ("mean", "peaked", "vote")
+# which tokens a KV cell holds: one for every row (llama.cpp's own), one set per layer, or one set
+# per (layer, KV head) row (patch 0002 moves K/V rows between cells)
+GRANULARITIES = ("token", "layer", "head")
+# scorers that read each token's position to undo its RoPE, which per-row sets do not give them yet
+_NO_ROW_SETS = {"triattention": "it un-rotates keys by one position per cell"}
 
 
 def _read_once(read: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
@@ -82,6 +88,7 @@ class CompressionConfig:
     ams_variant: str = "vote"
     aggregation: str = "mean"
     positions: str = "keep"  # keep | compact
+    granularity: str = "token"  # token | layer | head (see GRANULARITIES)
     # a prompt compressed before its end is read is scored by the attention of its last tokens
     # (decoded ahead as observers, then removed): the question a long message ends with decides
     question_aware: bool = True
@@ -170,8 +177,13 @@ class Session:
             raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
-        self.selector = (make_selector("ams-vote" if cfg.ams_variant == "vote" else "ams", **asdict(cfg.ams_params))
-                         if cfg.ams else make_selector("topk"))
+        if cfg.budget is not None and cfg.granularity != "token":
+            self._check_row_sets()
+            self.selector = make_selector("row-ams" if cfg.ams else "row-topk",
+                                          **(asdict(cfg.ams_params) if cfg.ams else {}))
+        else:
+            self.selector = (make_selector("ams-vote" if cfg.ams_variant == "vote" else "ams", **asdict(cfg.ams_params))
+                             if cfg.ams else make_selector("topk"))
         if cfg.budget is not None:
             _warm_kernels()
         # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
@@ -184,6 +196,25 @@ class Session:
                                   ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
         self._observing, self._obs_kind = False, (False, False)
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
+
+    def _check_row_sets(self) -> None:
+        """Per-row token sets need a cell's position to matter only to the causal mask: each K row
+        carries its own token's RoPE, so a moved row attends as at home. Refuse where the position
+        also enters attention or the cache forgets by position."""
+        view, arch = self.view, self.model.arch
+        g = self.config.granularity
+        if view.n_caches != 1 or any(li.n_swa for li in view.layers if li.cache >= 0):
+            raise AmsError(f"{arch}: granularity {g} needs one full-attention cache (sliding-window layers "
+                           f"forget cells by their position); use --granularity token")
+        for li in (view.layers[il] for il in view.kv_layers):
+            if li.n_rot == 0:
+                raise AmsError(f"{arch}: granularity {g} needs RoPE on every layer (without it the cell's position "
+                               f"enters attention, e.g. ALiBi); use --granularity token")
+            if li.rope_type not in (0, 2):  # NORM, NEOX: M-RoPE and vision RoPE read more than one position
+                raise AmsError(f"{arch}: granularity {g} does not support this model's multi-axis RoPE; "
+                               f"use --granularity token")
+        if len({view.layers[il].n_head_kv for il in view.kv_layers}) != 1:
+            raise AmsError(f"{arch}: granularity {g} needs the same KV head count on every layer")
 
     def _derive_from_scorer(self) -> None:
         """What to observe, and over how many queries, for this scorer and selector.
@@ -216,8 +247,22 @@ class Session:
             raise BudgetError(f"positions must be keep or compact (got {cfg.positions})")
         if cfg.ams_variant not in AMS_VARIANTS:
             raise BudgetError(f"ams_variant must be one of {', '.join(AMS_VARIANTS)} (got {cfg.ams_variant})")
+        if cfg.granularity not in GRANULARITIES:
+            raise BudgetError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {cfg.granularity})")
+        if cfg.granularity != "token":
+            if cfg.positions != "keep":
+                raise BudgetError(f"granularity {cfg.granularity} keeps positions: a compaction would shift every "
+                                  f"row of a cell alike (use --positions keep)")
+            if cfg.scorer in _NO_ROW_SETS:
+                raise BudgetError(f"scorer {cfg.scorer} does not work with granularity {cfg.granularity}: "
+                                  f"{_NO_ROW_SETS[cfg.scorer]}")
 
     # --- state --------------------------------------------------------------------------------
+
+    @property
+    def _row_sets(self) -> bool:
+        """True when rows of a cell may hold different tokens (granularity layer or head)."""
+        return self.config.budget is not None and self.config.granularity != "token"
 
     @property
     def n_occupied(self) -> int:
@@ -383,6 +428,8 @@ class Session:
             if all(a is not None for a in last):
                 inp.attn_last = np.stack([a[:, cells] for a in last]).astype(np.float64)
             inp.attn_total = np.stack([view.evidence_total[il][:, cells] for il in layers])
+        if self._row_sets:
+            inp.row_positions = view.row_positions(layers, cells)
         if NEEDS_QUERIES in needs:
             inp.queries = [view.queries[il] for il in layers]
             inp.query_positions = view.query_pos.astype(np.int64)
@@ -429,13 +476,12 @@ class Session:
             protected |= np.isin(positions, np.fromiter(self.protected_positions, dtype=np.int64))
         if protected.sum() > budget:
             raise BudgetError(f"{int(protected.sum())} protected tokens do not fit the budget {budget}")
+        if cfg.granularity != "token":
+            return self._compress_rows(t0, cells, positions, transient, inp, row_scores, token_scores, protected)
 
         mass = row_mass = None
         if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
-            window_mask = np.zeros(T, dtype=bool)
-            in_window = self.mass_window - transient.size  # the window's queries that are candidates
-            if in_window > 0:
-                window_mask[max(0, T - in_window):] = True
+            window_mask = self._window_mask(T, transient.size)
             if cfg.ams_variant == "mean":
                 mass = evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask, cfg.ams_params.smooth)
             else:
@@ -471,14 +517,70 @@ class Session:
             self.protected_positions = {mapping[p] for p in self.protected_positions if p in mapping}
             self.stats.compactions += 1
 
+        return self._finish_event(t0, T, int(kept_mask.sum()), len(evicted), {"compacted": bool(compact)})
+
+    def _finish_event(self, t0: float, T: int, kept: int, evicted: int, extra: dict) -> dict:
         self.view.reset_window()
         ms = (time.perf_counter() - t0) * 1e3
         self.stats.compressions += 1
-        self.stats.evicted_tokens += len(evicted)
+        self.stats.evicted_tokens += evicted
         self.stats.compress_ms_total += ms
-        event = {"tokens": T, "kept": int(kept_mask.sum()), "ms": ms, "compacted": bool(compact)}
+        event = {"tokens": T, "kept": kept, "ms": ms, **extra}
         self.events.append(event)
         return event
+
+    def _window_mask(self, T: int, n_transient: int) -> np.ndarray:
+        """The candidates that are queries of the mass window (AMS gives them no say in the mass)."""
+        window_mask = np.zeros(T, dtype=bool)
+        in_window = self.mass_window - n_transient  # the window's queries that are candidates
+        if in_window > 0:
+            window_mask[max(0, T - in_window):] = True
+        return window_mask
+
+    def _compress_rows(self, t0: float, cells: np.ndarray, positions: np.ndarray, transient: np.ndarray,
+                       inp: ScoreInput, row_scores: np.ndarray, token_scores: np.ndarray,
+                       protected: np.ndarray) -> dict:
+        """The event with one token set per layer or per (layer, KV head) row.
+
+        Each row (or layer) selects ``budget`` of the tokens it holds; :func:`place_rows` picks the
+        ``budget`` cells that leave the most rows in place, the rows that keep a token from another
+        cell are moved into those cells (K/V bytes, patch 0002), and every other cell is evicted.
+        A cell keeps its label position, which only the causal mask reads: each K row still carries
+        its own token's RoPE rotation.
+        """
+        cfg = self.config
+        L, T = len(self.layers), len(positions)
+        H = self.view.layers[self.layers[0]].n_head_kv
+        rs = np.broadcast_to(np.asarray(row_scores, dtype=np.float64), (L, H, T))
+        rpos = inp.row_positions
+        row_mass = None
+        if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
+            row_mass = row_evidence_mass(inp.mass_attn, inp.mass_queries, self.group,
+                                         self._window_mask(T, transient.size), cfg.ams_params.smooth).reshape(L, H, T)
+        if cfg.granularity == "layer":
+            # one set per layer: its heads' scores made comparable and averaged, as the aggregation does
+            layer_scores = np.stack([aggregate(rs[l][None], cfg.aggregation) for l in range(L)])
+            layer_mass = None if row_mass is None else row_mass.mean(axis=1)
+            kept = self.selector.select_rows(layer_scores, cfg.budget, protected, rpos[:, 0], layer_mass)
+            kept = np.repeat(kept[:, None, :], H, axis=1).reshape(L * H, T)
+        else:
+            kept = self.selector.select_rows(rs.reshape(L * H, T), cfg.budget, protected, rpos.reshape(L * H, T),
+                                             None if row_mass is None else row_mass.reshape(L * H, T))
+        dst, src = place_rows(kept, protected, rpos.reshape(L * H, T), token_scores)
+        in_dst = np.zeros(T, dtype=bool)
+        in_dst[dst] = True
+        if self.on_compress is not None:
+            self.on_compress(positions.astype(np.int64), in_dst, inp)
+        src_cells = np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(L, H, len(dst))
+        self.view.move_rows(self.layers, cells[dst], src_cells)
+        evicted = positions[~in_dst]
+        self.gen.evict(evicted.tolist() + transient.tolist())
+        self.view.row_positions(self.layers, cells[:0])  # the map forgets the freed cells now
+        if self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train:
+            raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and granularity "
+                           f"{cfg.granularity} cannot shift them back yet; start a new session")
+        return self._finish_event(t0, T, len(dst), T - len(dst),
+                                  {"compacted": False, "rows_moved": int((src >= 0).sum())})
 
     # --- live changes -------------------------------------------------------------------------
 
@@ -545,6 +647,12 @@ class Session:
         if credit is not None:
             arrays["credit_pos"] = np.asarray(credit.positions, dtype=np.int64)
             arrays["credit_val"] = np.asarray(credit.credit, dtype=np.float64)
+        if self._row_sets:
+            # which token every (layer, KV head) row of each cell holds, keyed by the cell's label
+            cells, labels = view.occupied(0)
+            arrays["row_label"] = labels.astype(np.int64)
+            arrays["row_pos"] = view.row_positions(self.layers, cells)
+            arrays.update({f"sel_{k}": v for k, v in self.selector.state().items()})
         view_meta, view_arrays = view.export_evidence()
         arrays.update(view_arrays)
         meta = {
@@ -580,6 +688,14 @@ class Session:
             view.import_evidence(meta, arrays)
         except ValueError as exc:
             raise AmsError(str(exc)) from None
+        if self._row_sets:
+            if "row_pos" not in arrays:
+                raise AmsError("the saved state has no per-row token map (saved with granularity token?)")
+            cells, labels = view.occupied(0)
+            if not np.array_equal(arrays["row_label"], labels.astype(np.int64)):
+                raise AmsError("the saved per-row token map and KV state disagree")
+            view.set_row_positions(self.layers, cells, arrays["row_pos"])
+            self.selector.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("sel_")})
         self._observing = bool(meta["observing"])
         self._obs_kind = (bool(view.obs_flags & LLAMA_AMS_OBS_ATTN), bool(view.obs_flags & LLAMA_AMS_OBS_QUERIES))
         known = {f.name for f in fields(SessionStats)}

@@ -12,6 +12,7 @@ from amslocal.backend import ContextParams
 from amslocal.bench.documents import DOCUMENTS, load_documents
 from amslocal.bench.methods import parse_method, parse_methods
 from amslocal.bench.runner import RunSettings, perplexity
+from amslocal.errors import OptionError
 from amslocal.scorers import make_scorer
 from amslocal.session import CompressionConfig, Session
 from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
@@ -96,9 +97,22 @@ def test_documents_cover_every_kind_and_are_long():
 
 
 def test_method_names_pick_the_ams_variant():
-    assert parse_method("vote-tova").config == {"scorer": "tova", "ams": True, "ams_variant": "vote"}
-    assert parse_method("peak-rkv").config == {"scorer": "rkv", "ams": True, "ams_variant": "peaked"}
+    assert parse_method("vote-tova").config == {"scorer": "tova", "ams": True, "ams_variant": "vote",
+                                                "granularity": "token"}
+    assert parse_method("peak-rkv").config == {"scorer": "rkv", "ams": True, "ams_variant": "peaked",
+                                               "granularity": "token"}
     assert parse_method("ams-rkv").config["ams_variant"] == "mean" and parse_method("vote-rkv").topk_twin == "rkv"
+
+
+def test_method_names_pick_the_granularity():
+    m = parse_method("ams-tova@head")
+    assert m.name == "ams-tova@head" and m.config["granularity"] == "head" and m.ams and m.topk_twin == "tova@head"
+    assert parse_method("tova@layer").topk_twin == "ams-tova@layer"
+    assert parse_method("tova@token").name == "tova"
+    with pytest.raises(OptionError, match="granularity"):
+        parse_method("tova@cell")
+    with pytest.raises(OptionError, match="per row"):
+        parse_method("vote-tova@head")
 
 
 @needs_data

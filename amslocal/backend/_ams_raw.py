@@ -60,6 +60,8 @@ _SIGNATURES = {
     "llama_ams_apply_shift": ([_ctx_p], ctypes.c_bool),
     "llama_ams_read_k": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _f32_p, ctypes.c_int64], ctypes.c_int64),
     "llama_ams_read_v": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _f32_p, ctypes.c_int64], ctypes.c_int64),
+    # patch 0002: per-(layer, KV head) row moves
+    "llama_ams_move_rows": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32),
 }
 
 _missing = [name for name in _SIGNATURES if not hasattr(_lib, name)]
@@ -87,3 +89,4 @@ llama_ams_shift_pending = _lib.llama_ams_shift_pending
 llama_ams_apply_shift = _lib.llama_ams_apply_shift
 llama_ams_read_k = _lib.llama_ams_read_k
 llama_ams_read_v = _lib.llama_ams_read_v
+llama_ams_move_rows = _lib.llama_ams_move_rows

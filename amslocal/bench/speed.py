@@ -148,7 +148,7 @@ def _method_configs(methods: Optional[Sequence[str]], budget: int, interval: int
             except AmsError as exc:
                 notes.append(f"{m.name}: skipped, no calibration cached ({exc})")
                 continue
-        configs.append((m.name, CompressionConfig(budget=budget, interval=interval, scorer=m.scorer, ams=m.ams,
+        configs.append((m.name, CompressionConfig(budget=budget, interval=interval, **m.config,
                                                   calibration=calibration if m.scorer == "triattention" else None)))
     return configs
 

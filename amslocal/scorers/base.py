@@ -51,7 +51,16 @@ class ScoreInput:
     keys: Optional[Callable[[int], np.ndarray]] = None    # l -> [T, H_kv, d] post-RoPE keys
     values: Optional[Callable[[int], np.ndarray]] = None  # l -> [T, H_kv, d_v]
     calibration: Optional[dict] = None
+    # per-row token sets (granularity layer/head): the position of the token each (layer, KV head)
+    # row holds in each cell; ``positions`` are then the cells' labels (their order). None when
+    # every row holds the cell's own token. A scorer that reads positions per row uses
+    # :meth:`token_positions`.
+    row_positions: Optional[np.ndarray] = None  # [L, H_kv, T] int64
     extra: dict = field(default_factory=dict)
+
+    def token_positions(self) -> np.ndarray:
+        """Positions of the scored tokens: [L, H_kv, T] with per-row token sets, else [T]."""
+        return self.positions if self.row_positions is None else self.row_positions
 
     @property
     def n_tokens(self) -> int:

@@ -35,6 +35,6 @@ class H2O:
         total = require(inp, "attn_total", self.name, "attention accumulated over every query")
         s = np.asarray(total, dtype=np.float64) / max(int(inp.group), 1)
         if self.normalize:
-            seen = np.maximum(int(inp.next_position) - np.asarray(inp.positions, dtype=np.int64), 1)
+            seen = np.maximum(int(inp.next_position) - np.asarray(inp.token_positions(), dtype=np.int64), 1)
             s = s / seen
         return s

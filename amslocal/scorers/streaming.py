@@ -29,7 +29,7 @@ class StreamingLLM:
         return 0
 
     def score(self, inp: ScoreInput) -> np.ndarray:
-        s = np.asarray(inp.positions, dtype=np.float64).copy()
+        s = np.asarray(inp.token_positions(), dtype=np.float64).copy()
         if s.size:
-            s[: self.n_sink] = s.max() + 1.0
-        return s.reshape(1, 1, -1)
+            s[..., : self.n_sink] = s.max() + 1.0  # the first cells hold the sinks in every row
+        return s.reshape((1, 1, -1) if s.ndim == 1 else s.shape)

@@ -427,6 +427,50 @@ def row_votes_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, k
     return votes
 
 
+# --- per-row AMS on per-row token sets ---------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def row_keep(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
+             seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+    """Kept mask [R, T]: row r of ``scores`` / ``mass`` / ``protected`` [R, T] (each row in its own
+    position order) runs AMS steps 3-5 alone and keeps exactly ``keep`` tokens, as
+    :func:`row_votes` does for one row, but with its own protected tokens."""
+    R, T = scores.shape
+    out = np.zeros((R, T), dtype=np.bool_)
+    for r in range(R):
+        bounds = segment_bounds(mass[r], seg_mass, min_len, max_len)
+        n_seg = bounds.shape[0] - 1
+        caps = np.zeros(n_seg, dtype=np.int64)
+        free_mass = np.zeros(n_seg, dtype=np.float64)
+        n_prot = 0
+        for s in range(n_seg):
+            for i in range(bounds[s], bounds[s + 1]):
+                if protected[r, i]:
+                    n_prot += 1
+                else:
+                    caps[s] += 1
+                    free_mass[s] += mass[r, i]
+        quotas = allocate_quotas(free_mass, caps, keep - n_prot, min_keep)
+        out[r] = select_in_segments(bounds, quotas, scores[r], protected[r], keep)
+    return out
+
+
+def row_keep_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
+                 seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+    """Reference of :func:`row_keep` from the ``*_ref`` kernels, one row at a time."""
+    R, T = scores.shape
+    out = np.zeros((R, T), dtype=bool)
+    for r in range(R):
+        prot = protected[r]
+        b = segment_bounds_ref(mass[r], seg_mass, min_len, max_len)
+        caps = np.array([(~prot[a:z]).sum() for a, z in zip(b[:-1], b[1:])], dtype=np.int64)
+        seg = np.array([np.cumsum(np.where(~prot[a:z], mass[r, a:z], 0.0))[-1] for a, z in zip(b[:-1], b[1:])])
+        q = allocate_quotas_ref(seg, caps, keep - int(prot.sum()), min_keep)
+        out[r] = select_in_segments_ref(b, q, scores[r], prot, keep).astype(bool)
+    return out
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     m = np.full(8, 1.0 / 8)
@@ -436,3 +480,4 @@ def warmup() -> None:
     q = allocate_quotas(np.ones(b.shape[0] - 1), np.diff(b), 4, 1)
     select_in_segments(b, q, m, np.zeros(8, dtype=np.bool_), 4)
     row_votes(np.ones((1, 8)), np.ones((1, 8)), np.zeros(8, dtype=np.bool_), 4, 0.25, 2, 4, 1)
+    row_keep(np.ones((1, 8)), np.ones((1, 8)), np.zeros((1, 8), dtype=np.bool_), 4, 0.25, 2, 4, 1)

@@ -1,0 +1,183 @@
+"""Per-row token sets: every (layer, KV head) row keeps its own ``budget`` tokens.
+
+With patch 0002 a cell's K/V rows can hold different tokens per (layer, KV head), so a row need
+not compromise with the others: it keeps what *it* scores highest (top-k per row), or what AMS on
+its own mass, credit and segments keeps (as the reference, which selects per head). Then
+:func:`place_rows` maps those per-row sets onto ``budget`` cells.
+
+Inputs are [R, T] over the T candidate cells (in cell-label order): each row's scores, the
+position of the token the row holds there (``row_positions``; rows may differ), and the mass of
+each row for AMS. A row is processed in its own position order, so segments are contiguous in
+*its* text. Protected tokens sit in the same cells in every row (the engine keeps them in place),
+so ``protected`` is [T] over cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import numpy as np
+
+from .ams import AMSParams
+from .kernels import row_keep
+from .mass import CreditState, to_mass_rows
+
+
+def _checked(row_scores: np.ndarray, budget: int, protected: np.ndarray,
+             row_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    s = np.asarray(row_scores, dtype=np.float64)
+    pos = np.asarray(row_positions, dtype=np.int64)
+    if s.ndim != 2 or pos.shape != s.shape:
+        raise ValueError(f"row_scores and row_positions must both be [R, T], got {s.shape} and {pos.shape}")
+    R, T = s.shape
+    prot = np.asarray(protected, dtype=bool)
+    if prot.shape != (T,):
+        raise ValueError(f"protected must be [{T}], got shape {prot.shape}")
+    keep = min(int(budget), T)
+    if int(prot.sum()) > keep:
+        raise ValueError(f"{int(prot.sum())} protected tokens exceed the budget {keep}")
+    return np.where(np.isnan(s), -np.inf, s), prot, pos, keep
+
+
+def _in_row_order(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, inverse): ``x[r, order[r]]`` is row r in its own position order."""
+    order = np.argsort(pos, axis=1, kind="stable")
+    inverse = np.empty_like(order)
+    np.put_along_axis(inverse, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
+    return order, inverse
+
+
+@dataclass
+class RowTopKSelector:
+    """Global top-k on every row alone: protected tokens, then the row's best scores (ties to the
+    earlier position in that row). Stateless."""
+
+    name: ClassVar[str] = "row-topk"
+
+    def select_rows(self, row_scores: np.ndarray, budget: int, protected: np.ndarray,
+                    row_positions: np.ndarray, row_mass: Optional[np.ndarray] = None) -> np.ndarray:
+        """Kept mask [R, T], exactly min(budget, T) per row."""
+        s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
+        R, T = s.shape
+        order, inverse = _in_row_order(pos)
+        key = np.where(prot[order], np.inf, np.take_along_axis(s, order, axis=1))
+        best = np.argsort(-key, axis=1, kind="stable")[:, :keep]  # stable: ties to the earlier position
+        kept_sorted = np.zeros((R, T), dtype=bool)
+        np.put_along_axis(kept_sorted, best, True, axis=1)
+        return np.take_along_axis(kept_sorted, inverse, axis=1)
+
+    def reset(self) -> None:
+        """Nothing to forget."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Nothing to restore."""
+
+
+@dataclass
+class RowAMSSelector:
+    """AMS on every row alone (steps 2-5 with the row's own mass, credit, segments and quotas).
+
+    The credit of a row is keyed by the positions *that row* holds, so each row keeps one
+    :class:`.mass.CreditState`. ``row_mass=None`` (no evidence) segments every row by length.
+    """
+
+    params: AMSParams = field(default_factory=AMSParams)
+    name: ClassVar[str] = "row-ams"
+
+    def __post_init__(self) -> None:
+        self.credits: list[CreditState] = []
+
+    def select_rows(self, row_scores: np.ndarray, budget: int, protected: np.ndarray,
+                    row_positions: np.ndarray, row_mass: Optional[np.ndarray] = None) -> np.ndarray:
+        """Kept mask [R, T], exactly min(budget, T) per row."""
+        p = self.params
+        s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
+        R, T = s.shape
+        order, inverse = _in_row_order(pos)
+        s_r = np.ascontiguousarray(np.take_along_axis(s, order, axis=1))
+        pos_r = np.take_along_axis(pos, order, axis=1)
+        prot_r = np.ascontiguousarray(prot[order])
+        if len(self.credits) != R:
+            self.credits = [CreditState(p.credit_decay, p.credit_mix) for _ in range(R)]
+        if row_mass is None:
+            used = np.full((R, T), 1.0 / max(T, 1))
+        else:
+            m = np.nan_to_num(np.asarray(row_mass, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            if m.shape != (R, T):
+                raise ValueError(f"row_mass must be [{R}, {T}], got shape {m.shape}")
+            m_r = to_mass_rows(np.take_along_axis(m, order, axis=1))
+            used = np.stack([c.mix(pos_r[r], m_r[r]) for r, c in enumerate(self.credits)])
+        kept_r = row_keep(s_r, np.ascontiguousarray(used), prot_r, keep, float(p.segment_mass),
+                          int(p.min_seg_len), int(p.max_seg_len), int(p.min_keep_per_segment))
+        for r, c in enumerate(self.credits):
+            c.keep(pos_r[r][kept_r[r]])
+        return np.take_along_axis(kept_r, inverse, axis=1)
+
+    def reset(self) -> None:
+        """Forget the credit (a new sequence)."""
+        self.credits = []
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The credit of every row, flattened (row lengths in ``credit_len``), for save files."""
+        if not self.credits:
+            return {}
+        return {
+            "credit_len": np.array([c.positions.size for c in self.credits], dtype=np.int64),
+            "credit_pos": np.concatenate([c.positions for c in self.credits]).astype(np.int64),
+            "credit_val": np.concatenate([c.credit for c in self.credits]).astype(np.float64),
+        }
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` output."""
+        self.credits = []
+        if "credit_len" not in arrays:
+            return
+        ends = np.cumsum(arrays["credit_len"])
+        for a, z in zip(np.concatenate([[0], ends[:-1]]), ends):
+            c = CreditState(self.params.credit_decay, self.params.credit_mix)
+            c.positions = arrays["credit_pos"][a:z].astype(np.int64).copy()
+            c.credit = arrays["credit_val"][a:z].astype(np.float64).copy()
+            self.credits.append(c)
+
+
+def place_rows(kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarray,
+               tie_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map per-row token sets onto cells: (dst [B] cell indices into T, src [R, B]).
+
+    ``kept`` [R, T]: B tokens per row. The B destination cells are the protected ones, then those
+    whose own token the most rows keep (ties: higher ``tie_scores`` [T], then the earlier cell),
+    which leaves the most rows in place. Row r of destination ``dst[j]`` then takes the row of
+    cell ``src[r, j]`` (-1: it already holds a token the row keeps). A row's kept tokens that sit
+    in cells outside ``dst`` fill its free destinations in position order, so within a row the
+    cell order follows the text wherever the row moved anything. Protected tokens never move.
+    """
+    kept = np.asarray(kept, dtype=bool)
+    R, T = kept.shape
+    B = int(kept[0].sum()) if R else 0
+    if (kept.sum(axis=1) != B).any():
+        raise ValueError("every row must keep the same number of tokens")
+    prot = np.asarray(protected, dtype=bool)
+    if (~kept[:, prot]).any():
+        raise ValueError("a row dropped a protected token")
+    votes = kept.sum(axis=0)
+    s = np.nan_to_num(np.asarray(tie_scores, dtype=np.float64), nan=-np.inf)
+    free = np.flatnonzero(~prot)
+    order = np.lexsort((free, -s[free], -votes[free]))
+    in_dst = prot.copy()
+    in_dst[free[order[:B - int(prot.sum())]]] = True
+    dst = np.flatnonzero(in_dst)
+    slot_of = np.full(T, -1, dtype=np.int64)
+    slot_of[dst] = np.arange(B)
+    src = np.full((R, B), -1, dtype=np.int64)
+    for r in range(R):
+        movers = np.flatnonzero(kept[r] & ~in_dst)
+        if movers.size == 0:
+            continue
+        movers = movers[np.argsort(row_positions[r, movers], kind="stable")]
+        holes = np.flatnonzero(in_dst & ~kept[r])  # ascending cell label order
+        src[r, slot_of[holes]] = movers
+    return dst, src
