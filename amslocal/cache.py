@@ -128,6 +128,33 @@ class CacheView:
             raise ValueError(f"row map must be [{m.shape[0]}, {m.shape[1]}, {len(cells)}], got {rows.shape}")
         m[:, :, cells] = rows
 
+    def shift_rows(self, layers: list[int], cells: np.ndarray, delta: np.ndarray) -> None:
+        """Re-rotate the K row (l, h) of ``cells[j]`` by ``delta[l, h, j]`` positions (RoPE, in
+        llama.cpp) and move the row map along. Cell labels stay; a pending shift is applied first."""
+        cells = np.asarray(cells, dtype=np.int64)
+        delta = np.asarray(delta, dtype=np.int64)
+        rows = self._row_map(layers)
+        if delta.shape != (rows.shape[0], rows.shape[1], cells.size):
+            raise ValueError(f"delta must be [{rows.shape[0]}, {rows.shape[1]}, {cells.size}], got {delta.shape}")
+        stride = max(li.n_head_kv for li in self.layers)
+        full = np.zeros((self.n_layer, stride, self.cache_sizes[0]), dtype=np.int32)
+        full[np.ix_(layers, range(rows.shape[1]), cells)] = delta
+        if ams.llama_ams_shift_pending(self.ctx.ptr):
+            ams.llama_ams_apply_shift(self.ctx.ptr)
+        rc = ams.llama_ams_shift_rows(self.ctx.ptr, 0, full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
+        if rc != 0:
+            raise RuntimeError(f"shifting KV rows failed (code {rc})")
+        rows[:, :, cells] += delta
+
+    def relabel_rows(self, cells: np.ndarray, labels: np.ndarray) -> None:
+        """``seq_add`` moved ``cells`` to the new ``labels``, and rotated every row of a cell by that
+        delta: the rows keep their tokens, at positions moved by the same delta. Call it right after
+        the shift is issued, before anything reads the map (which would take the cells for new)."""
+        cells = np.asarray(cells, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        self._row_pos[:, :, cells] += labels - self._row_label[cells]
+        self._row_label[cells] = labels
+
     def move_rows(self, layers: list[int], dst: np.ndarray, src: np.ndarray) -> None:
         """Row (l, h) of cell ``dst[j]`` takes what row (l, h) of cell ``src[l, h, j]`` held (-1 =
         stays): K and V bytes in llama.cpp, and here the row map and the accumulated evidence.

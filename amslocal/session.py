@@ -250,9 +250,6 @@ class Session:
         if cfg.granularity not in GRANULARITIES:
             raise BudgetError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {cfg.granularity})")
         if cfg.granularity != "token":
-            if cfg.positions != "keep":
-                raise BudgetError(f"granularity {cfg.granularity} keeps positions: a compaction would shift every "
-                                  f"row of a cell alike (use --positions keep)")
             if cfg.scorer in _NO_ROW_SETS:
                 raise BudgetError(f"scorer {cfg.scorer} does not work with granularity {cfg.granularity}: "
                                   f"{_NO_ROW_SETS[cfg.scorer]}")
@@ -572,15 +569,39 @@ class Session:
         if self.on_compress is not None:
             self.on_compress(positions.astype(np.int64), in_dst, inp)
         src_cells = np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(L, H, len(dst))
+        t_move = time.perf_counter()
         self.view.move_rows(self.layers, cells[dst], src_cells)
+        move_ms = (time.perf_counter() - t_move) * 1e3
         evicted = positions[~in_dst]
         self.gen.evict(evicted.tolist() + transient.tolist())
         self.view.row_positions(self.layers, cells[:0])  # the map forgets the freed cells now
-        if self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train:
-            raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and granularity "
-                           f"{cfg.granularity} cannot shift them back yet; start a new session")
+        near_limit = self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train
+        compact = cfg.positions == "compact" or near_limit
+        if compact:
+            if not self.gen.ctx.can_shift():
+                raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
+                               f"model's cache cannot shift them back; start a new session")
+            self._compact_rows()
         return self._finish_event(t0, T, len(dst), T - len(dst),
-                                  {"compacted": False, "rows_moved": int((src >= 0).sum())})
+                                  {"compacted": bool(compact), "rows_moved": int((src >= 0).sum()),
+                                   "move_ms": move_ms})
+
+    def _compact_rows(self) -> None:
+        """Dense positions with per-row token sets: the cells' labels become 0..B-1 (``seq_add``,
+        which rotates every row of a cell by its label's delta), and each row's tokens the ranks
+        0..B-1 in that row's own order (a per-row RoPE shift for the rest of the delta)."""
+        view, layers = self.view, self.layers
+        cells, labels = view.occupied(0)
+        rows = view.row_positions(layers, cells)
+        new_labels = np.arange(len(cells), dtype=np.int64)
+        ranks = np.argsort(np.argsort(rows, axis=2, kind="stable"), axis=2, kind="stable").astype(np.int64)
+        view.shift_rows(layers, cells, ranks - rows - (new_labels - labels)[None, None, :])
+        self.gen.compact()  # labels in order onto 0..B-1, as new_labels; applied at the next decode
+        view.relabel_rows(cells, new_labels)
+        self.selector.remap_rows(rows.reshape(-1, len(cells)), ranks.reshape(-1, len(cells)))
+        mapping = dict(zip(labels.tolist(), new_labels.tolist()))
+        self.protected_positions = {mapping[p] for p in self.protected_positions if p in mapping}
+        self.stats.compactions += 1
 
     # --- live changes -------------------------------------------------------------------------
 

@@ -84,10 +84,11 @@ class _NumpyLlama:
     def _norm(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
 
-    def kv_and_logits(self, tokens, keep=None):
-        """K/V [layer][T, H_kv, d] of a causal pass over ``tokens``; with ``keep`` (a function
-        (layer, kv_head) -> positions), the last token attends in each head only to those positions
-        of the earlier ones (plus itself). Returns (K, V, logits of the last token)."""
+    def kv_and_logits(self, tokens, keep=None, key_pos=None, q_pos=None):
+        """A causal pass over ``tokens``; with ``keep`` (a function (layer, kv_head) -> positions of
+        earlier tokens) the last token attends in each head only to those (and itself), with their
+        keys rotated at ``key_pos(layer, kv_head)`` (default: where they are) and its own query and
+        key at ``q_pos`` (default: its index). Returns (K, V, logits of the last token)."""
         w, T = self.w, len(tokens)
         x = w["token_embd.weight"][tokens]
         K, V = [], []
@@ -95,25 +96,28 @@ class _NumpyLlama:
             p = f"blk.{il}"
             h = self._norm(x, w[f"{p}.attn_norm.weight"])
             d, H, Hkv = li.n_embd_head_k, li.n_head, li.n_head_kv
-            q = rope_rotate((h @ w[f"{p}.attn_q.weight"].T).reshape(T, H, d), np.arange(T), li)
-            k = rope_rotate((h @ w[f"{p}.attn_k.weight"].T).reshape(T, Hkv, d), np.arange(T), li)
+            q_pre = (h @ w[f"{p}.attn_q.weight"].T).reshape(T, H, d)
+            k_pre = (h @ w[f"{p}.attn_k.weight"].T).reshape(T, Hkv, d)
+            q, k = rope_rotate(q_pre, np.arange(T), li), rope_rotate(k_pre, np.arange(T), li)
             val = (h @ w[f"{p}.attn_v.weight"].T).reshape(T, Hkv, d)
             K.append(k)
             V.append(val)
             out = np.zeros((T, H, d))
+            mask = np.tril(np.ones((T, T), dtype=bool))
             for hq in range(H):
                 hk = hq // (H // Hkv)
-                s = q[:, hq] @ k[:, hk].T / np.sqrt(d)
-                mask = np.tril(np.ones((T, T), dtype=bool))
-                if keep is not None:
-                    allowed = np.zeros(T, dtype=bool)
-                    allowed[keep(il, hk)] = True
-                    allowed[T - 1] = True
-                    mask[T - 1] &= allowed
-                s = np.where(mask, s, -np.inf)
+                s = np.where(mask, q[:, hq] @ k[:, hk].T / np.sqrt(d), -np.inf)
                 a = np.exp(s - s.max(-1, keepdims=True))
-                a /= a.sum(-1, keepdims=True)
-                out[:, hq] = a @ val[:, hk]
+                out[:, hq] = (a / a.sum(-1, keepdims=True)) @ val[:, hk]
+                if keep is not None:  # the last token: its head's own keys only
+                    qp = T - 1 if q_pos is None else q_pos
+                    idx = np.asarray(keep(il, hk))
+                    kp = idx if key_pos is None else np.asarray(key_pos(il, hk))
+                    ks = np.concatenate([rope_rotate(k_pre[idx, hk], kp, li), rope_rotate(k_pre[-1:, hk], [qp], li)])
+                    vs = np.concatenate([val[idx, hk], val[-1:, hk]])
+                    s1 = rope_rotate(q_pre[-1:, hq], [qp], li)[0] @ ks.T / np.sqrt(d)
+                    a1 = np.exp(s1 - s1.max())
+                    out[-1, hq] = (a1 / a1.sum()) @ vs
             x = x + out.reshape(T, H * d) @ w[f"{p}.attn_output.weight"].T
             h = self._norm(x, w[f"{p}.ffn_norm.weight"])
             gate = h @ w[f"{p}.ffn_gate.weight"].T
@@ -162,6 +166,49 @@ def test_per_head_eviction_logits_equal_numpy(tiny_gguf, tiny_model, fa):
         for h in range(H):
             held = np.sort(rows[li, h][rows[li, h] < len(toks)])
             assert np.array_equal(held, np.sort(kept_pos(li, h)))
+
+
+@pytest.mark.parametrize("fa,tk", [("on", "f32"), ("off", "f32"), ("on", "q8_0")])
+def test_per_row_compaction_logits_equal_numpy(tiny_gguf, tiny_model, fa, tk):
+    """Per-head eviction, then compaction: the cells' labels become 0..B-1 and each row's keys are
+    re-rotated to the ranks of its own tokens (patch 0002's per-row shift, after the label shift).
+    The next token, at position B, gives the logits of a numpy pass with exactly those key positions,
+    and not those of the uncompacted positions."""
+    cfg = CompressionConfig(budget=20, interval=28, scorer="tova", ams=False, granularity="head", positions="compact",
+                            n_sink=2, keep_last=4)
+    s = Session(tiny_model, cfg, ContextParams(flash_attn=fa, type_k=tk, type_v="f32", n_threads=1), SamplerParams(temp=0))
+    toks = tiny_model.tokenize(TEXT, add_special=False)[:48]
+    s.gen.eval(toks)
+    v, layers = s.view, s.layers
+    cells, pos = v.occupied()
+    T, B, H = len(cells), 20, v.layers[layers[0]].n_head_kv
+    rng = np.random.default_rng(5)
+    protected = np.zeros(T, dtype=bool)
+    protected[:2] = protected[-4:] = True
+    kept = np.zeros((len(layers) * H, T), dtype=bool)
+    for r in range(kept.shape[0]):
+        kept[r, protected] = True
+        kept[r, rng.choice(np.flatnonzero(~protected), B - protected.sum(), replace=False)] = True
+    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), np.zeros(T))
+    v.move_rows(layers, cells[dst], np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(len(layers), H, B))
+    s.gen.evict(pos[np.setdiff1d(np.arange(T), dst)].tolist())
+    s._compact_rows()
+    assert s.gen.next_pos == B and s.stats.compactions == 1
+    cells2, labels2 = v.occupied()
+    assert np.array_equal(labels2, np.arange(B))
+    rows = v.row_positions(layers, cells2)
+    assert (np.sort(rows, axis=2) == np.arange(B)).all()  # every row holds ranks 0..B-1
+    nxt = tiny_model.tokenize("Z", add_special=False)[0]
+    got = s.gen.eval([nxt], logits_all=True)[-1].astype(np.float64)
+
+    ref = _NumpyLlama(tiny_gguf, [v.layers[il] for il in layers])
+    kept_pos = lambda il, h: pos[np.flatnonzero(kept[il * H + h])]  # noqa: E731 (ascending)
+    ranks = lambda il, h: np.arange(B)  # noqa: E731 (kept_pos is ascending: rank = index)
+    _, _, want = ref.kv_and_logits(list(toks) + [nxt], keep=kept_pos, key_pos=ranks, q_pos=B)
+    tol = 2e-3 if tk == "f32" else 5e-2
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=tol)
+    _, _, uncompacted = ref.kv_and_logits(list(toks) + [nxt], keep=kept_pos, key_pos=kept_pos, q_pos=B)
+    assert np.abs(uncompacted - want).max() > 5 * np.abs(got - want).max()
 
 
 # --- selectors and placement ---------------------------------------------------------------------
@@ -223,9 +270,11 @@ def test_place_rows_keeps_every_row_set():
 # --- the session ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("granularity,ams", [("head", False), ("head", True), ("layer", True)])
-def test_session_rows_stay_in_budget(smollm2_model, granularity, ams):
-    cfg = CompressionConfig(budget=48, interval=16, scorer="tova", ams=ams, granularity=granularity)
+@pytest.mark.parametrize("granularity,ams,positions", [("head", False, "keep"), ("head", True, "keep"),
+                                                       ("layer", True, "keep"), ("head", True, "compact")])
+def test_session_rows_stay_in_budget(smollm2_model, granularity, ams, positions):
+    cfg = CompressionConfig(budget=48, interval=16, scorer="tova", ams=ams, granularity=granularity,
+                            positions=positions)
     s = Session(smollm2_model, cfg, ContextParams(n_threads=1), SamplerParams(temp=0))
     out = list(s.generate(smollm2_model.tokenize(TEXT * 2), 40, ignore_eos=True))
     assert len(out) == 40 and s.stats.compressions >= 3
@@ -240,6 +289,9 @@ def test_session_rows_stay_in_budget(smollm2_model, granularity, ams):
         assert (rows == rows[:, :1]).all()
     # sinks sit in the same cells in every row
     assert (rows[:, :, :4] == pos[:4]).all()
+    if positions == "compact":  # dense positions: the cells' and every row's
+        assert s.stats.compactions == s.stats.compressions
+        assert s.gen.next_pos == s.n_occupied and (np.sort(rows, axis=2)[..., :48] == np.arange(48)).all()
 
 
 def test_session_rows_save_load_same_logits(smollm2_model):
@@ -270,8 +322,6 @@ def test_session_rows_save_load_same_logits(smollm2_model):
 
 
 def test_session_refuses_what_rows_cannot_do(smollm2_model):
-    with pytest.raises(BudgetError, match="granularity"):
-        Session(smollm2_model, CompressionConfig(budget=48, interval=16, granularity="head", positions="compact"))
     with pytest.raises(BudgetError, match="triattention"):
         Session(smollm2_model, CompressionConfig(budget=48, interval=16, granularity="layer", scorer="triattention"))
     with pytest.raises(BudgetError, match="granularity must be"):
@@ -281,3 +331,4 @@ def test_session_refuses_what_rows_cannot_do(smollm2_model):
         from amslocal.backend import Model
         with pytest.raises(AmsError, match="sliding-window"):
             Session(Model(gemma), CompressionConfig(budget=48, interval=16, granularity="head"))
+

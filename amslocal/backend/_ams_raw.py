@@ -62,6 +62,7 @@ _SIGNATURES = {
     "llama_ams_read_v": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _f32_p, ctypes.c_int64], ctypes.c_int64),
     # patch 0002: per-(layer, KV head) row moves
     "llama_ams_move_rows": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_ams_shift_rows": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32),
 }
 
 _missing = [name for name in _SIGNATURES if not hasattr(_lib, name)]
@@ -90,3 +91,4 @@ llama_ams_apply_shift = _lib.llama_ams_apply_shift
 llama_ams_read_k = _lib.llama_ams_read_k
 llama_ams_read_v = _lib.llama_ams_read_v
 llama_ams_move_rows = _lib.llama_ams_move_rows
+llama_ams_shift_rows = _lib.llama_ams_shift_rows

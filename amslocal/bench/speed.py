@@ -76,8 +76,10 @@ class _SessionRow:
 
         self.method, self.budget, self.depth, self.rollback = method, config.budget, len(tokens), rollback
         self.session = Session(model, config, ctx_params, SamplerParams(temp=0))
+        self.event_ms: list[float] = []  # the measured steps' compression events, each in ms
         self.session.prefill(tokens)
         self.measure(WARMUP_STEPS)
+        self.event_ms.clear()  # warm-up events are not measured
 
     def measure(self, n_gen: int) -> tuple[float, int]:
         s = self.session
@@ -88,7 +90,10 @@ class _SessionRow:
         seconds = time.perf_counter() - t0
         if self.rollback:  # the full cache goes back to depth, so every sample is taken at that depth
             s.gen.evict(range(self.depth, s.gen.next_pos))
-        return n / seconds, s.stats.compressions - before
+        n_events = s.stats.compressions - before
+        if n_events:
+            self.event_ms += [e["ms"] for e in s.events[-n_events:]]
+        return n / seconds, n_events
 
     @property
     def kv_cells_peak(self) -> int:
@@ -101,7 +106,7 @@ class _SessionRow:
 class _StockRow:
     """The loop a llama-cpp-python user runs: ``Llama.eval`` the prompt, then sample + eval per token."""
 
-    method, budget, kv_cells_peak = STOCK, None, None
+    method, budget, kv_cells_peak, event_ms = STOCK, None, None, []
 
     def __init__(self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int]):
         import llama_cpp
@@ -154,12 +159,13 @@ def _method_configs(methods: Optional[Sequence[str]], budget: int, interval: int
 
 
 def _row_record(method: str, budget, test: str, depth: int, samples: list[float], compressions: int,
-                kv_cells_peak, full_median: Optional[float]) -> dict:
+                kv_cells_peak, full_median: Optional[float], event_ms: Sequence[float] = ()) -> dict:
     median = statistics.median(samples)
     return {"method": method, "budget": budget, "test": test, "depth": depth, "tok_per_s": median,
             "spread": (max(samples) - min(samples)) / 2, "samples": samples,
             "vs_full": 1.0 if full_median is None else median / full_median,
-            "compressions": compressions, "kv_cells_peak": kv_cells_peak}
+            "compressions": compressions, "kv_cells_peak": kv_cells_peak,
+            "ms_per_event": statistics.median(event_ms) if event_ms else None}
 
 
 def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: int = 256, interval: int = 128,
@@ -218,7 +224,7 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
         for row in live:
             rows.append(_row_record(row.method, row.budget, f"tg{n_gen}@d{depth}", depth, samples[row.method],
                                     compressions[row.method], row.kv_cells_peak,
-                                    None if row is full else full_median))
+                                    None if row is full else full_median, row.event_ms))
         for row in live:  # free this depth's contexts before the next (the full cache can be large)
             row.close()
         del live, full
@@ -228,11 +234,14 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
 
 def format_table(result: dict, *, notes: bool = True) -> str:
     """A markdown table like llama-bench's, one line per row; then the notes (``notes=False``: none)."""
-    lines = ["| model | budget | method | test | t/s | ± | vs full |", "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| model | budget | method | test | t/s | ± | vs full | events | ms/event |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         budget = "full" if r["budget"] is None else str(r["budget"])
+        ms = r.get("ms_per_event")
         lines.append(f"| {result['model']} | {budget} | {r['method']} | {r['test']} | {r['tok_per_s']:.2f} | "
-                     f"{r['spread']:.2f} | {r['vs_full']:.2f} |")
+                     f"{r['spread']:.2f} | {r['vs_full']:.2f} | {r.get('compressions', 0)} | "
+                     f"{'–' if ms is None else f'{ms:.1f}'} |")
     if notes:
         lines += [""] + [f"note: {n}" for n in result.get("notes", [])]
         lines.append(f"cpu: {result['cpu']}, threads: {result['n_threads']}")

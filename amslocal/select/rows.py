@@ -70,6 +70,9 @@ class RowTopKSelector:
     def reset(self) -> None:
         """Nothing to forget."""
 
+    def remap_rows(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
+        """Nothing is keyed by position."""
+
     def state(self) -> dict[str, np.ndarray]:
         return {}
 
@@ -120,6 +123,11 @@ class RowAMSSelector:
     def reset(self) -> None:
         """Forget the credit (a new sequence)."""
         self.credits = []
+
+    def remap_rows(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
+        """Row r's token ``old_positions[r, i]`` now sits at ``new_positions[r, i]`` (compaction)."""
+        for r, c in enumerate(self.credits):
+            c.remap(old_positions[r], new_positions[r])
 
     def state(self) -> dict[str, np.ndarray]:
         """The credit of every row, flattened (row lengths in ``credit_len``), for save files."""
