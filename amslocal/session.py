@@ -630,6 +630,9 @@ class Session:
         the new scorer needs. H2O's accumulated attention only counts from the switch on.
         """
         scorer = make_scorer(name, **params)
+        if self._row_sets and name in _NO_ROW_SETS:
+            raise BudgetError(f"scorer {name} does not work with granularity {self.config.granularity}: "
+                              f"{_NO_ROW_SETS[name]}")
         calibration = calibration if calibration is not None else self.config.calibration
         if NEEDS_CALIBRATION in scorer.needs and calibration is None:
             raise AmsError(f"scorer {name} needs a calibration of this model; run: amslocal calibrate {self.model.path}")

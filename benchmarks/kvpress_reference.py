@@ -75,8 +75,8 @@ python3 -m venv /work/kvref/venv
 /work/kvref/venv/bin/pip install torch transformers gguf numpy
 /work/kvref/venv/bin/pip install "transformers>=4.56,<4.58" "accelerate>=1.0.0,<2" "cachetools>=5.5.2,<6" "datasets>=2.21.0,<3" "fire>=0.6.0,<0.7"
 /work/kvref/venv/bin/pip install --no-deps -e /work/kvref/src
-# amslocal's documents and token ids (amslocal's own environment; the dump script is outside the repo)
-cd /work/main && .venv/bin/python /work/kvref/dump_docs.py   # load_items('perplexity', 8, /work/shared/data, doc_tokens=1536) + document_tokens(model, item, 1536) -> /work/kvref/docs-1536.json"""
+# amslocal's documents and token ids, dumped with amslocal's own environment
+cd /work/main && .venv/bin/python benchmarks/kvpress_docs.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf -n 8 --doc-tokens 1536 --out /work/kvref/docs-1536.json"""
 
 
 def make_press(method: str, budget: int, interval: int):

@@ -324,6 +324,9 @@ def test_session_rows_save_load_same_logits(smollm2_model):
 def test_session_refuses_what_rows_cannot_do(smollm2_model):
     with pytest.raises(BudgetError, match="triattention"):
         Session(smollm2_model, CompressionConfig(budget=48, interval=16, granularity="layer", scorer="triattention"))
+    s = Session(smollm2_model, CompressionConfig(budget=48, interval=16, granularity="head"))
+    with pytest.raises(BudgetError, match="triattention"):
+        s.set_scorer("triattention", calibration={})
     with pytest.raises(BudgetError, match="granularity must be"):
         Session(smollm2_model, CompressionConfig(budget=48, interval=16, granularity="cell"))
     gemma = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
