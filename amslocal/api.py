@@ -70,7 +70,7 @@ class Engine:
 
     def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "rkv",
                 ams: bool = True, ams_variant: str = "vote", question_aware: bool = True, positions: str = "keep",
-                granularity: str = "token", aggregation: str = "mean",
+                granularity: str = "auto", aggregation: str = "mean",
                 system: Optional[str] = None, chat_template: Optional[str] = None,
                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                 seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
@@ -85,7 +85,8 @@ class Engine:
         ``question_aware``: a message compressed before its end is read is scored by the attention
         of its last tokens (decoded ahead, then removed).
         ``positions``: keep | compact. ``granularity``: token (one token set for every layer and
-        head), layer, or head (each (layer, KV head) keeps its own tokens in the same cells).
+        head), layer, head (each (layer, KV head) keeps its own tokens in the same cells), or auto
+        (head where the model and scorer allow it, else token).
         ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
         reproducible, also after ``load``. ``max_tokens``: the default reply length.

@@ -109,9 +109,10 @@ _compression_options = _options(
                  help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead."),
     click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
                  help="Kept tokens keep their positions, or are shifted to dense positions."),
-    click.option("--granularity", type=click.Choice(["token", "layer", "head"]), default="token", show_default=True,
+    click.option("--granularity", type=click.Choice(["auto", "token", "layer", "head"]), default="auto",
+                 show_default=True,
                  help="One token set for the whole cache, one per layer, or one per (layer, KV head): each row "
-                      "keeps what it attends to, in the same cells."),
+                      "keeps what it attends to, in the same cells. auto: head where the model allows it."),
     click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
                  help="How per-layer, per-head scores become one ranking per token."),
 )
@@ -616,7 +617,9 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
         except ImportError:  # pragma: no cover - not on every platform
             pass
         budget_text = f"budget {chosen} (+{interval})" if chosen is not None else f"full cache of {ctx_size}"
-        _say(f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}, "
+        rows = session.config.granularity if chosen is not None else "token"
+        sets = {"head": ", a token set per KV head", "layer": ", a token set per layer"}.get(rows, "")
+        _say(f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}{sets}, "
              f"template {session.template.kind}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.")
     return ui.run()
 

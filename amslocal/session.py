@@ -43,8 +43,9 @@ MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query win
 MAX_OBSERVERS = 64  # question-aware prefill: at most this many of a prompt's last tokens observe
 AMS_VARIANTS = ("mean", "peaked", "vote")
 # which tokens a KV cell holds: one for every row (llama.cpp's own), one set per layer, or one set
-# per (layer, KV head) row (patch 0002 moves K/V rows between cells)
-GRANULARITIES = ("token", "layer", "head")
+# per (layer, KV head) row (patch 0002 moves K/V rows between cells); "auto": per head where the
+# model and scorer allow it, else per token
+GRANULARITIES = ("auto", "token", "layer", "head")
 # scorers that read each token's position to undo its RoPE, which per-row sets do not give them yet
 _NO_ROW_SETS = {"triattention": "it un-rotates keys by one position per cell"}
 
@@ -88,7 +89,7 @@ class CompressionConfig:
     ams_variant: str = "vote"
     aggregation: str = "mean"
     positions: str = "keep"  # keep | compact
-    granularity: str = "token"  # token | layer | head (see GRANULARITIES)
+    granularity: str = "auto"  # auto | token | layer | head (see GRANULARITIES)
     # a prompt compressed before its end is read is scored by the attention of its last tokens
     # (decoded ahead as observers, then removed): the question a long message ends with decides
     question_aware: bool = True
@@ -112,6 +113,7 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CompressionConfig":
         known = {f.name for f in fields(cls)} - {"ams_params", "calibration"}
+        d = {"granularity": "token", **d}  # saved before per-row token sets existed: token mode
         return cls(**{k: v for k, v in d.items() if k in known}, ams_params=AMSParams(**d.get("ams_params", {})))
 
 
@@ -132,6 +134,7 @@ class SessionStats:
     scorer: str = ""
     ams: bool = False
     positions: str = "keep"
+    granularity: str = "token"
 
     @property
     def prefill_tok_per_s(self) -> float:
@@ -177,8 +180,13 @@ class Session:
             raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
+        if cfg.granularity == "auto":  # resolved once, here: stats and save files name what ran
+            row_sets = cfg.budget is not None and cfg.scorer not in _NO_ROW_SETS and self._row_sets_refusal("head") is None
+            cfg = self.config = replace(cfg, granularity="head" if row_sets else "token")
         if cfg.budget is not None and cfg.granularity != "token":
-            self._check_row_sets()
+            refusal = self._row_sets_refusal(cfg.granularity)
+            if refusal:
+                raise AmsError(refusal)
             self.selector = make_selector("row-ams" if cfg.ams else "row-topk",
                                           **(asdict(cfg.ams_params) if cfg.ams else {}))
         else:
@@ -193,28 +201,29 @@ class Session:
         self._derive_from_scorer()
         self.protected_positions: set[int] = set()
         self.stats = SessionStats(kv_budget=cfg.budget, kv_capacity=cfg.capacity, scorer=cfg.scorer if cfg.budget else "none",
-                                  ams=bool(cfg.ams and cfg.budget), positions=cfg.positions)
+                                  ams=bool(cfg.ams and cfg.budget), positions=cfg.positions,
+                                  granularity=cfg.granularity if cfg.budget is not None else "token")
         self._observing, self._obs_kind = False, (False, False)
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
 
-    def _check_row_sets(self) -> None:
-        """Per-row token sets need a cell's position to matter only to the causal mask: each K row
-        carries its own token's RoPE, so a moved row attends as at home. Refuse where the position
-        also enters attention or the cache forgets by position."""
+    def _row_sets_refusal(self, g: str) -> Optional[str]:
+        """Why this model cannot keep per-row token sets (None: it can). They need a cell's
+        position to matter only to the causal mask: each K row carries its own token's RoPE, so a
+        moved row attends as at home. Not where the position also enters attention or the cache
+        forgets by position."""
         view, arch = self.view, self.model.arch
-        g = self.config.granularity
         if view.n_caches != 1 or any(li.n_swa for li in view.layers if li.cache >= 0):
-            raise AmsError(f"{arch}: granularity {g} needs one full-attention cache (sliding-window layers "
-                           f"forget cells by their position); use --granularity token")
+            return (f"{arch}: granularity {g} needs one full-attention cache (sliding-window layers "
+                    f"forget cells by their position); use --granularity token")
         for li in (view.layers[il] for il in view.kv_layers):
             if li.n_rot == 0:
-                raise AmsError(f"{arch}: granularity {g} needs RoPE on every layer (without it the cell's position "
-                               f"enters attention, e.g. ALiBi); use --granularity token")
+                return (f"{arch}: granularity {g} needs RoPE on every layer (without it the cell's position "
+                        f"enters attention, e.g. ALiBi); use --granularity token")
             if li.rope_type not in (0, 2):  # NORM, NEOX: M-RoPE and vision RoPE read more than one position
-                raise AmsError(f"{arch}: granularity {g} does not support this model's multi-axis RoPE; "
-                               f"use --granularity token")
+                return f"{arch}: granularity {g} does not support this model's multi-axis RoPE; use --granularity token"
         if len({view.layers[il].n_head_kv for il in view.kv_layers}) != 1:
-            raise AmsError(f"{arch}: granularity {g} needs the same KV head count on every layer")
+            return f"{arch}: granularity {g} needs the same KV head count on every layer"
+        return None
 
     def _derive_from_scorer(self) -> None:
         """What to observe, and over how many queries, for this scorer and selector.
@@ -249,7 +258,7 @@ class Session:
             raise BudgetError(f"ams_variant must be one of {', '.join(AMS_VARIANTS)} (got {cfg.ams_variant})")
         if cfg.granularity not in GRANULARITIES:
             raise BudgetError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {cfg.granularity})")
-        if cfg.granularity != "token":
+        if cfg.granularity in ("layer", "head"):
             if cfg.scorer in _NO_ROW_SETS:
                 raise BudgetError(f"scorer {cfg.scorer} does not work with granularity {cfg.granularity}: "
                                   f"{_NO_ROW_SETS[cfg.scorer]}")
@@ -259,7 +268,7 @@ class Session:
     @property
     def _row_sets(self) -> bool:
         """True when rows of a cell may hold different tokens (granularity layer or head)."""
-        return self.config.budget is not None and self.config.granularity != "token"
+        return self.config.budget is not None and self.config.granularity in ("layer", "head")
 
     @property
     def n_occupied(self) -> int:
@@ -473,7 +482,7 @@ class Session:
             protected |= np.isin(positions, np.fromiter(self.protected_positions, dtype=np.int64))
         if protected.sum() > budget:
             raise BudgetError(f"{int(protected.sum())} protected tokens do not fit the budget {budget}")
-        if cfg.granularity != "token":
+        if self._row_sets:
             return self._compress_rows(t0, cells, positions, transient, inp, row_scores, token_scores, protected)
 
         mass = row_mass = None

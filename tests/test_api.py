@@ -16,7 +16,8 @@ from amslocal.chat import ChatError, ChatTemplate, SaveFileError, SessionBusyErr
 needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py")
 
 SYSTEM = "You are a terse assistant who answers in one sentence."
-TALK = ["Tell me about the moon and its phases.", "Now tell me about the sun.", "And about the planets?"]
+TALK = ["Tell me about the moon and its phases.", "Now tell me about the sun.", "And about the planets?",
+        "And the stars?"]
 SMALL = dict(budget=96, interval=32, temperature=0, max_tokens=40)  # compresses within two turns
 
 
@@ -237,8 +238,6 @@ def _controller_state(s) -> dict:
     state = {
         "tokens": sorted(ses.gen.tokens_at.items()),
         "protected": sorted(ses.protected_positions),
-        "credit_pos": ses.selector.credit.positions.tolist(),
-        "credit": ses.selector.credit.credit.tolist(),
         "n_queries": view.n_queries,
         "queries": [None if q is None else q.tolist() for q in view.queries],
         "query_pos": view.query_pos.tolist(),
@@ -246,6 +245,12 @@ def _controller_state(s) -> dict:
         "stats": ses.stats.as_dict(),
         "messages": s.messages,
     }
+    sel = ses.selector
+    if hasattr(sel, "credit"):  # AMS on one token set: one credit keyed by position
+        state["credit_pos"], state["credit"] = sel.credit.positions.tolist(), sel.credit.credit.tolist()
+    else:  # per-row token sets: each row's credit, and which token every row of every cell holds
+        state["selector"] = {k: v.tolist() for k, v in sel.state().items()}
+        state["rows"] = view.row_positions(ses.layers, cells).tolist()
     for il in ses.layers:
         state[f"evidence_{il}"] = view.evidence[il][:, cells].tolist()
         state[f"total_{il}"] = view.evidence_total[il][:, cells].tolist()

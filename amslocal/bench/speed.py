@@ -77,9 +77,11 @@ class _SessionRow:
         self.method, self.budget, self.depth, self.rollback = method, config.budget, len(tokens), rollback
         self.session = Session(model, config, ctx_params, SamplerParams(temp=0))
         self.event_ms: list[float] = []  # the measured steps' compression events, each in ms
+        self.between: list[float] = []   # per sample: tok/s of the steps with the events' time taken out
         self.session.prefill(tokens)
         self.measure(WARMUP_STEPS)
         self.event_ms.clear()  # warm-up events are not measured
+        self.between.clear()
 
     def measure(self, n_gen: int) -> tuple[float, int]:
         s = self.session
@@ -91,8 +93,9 @@ class _SessionRow:
         if self.rollback:  # the full cache goes back to depth, so every sample is taken at that depth
             s.gen.evict(range(self.depth, s.gen.next_pos))
         n_events = s.stats.compressions - before
-        if n_events:
-            self.event_ms += [e["ms"] for e in s.events[-n_events:]]
+        event_s = sum(e["ms"] for e in s.events[len(s.events) - n_events:]) / 1e3
+        self.event_ms += [e["ms"] for e in s.events[len(s.events) - n_events:]]
+        self.between.append(n / max(seconds - event_s, 1e-9))
         return n / seconds, n_events
 
     @property
@@ -106,7 +109,7 @@ class _SessionRow:
 class _StockRow:
     """The loop a llama-cpp-python user runs: ``Llama.eval`` the prompt, then sample + eval per token."""
 
-    method, budget, kv_cells_peak, event_ms = STOCK, None, None, []
+    method, budget, kv_cells_peak, event_ms, between = STOCK, None, None, [], []
 
     def __init__(self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int]):
         import llama_cpp
@@ -159,13 +162,16 @@ def _method_configs(methods: Optional[Sequence[str]], budget: int, interval: int
 
 
 def _row_record(method: str, budget, test: str, depth: int, samples: list[float], compressions: int,
-                kv_cells_peak, full_median: Optional[float], event_ms: Sequence[float] = ()) -> dict:
+                kv_cells_peak, full_median: Optional[float], event_ms: Sequence[float] = (),
+                between: Sequence[float] = ()) -> dict:
     median = statistics.median(samples)
     return {"method": method, "budget": budget, "test": test, "depth": depth, "tok_per_s": median,
             "spread": (max(samples) - min(samples)) / 2, "samples": samples,
             "vs_full": 1.0 if full_median is None else median / full_median,
             "compressions": compressions, "kv_cells_peak": kv_cells_peak,
-            "ms_per_event": statistics.median(event_ms) if event_ms else None}
+            "ms_per_event": statistics.median(event_ms) if event_ms else None,
+            # decode speed of the same steps without the compression events' time (t/s between events)
+            "tok_per_s_between_events": statistics.median(between) if between else None}
 
 
 def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: int = 256, interval: int = 128,
@@ -193,7 +199,9 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
              "compresses in chunks); their timed steps include the compressions that fall in them ('compressions', "
              "summed over rounds). Full rows are rolled back to <depth> after each round; budgeted rows keep going.",
              f"rows are measured round-robin in one process over {rounds} round(s), order rotated per round; t/s is "
-             "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth."]
+             "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth.",
+             "ms/event: median time of one compression event in the timed steps; t/s between events: the same "
+             "steps' tokens over their time without the events' (the decode speed a method leaves between events)."]
     configs = _method_configs(methods, budget, interval, path, notes)
     if include_stock:
         notes.append(f"{STOCK}: llama_cpp.Llama (flash attention on, like amslocal's auto on CPU), "
@@ -224,7 +232,7 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
         for row in live:
             rows.append(_row_record(row.method, row.budget, f"tg{n_gen}@d{depth}", depth, samples[row.method],
                                     compressions[row.method], row.kv_cells_peak,
-                                    None if row is full else full_median, row.event_ms))
+                                    None if row is full else full_median, row.event_ms, row.between))
         for row in live:  # free this depth's contexts before the next (the full cache can be large)
             row.close()
         del live, full
@@ -234,14 +242,14 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
 
 def format_table(result: dict, *, notes: bool = True) -> str:
     """A markdown table like llama-bench's, one line per row; then the notes (``notes=False``: none)."""
-    lines = ["| model | budget | method | test | t/s | ± | vs full | events | ms/event |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         budget = "full" if r["budget"] is None else str(r["budget"])
-        ms = r.get("ms_per_event")
+        ms, between = r.get("ms_per_event"), r.get("tok_per_s_between_events")
         lines.append(f"| {result['model']} | {budget} | {r['method']} | {r['test']} | {r['tok_per_s']:.2f} | "
                      f"{r['spread']:.2f} | {r['vs_full']:.2f} | {r.get('compressions', 0)} | "
-                     f"{'–' if ms is None else f'{ms:.1f}'} |")
+                     f"{'–' if ms is None else f'{ms:.1f}'} | {'–' if between is None else f'{between:.2f}'} |")
     if notes:
         lines += [""] + [f"note: {n}" for n in result.get("notes", [])]
         lines.append(f"cpu: {result['cpu']}, threads: {result['n_threads']}")
