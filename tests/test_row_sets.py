@@ -126,6 +126,26 @@ class _NumpyLlama:
         return K, V, x[-1] @ w["output.weight"].T
 
 
+def _evict_per_head(g: Generator, layers: list[int], B: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (layer, KV head) row keeps its own random B of the cached tokens (the first 2 and last 4
+    in all rows): rows moved into B cells (place_rows), the other cells evicted. Returns (the kept
+    mask [rows, T] over the tokens before, their positions)."""
+    v = g.view
+    cells, pos = v.occupied()
+    T, H = len(cells), v.layers[layers[0]].n_head_kv
+    rng = np.random.default_rng(seed)
+    protected = np.zeros(T, dtype=bool)
+    protected[:2] = protected[-4:] = True
+    kept = np.zeros((len(layers) * H, T), dtype=bool)
+    for r in range(kept.shape[0]):
+        kept[r, protected] = True
+        kept[r, rng.choice(np.flatnonzero(~protected), B - protected.sum(), replace=False)] = True
+    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), np.zeros(T))
+    v.move_rows(layers, cells[dst], np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(len(layers), H, B))
+    g.evict(pos[np.setdiff1d(np.arange(T), dst)].tolist())
+    return kept, pos
+
+
 @pytest.mark.parametrize("fa", ["on", "off"])
 def test_per_head_eviction_logits_equal_numpy(tiny_gguf, tiny_model, fa):
     """Each (layer, KV head) keeps its own 20 of 48 tokens (moved into 20 cells, the rest evicted);
@@ -136,20 +156,8 @@ def test_per_head_eviction_logits_equal_numpy(tiny_gguf, tiny_model, fa):
     g.eval(toks)
     v = g.view
     layers = v.kv_layers
-    cells, pos = v.occupied()
-    T, B = len(cells), 20
     H = v.layers[layers[0]].n_head_kv
-    rng = np.random.default_rng(3)
-    protected = np.zeros(T, dtype=bool)
-    protected[:2] = protected[-4:] = True
-    kept = np.zeros((len(layers) * H, T), dtype=bool)
-    for r in range(kept.shape[0]):
-        kept[r, protected] = True
-        kept[r, rng.choice(np.flatnonzero(~protected), B - protected.sum(), replace=False)] = True
-    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), np.zeros(T))
-    v.move_rows(layers, cells[dst], np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(len(layers), H, B))
-    evicted = np.setdiff1d(np.arange(T), dst)
-    g.evict(pos[evicted].tolist())
+    kept, pos = _evict_per_head(g, layers, 20, seed=3)
     nxt = tiny_model.tokenize("Z", add_special=False)[0]
     got = g.eval([nxt], logits_all=True)[-1].astype(np.float64)
 
@@ -180,18 +188,8 @@ def test_per_row_compaction_logits_equal_numpy(tiny_gguf, tiny_model, fa, tk):
     toks = tiny_model.tokenize(TEXT, add_special=False)[:48]
     s.gen.eval(toks)
     v, layers = s.view, s.layers
-    cells, pos = v.occupied()
-    T, B, H = len(cells), 20, v.layers[layers[0]].n_head_kv
-    rng = np.random.default_rng(5)
-    protected = np.zeros(T, dtype=bool)
-    protected[:2] = protected[-4:] = True
-    kept = np.zeros((len(layers) * H, T), dtype=bool)
-    for r in range(kept.shape[0]):
-        kept[r, protected] = True
-        kept[r, rng.choice(np.flatnonzero(~protected), B - protected.sum(), replace=False)] = True
-    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), np.zeros(T))
-    v.move_rows(layers, cells[dst], np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(len(layers), H, B))
-    s.gen.evict(pos[np.setdiff1d(np.arange(T), dst)].tolist())
+    B, H = 20, v.layers[layers[0]].n_head_kv
+    kept, pos = _evict_per_head(s.gen, layers, B, seed=5)
     s._compact_rows()
     assert s.gen.next_pos == B and s.stats.compactions == 1
     cells2, labels2 = v.occupied()
