@@ -28,6 +28,7 @@ class CacheView:
         self.cache_sizes = [int(ams.llama_ams_cache_size(ctx.ptr, c)) for c in range(self.n_caches)]
         self.layers = [self._layer_info(il) for il in range(self.n_layer)]
         self.kv_layers = [il for il, li in enumerate(self.layers) if li.cache >= 0]
+        self._head_stride = max(li.n_head_kv for li in self.layers)  # row moves/shifts index heads by it
         self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
         self.n_obs = 0
         self.obs_flags = 0
@@ -73,12 +74,17 @@ class CacheView:
 
     # --- K / V reads ------------------------------------------------------------------------
 
+    def _apply_pending_shift(self) -> None:
+        """K reads and row moves/shifts need the keys rotated as the cells say: apply a pending
+        ``seq_add`` shift now, as the next decode would."""
+        if ams.llama_ams_shift_pending(self.ctx.ptr):
+            ams.llama_ams_apply_shift(self.ctx.ptr)
+
     def _read(self, fn, il: int, cells: np.ndarray, head_dim: int) -> np.ndarray:
         li = self.layers[il]
         cells = np.ascontiguousarray(cells, dtype=np.int32)
         out = np.empty((cells.size, li.n_head_kv, head_dim), dtype=np.float32)
-        if ams.llama_ams_shift_pending(self.ctx.ptr):
-            ams.llama_ams_apply_shift(self.ctx.ptr)
+        self._apply_pending_shift()
         n = fn(
             self.ctx.ptr, il, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), cells.size,
             out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size,
@@ -136,11 +142,10 @@ class CacheView:
         rows = self._row_map(layers)
         if delta.shape != (rows.shape[0], rows.shape[1], cells.size):
             raise ValueError(f"delta must be [{rows.shape[0]}, {rows.shape[1]}, {cells.size}], got {delta.shape}")
-        stride = max(li.n_head_kv for li in self.layers)
+        stride = self._head_stride
         full = np.zeros((self.n_layer, stride, self.cache_sizes[0]), dtype=np.int32)
         full[np.ix_(layers, range(rows.shape[1]), cells)] = delta
-        if ams.llama_ams_shift_pending(self.ctx.ptr):
-            ams.llama_ams_apply_shift(self.ctx.ptr)
+        self._apply_pending_shift()
         rc = ams.llama_ams_shift_rows(self.ctx.ptr, 0, full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
         if rc != 0:
             raise RuntimeError(f"shifting KV rows failed (code {rc})")
@@ -168,11 +173,10 @@ class CacheView:
         L, H, n = src.shape
         if L != len(layers) or n != dst.size or H != rows.shape[1]:
             raise ValueError(f"src must be [{len(layers)}, {rows.shape[1]}, {dst.size}], got {src.shape}")
-        stride = max(li.n_head_kv for li in self.layers)
+        stride = self._head_stride
         full = np.full((self.n_layer, stride, n), -1, dtype=np.int32)
         full[layers, :H] = src
-        if ams.llama_ams_shift_pending(self.ctx.ptr):
-            ams.llama_ams_apply_shift(self.ctx.ptr)
+        self._apply_pending_shift()
         rc = ams.llama_ams_move_rows(self.ctx.ptr, 0, dst.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
                                      full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
         if rc != 0:

@@ -93,9 +93,9 @@ class _SessionRow:
         if self.rollback:  # the full cache goes back to depth, so every sample is taken at that depth
             s.gen.evict(range(self.depth, s.gen.next_pos))
         n_events = s.stats.compressions - before
-        event_s = sum(e["ms"] for e in s.events[len(s.events) - n_events:]) / 1e3
-        self.event_ms += [e["ms"] for e in s.events[len(s.events) - n_events:]]
-        self.between.append(n / max(seconds - event_s, 1e-9))
+        event_ms = [e["ms"] for e in s.events[len(s.events) - n_events:]]
+        self.event_ms += event_ms
+        self.between.append(n / max(seconds - sum(event_ms) / 1e3, 1e-9))
         return n / seconds, n_events
 
     @property
@@ -109,7 +109,7 @@ class _SessionRow:
 class _StockRow:
     """The loop a llama-cpp-python user runs: ``Llama.eval`` the prompt, then sample + eval per token."""
 
-    method, budget, kv_cells_peak, event_ms, between = STOCK, None, None, [], []
+    method, budget, kv_cells_peak, event_ms, between = STOCK, None, None, (), ()
 
     def __init__(self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int]):
         import llama_cpp
