@@ -5,6 +5,18 @@ every layer and KV head. This view reads the cell -> position map straight from 
 library, keeps per-cell attention evidence accumulated over the observed decode steps (zeroed when
 a cell changes hands), keeps the last observed queries, and reads K/V rows. Scorers and selectors
 work on what this view gives them; they never call llama.cpp themselves.
+
+Evidence comes one of two ways (:attr:`CacheView.evidence_mode`):
+
+- ``"event"`` (the default where it is exact): an observed decode step only captures its queries
+  (post-RoPE, one copy per layer); the attention they paid is computed on the host when someone
+  reads the evidence (:meth:`CacheView.settle`), usually once per compression event. Between events
+  no cell leaves the cache and new tokens only arrive at larger positions, so the keys and the
+  causal mask are still the ones each query saw. Everything that removes or moves cells settles
+  first (the engine's evict/compact, row moves and shifts).
+- ``"step"``: the patch's side branch computes every observed step's attention inside the graph.
+  Kept for models whose attention the host does not rebuild (logit soft-capping, attention sinks,
+  ALiBi, chunked or symmetric windows) and as the reference the event path is tested against.
 """
 
 from __future__ import annotations
@@ -15,13 +27,27 @@ import time
 import numpy as np
 
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
+from .evidence import attention_per_query
 from .layers import LayerInfo
+
+EVIDENCE_MODES = ("event", "step")
+
+# Architectures whose attention is more than softmax(scale * q.k) under a causal (or standard
+# sliding-window) mask, per llama.cpp's graph: logit soft-capping (gemma2), attention sinks
+# (gpt-oss and others), chunked or symmetric windows. They keep the in-graph side branch.
+_STEP_ONLY_ARCHS = frozenset({
+    "gemma2", "grok", "llama4", "gemma-embedding", "modern-bert", "gpt-oss", "openai-moe", "mimo2",
+    "deepseek4", "hunyuan-v4", "hy-v4", "granite-swa", "dflash",
+})
+
+# the query log settles on its own past this many queries (bounded memory without events)
+_LOG_LIMIT = 1024
 
 
 class CacheView:
     """Cells, positions, evidence and K/V reads of sequence 0 of a context."""
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, evidence_mode: str | None = None):
         self.ctx = ctx
         self.n_layer = ctx.model.n_layer
         self.n_caches = int(ams.llama_ams_n_caches(ctx.ptr))
@@ -33,9 +59,36 @@ class CacheView:
         self.n_obs = 0
         self.obs_flags = 0
         self.q_window = 1  # the query ring keeps the last q_window observed queries
-        self.collect_s = 0.0  # time spent reading evidence back (controller overhead)
+        self.collect_s = 0.0  # time spent reading evidence back or computing it (controller overhead)
+        self.tracked = list(self.kv_layers)  # layers whose evidence is kept (event mode computes only these)
+        self.evidence_mode = "step"
         self._alloc_ring()
         self.reset_evidence()
+        self.set_evidence_mode(evidence_mode or self.default_evidence_mode())
+
+    def default_evidence_mode(self) -> str:
+        """``"event"`` where the host rebuilds llama.cpp's attention exactly, else ``"step"``."""
+        arch = self.ctx.model.arch
+        if arch in _STEP_ONLY_ARCHS or any(self.layers[il].n_rot == 0 for il in self.kv_layers):
+            return "step"  # no RoPE: possibly ALiBi, whose bias the host does not add
+        return "event"
+
+    def set_evidence_mode(self, mode: str) -> None:
+        """Switch how evidence is gathered (``"event"`` or ``"step"``); what was gathered stays."""
+        if mode not in EVIDENCE_MODES:
+            raise ValueError(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)} (got {mode!r})")
+        self.settle()
+        self.evidence_mode = mode
+        if self.n_obs:
+            self.ctx.set_obs(self.n_obs, self._native_flags())
+
+    def track(self, layers: list[int]) -> None:
+        """Keep evidence for ``layers`` only (a session scores the full-attention cache's layers).
+
+        In event mode untracked layers cost nothing; a tracked layer of a sliding-window cache is
+        settled after every observed decode, because that cache reuses cells within a window."""
+        self.settle()
+        self.tracked = [il for il in self.kv_layers if il in set(layers)]
 
     def _layer_info(self, il: int) -> LayerInfo:
         info = ams.llama_ams_layer_info_t()
@@ -137,6 +190,7 @@ class CacheView:
     def shift_rows(self, layers: list[int], cells: np.ndarray, delta: np.ndarray) -> None:
         """Re-rotate the K row (l, h) of ``cells[j]`` by ``delta[l, h, j]`` positions (RoPE, in
         llama.cpp) and move the row map along. Cell labels stay; a pending shift is applied first."""
+        self.settle()
         cells = np.asarray(cells, dtype=np.int64)
         delta = np.asarray(delta, dtype=np.int64)
         rows = self._row_map(layers)
@@ -167,6 +221,7 @@ class CacheView:
         ``layers`` are the model layers that ``src``'s first axis indexes (all of the base cache).
         The cell labels do not change; the caller evicts the cells no row keeps.
         """
+        self.settle()
         dst = np.ascontiguousarray(dst, dtype=np.int32)
         src = np.asarray(src, dtype=np.int32)
         rows = self._row_map(layers)
@@ -191,7 +246,7 @@ class CacheView:
             sel = l_idx == li
             if not sel.any():
                 continue
-            for acc in (self.evidence_total[il], self._window_base[il]):
+            for acc in (self._evidence_total[il], self._window_base[il]):
                 acc[h_idx[sel], to_cells[sel]] = acc[h_idx[sel], from_cells[sel]]
 
     # --- evidence -----------------------------------------------------------------------------
@@ -207,7 +262,13 @@ class CacheView:
         self.obs_flags = flags if n_obs > 0 else 0
         if self.obs_flags & LLAMA_AMS_OBS_QUERIES and self.q_window < self.n_obs:
             self.set_query_window(self.n_obs)
-        self.ctx.set_obs(self.n_obs, self.obs_flags)
+        self.ctx.set_obs(self.n_obs, self._native_flags())
+
+    def _native_flags(self) -> int:
+        """What the graph must output: in event mode queries stand in for attention."""
+        if self.evidence_mode == "event" and self.obs_flags & LLAMA_AMS_OBS_ATTN:
+            return (self.obs_flags & ~LLAMA_AMS_OBS_ATTN) | LLAMA_AMS_OBS_QUERIES
+        return self.obs_flags
 
     def set_query_window(self, w: int) -> None:
         """Keep the last ``w`` observed queries (across compression events); the newest that fit stay."""
@@ -225,7 +286,7 @@ class CacheView:
         # (cache, layers, total [L, H, size] f64, read buffer [L, H*size] f32, its row pointers)
         self._groups: list[tuple[int, list[int], np.ndarray, np.ndarray, list]] = []
         self._group_of: dict[int, tuple[int, int]] = {}  # layer -> (group, row in it)
-        self.evidence_total: list[np.ndarray | None] = [None] * self.n_layer
+        self._evidence_total: list[np.ndarray | None] = [None] * self.n_layer
         for c in range(self.n_caches):
             for h in sorted({self.layers[il].n_head_kv for il in self.kv_layers if self.layers[il].cache == c}):
                 members = [il for il in self.kv_layers if self.layers[il].cache == c and self.layers[il].n_head_kv == h]
@@ -234,16 +295,30 @@ class CacheView:
                 ptrs = [row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for row in buf]
                 self._groups.append((c, members, total, buf, ptrs))
                 for j, il in enumerate(members):
-                    self.evidence_total[il] = total[j]
+                    self._evidence_total[il] = total[j]
                     self._group_of[il] = (len(self._groups) - 1, j)
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
         self._rows_layers = None  # the per-row map starts over with the evidence (a cleared cache)
         self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
+        # event mode: the observed decodes not yet settled, oldest first, as (positions [n],
+        # {layer: queries [n, n_head, head_dim]}); and the attention of the last observed decode
+        self._qlog: list[tuple[np.ndarray, dict[int, np.ndarray]]] = []
+        self._qlog_n = 0
+        self._last_n = 0  # queries of the last decode if it was observed (0: it was not)
+        self._last_attn: dict[int, np.ndarray] = {}
         self.reset_window()
+
+    @property
+    def evidence_total(self) -> list[np.ndarray | None]:
+        """Per layer [n_head_kv, cache_size] float64: attention probability summed over every
+        observed query since the cell's token entered (what H2O needs)."""
+        self.settle()
+        return self._evidence_total
 
     def reset_window(self) -> None:
         """Start a new observation window: windowed evidence and queries restart, totals go on."""
+        self.settle()
         # the windowed evidence is total minus this snapshot: one accumulator per step, not two
         self._window_base = [None] * self.n_layer
         self._window_base_groups = []
@@ -254,12 +329,16 @@ class CacheView:
                 self._window_base[il] = base[j]
         self.n_queries = 0  # query tokens whose attention was accumulated since the window started
         # marks: snapshots of the totals taken inside the window (evidence of the last W queries
-        # alone, for several W at one event): key -> (per-group snapshot, n_queries at the mark)
-        self._marks: dict[int, tuple[list[np.ndarray], int]] = {}
+        # alone, for several W at one event): key -> (per-group snapshot, n_queries at the mark);
+        # in event mode a mark waits as (None, n_queries) until the log settles past it
+        self._marks: dict[int, tuple[list[np.ndarray] | None, int]] = {}
 
     def mark(self, key: int) -> None:
         """Remember the evidence so far under ``key``: :meth:`evidence_since` is what comes after."""
-        self._marks[key] = ([total.copy() for _, _, total, _, _ in self._groups], self.n_queries)
+        if self._qlog_n:
+            self._marks[key] = (None, self.n_queries)  # taken when the log settles
+        else:
+            self._marks[key] = ([total.copy() for _, _, total, _, _ in self._groups], self.n_queries)
 
     def queries_since(self, key: int) -> int:
         """Observed query tokens since :meth:`mark` ``key`` (since the window started if unmarked)."""
@@ -270,8 +349,9 @@ class CacheView:
         (since the window started if ``key`` was not marked)."""
         if key not in self._marks:
             return self.evidence_at(il, cells)
+        self.settle()
         g, j = self._group_of[il]
-        return self.evidence_total[il][:, cells] - self._marks[key][0][g][j][:, cells]
+        return self._evidence_total[il][:, cells] - self._marks[key][0][g][j][:, cells]
 
     def _alloc_ring(self) -> None:
         """Buffers for the last q_window observed queries of every layer, oldest first, in a ring
@@ -304,14 +384,18 @@ class CacheView:
     @property
     def evidence(self) -> list[np.ndarray | None]:
         """Per layer [n_head_kv, cache_size]: attention summed over the window's observed queries."""
-        return [None if t is None else t - b for t, b in zip(self.evidence_total, self._window_base)]
+        self.settle()
+        return [None if t is None else t - b for t, b in zip(self._evidence_total, self._window_base)]
 
     def positions_shifted(self) -> None:
         """The cells' positions were shifted (``seq_add``), not reassigned: keep their evidence.
 
         Without this, the next :meth:`collect` would take the new positions for new occupants and
-        zero what the tokens had accumulated (H2O's totals, the window's evidence).
+        zero what the tokens had accumulated (H2O's totals, the window's evidence). In event mode
+        the log must have been settled before the shift (:meth:`settle`; the engine does).
         """
+        if self._qlog_n:
+            raise RuntimeError("positions shifted under unsettled queries: settle() before seq_add")
         for c in range(self.n_caches):
             pos = self.cell_pos(c)
             occupied = pos >= 0
@@ -337,18 +421,10 @@ class CacheView:
         n_tok = int(ams.llama_ams_obs_n_tokens(ptr))
         if n_tok == 0:
             return 0
-        for c in range(self.n_caches):
-            pos = self.cell_pos(c)
-            moved = pos != self.evidence_pos[c]
-            if moved.any():
-                for g, ((gc, _, total, _, _), base) in enumerate(zip(self._groups, self._window_base_groups)):
-                    if gc == c:
-                        total[:, :, moved] = 0.0
-                        base[:, :, moved] = 0.0
-                        for snapshots, _ in self._marks.values():
-                            snapshots[g][:, :, moved] = 0.0
-                self.evidence_pos[c] = pos
-        if self.obs_flags & LLAMA_AMS_OBS_ATTN:
+        event = self.evidence_mode == "event"
+        if not event:
+            self._zero_moved()
+        if self.obs_flags & LLAMA_AMS_OBS_ATTN and not event:
             for _, members, total, buf, ptrs in self._groups:
                 n_kv = int(ams.llama_ams_obs_n_kv(ptr, members[0]))  # one graph: one n_kv per cache
                 h = total.shape[1]
@@ -361,26 +437,110 @@ class CacheView:
                 if ok:
                     acc = total[:, :, :n_kv]
                     np.add(acc, buf[:, :size].reshape(len(members), h, n_kv), out=acc)
-        for il in self.kv_layers:
-            li = self.layers[il]
-            if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
-                ring, buf = self._q_ring[il], self._q_scratch[il]
-                w = ring.shape[0]
-                take = min(n_tok, w)
-                size = n_tok * li.n_head * li.n_embd_head_k
-                if size <= buf.size and ams.llama_ams_get_queries(ptr, il, self._q_ptr[il], size) == size:
-                    new = buf[:size].reshape(n_tok, li.n_head, li.n_embd_head_k)[n_tok - take:]
+        logged: dict[int, np.ndarray] = {}
+        log_queries = event and bool(self.obs_flags & LLAMA_AMS_OBS_ATTN)
+        ring_queries = bool(self.obs_flags & LLAMA_AMS_OBS_QUERIES)
+        if log_queries or ring_queries:
+            tracked = set(self.tracked) if log_queries else ()
+            for il in self.kv_layers:
+                li = self.layers[il]
+                if not (ring_queries or il in tracked):
+                    continue
+                q = np.empty((n_tok, li.n_head, li.n_embd_head_k), dtype=np.float32)
+                if ams.llama_ams_get_queries(ptr, il, q.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.size) != q.size:
+                    continue
+                if il in tracked:
+                    logged[il] = q
+                if ring_queries:
+                    ring = self._q_ring[il]
+                    w = ring.shape[0]
+                    take = min(n_tok, w)
                     ring[: w - take] = ring[take:]
-                    ring[w - take:] = new
-        if self.obs_flags & LLAMA_AMS_OBS_QUERIES:
+                    ring[w - take:] = q[n_tok - take:]
+        if ring_queries:
             w = self.q_window
             self._q_count = min(self._q_count + n_tok, w)
             if positions_of_batch is not None:
                 tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
                 self.query_pos = np.concatenate([self.query_pos, tail])[-w:]
+        self._last_n = 0
         if self.obs_flags & LLAMA_AMS_OBS_ATTN:
             self.n_queries += n_tok  # the divisor of the attention sums
+            self._last_n = n_tok
+            if log_queries and logged:
+                if positions_of_batch is None:
+                    raise ValueError("event-mode evidence needs the positions of the decoded batch")
+                q_pos = np.asarray(positions_of_batch, dtype=np.int64)[-n_tok:]
+                self._qlog.append((q_pos, logged))
+                self._qlog_n += n_tok
+                # a sliding-window cache reuses cells inside a window: settle before the next decode
+                if self._qlog_n >= _LOG_LIMIT or any(self.layers[il].cache != 0 for il in logged):
+                    self._settle()
         return n_tok
+
+    def unobserved_decode(self) -> None:
+        """A decode ran without observation: there is no last observed decode any more."""
+        self._last_n = 0
+
+    def _zero_moved(self) -> None:
+        """Zero the evidence columns of cells whose token changed since they were last accumulated
+        (evicted, reused), so evidence never leaks from one token to the next occupant of a cell."""
+        for c in range(self.n_caches):
+            pos = self.cell_pos(c)
+            moved = pos != self.evidence_pos[c]
+            if moved.any():
+                for g, ((gc, _, total, _, _), base) in enumerate(zip(self._groups, self._window_base_groups)):
+                    if gc == c:
+                        total[:, :, moved] = 0.0
+                        base[:, :, moved] = 0.0
+                        for snapshots, _ in self._marks.values():
+                            if snapshots is not None:
+                                snapshots[g][:, :, moved] = 0.0
+                self.evidence_pos[c] = pos
+
+    def settle(self) -> None:
+        """Event mode: compute the attention of every logged query now and add it to the evidence,
+        exactly as the per-step side branch would have, step by step (marks included)."""
+        if self._qlog_n:
+            t0 = time.perf_counter()
+            try:
+                self._settle()
+            finally:
+                self.collect_s += time.perf_counter() - t0
+
+    def _settle(self) -> None:
+        log, n_total = self._qlog, self._qlog_n
+        self._qlog, self._qlog_n = [], 0
+        self._zero_moved()
+        q_pos = np.concatenate([p for p, _ in log])
+        first = self.n_queries - n_total  # n_queries before the first logged query
+        # pending marks: the totals at the mark, i.e. before the log's query number (n - first)
+        pending = {key: n - first for key, (snap, n) in self._marks.items() if snap is None}
+        snaps = {key: [total.copy() for _, _, total, _, _ in self._groups] for key in pending}
+        last_from = n_total - self._last_n if self._last_n and log else n_total
+        if last_from < n_total:
+            self._last_attn = {}
+        cells_of = [self.occupied(c) for c in range(self.n_caches)]
+        for il in log[0][1]:
+            if any(il not in q for _, q in log):
+                continue
+            li = self.layers[il]
+            cells, pos = cells_of[li.cache]
+            q = np.concatenate([q[il] for _, q in log]) if len(log) > 1 else log[0][1][il]
+            k = self.read_k(il, cells)
+            a = attention_per_query(q, k, q_pos, pos, self.kq_scale(il), li.n_swa)  # [W, H, n]
+            g, j = self._group_of[il]
+            total = self._evidence_total[il]
+            for key, m in pending.items():
+                if m > 0:
+                    snaps[key][g][j][:, cells] += a[:m].sum(axis=0)
+            total[:, cells] += a.sum(axis=0)
+            if last_from < n_total:
+                last = np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float32)
+                last[:, cells] = a[last_from:].sum(axis=0)
+                self._last_attn[il] = last
+        for key, snap in snaps.items():
+            self._marks[key] = (snap, self._marks[key][1])
 
     # --- save / restore -----------------------------------------------------------------------
 
@@ -388,6 +548,7 @@ class CacheView:
         """Accumulated evidence and observed queries, keyed by position rather than by cell
         (a restore puts the tokens in other cells). Evidence a cell still carries from a previous
         occupant (zeroed at the next observation) is saved as 0."""
+        self.settle()  # first: settling also brings evidence_pos up to date
         arrays: dict[str, np.ndarray] = {"query_pos": np.asarray(self.query_pos, dtype=np.int64)}
         for c in range(self.n_caches):
             cur = self.cell_pos(c)
@@ -446,6 +607,9 @@ class CacheView:
 
     def last_attn(self, il: int) -> np.ndarray | None:
         """Evidence of the last decode alone for layer ``il``: [n_head_kv, n_kv], or None."""
+        if self.evidence_mode == "event":
+            self.settle()
+            return self._last_attn.get(il) if self._last_n else None
         n_kv = int(ams.llama_ams_obs_n_kv(self.ctx.ptr, il))
         if n_kv == 0:
             return None

@@ -116,6 +116,8 @@ class Generator:
                 self.tokens_at[p] = t
             if self.view.n_obs:
                 self.view.collect(np.asarray(pchunk, dtype=np.int32))
+            else:
+                self.view.unobserved_decode()
         return np.concatenate(rows) if logits_all else None
 
     def sample(self) -> int:
@@ -135,6 +137,7 @@ class Generator:
 
     def evict(self, positions: Iterable[int]) -> int:
         """Remove ``positions`` from the cache (adjacent ones in one ``seq_rm``); returns runs."""
+        self.view.settle()  # logged queries saw these cells (event-mode evidence)
         runs = position_runs(positions)
         for p0, p1 in runs:
             if not self.ctx.seq_rm(p0, p1):
@@ -150,6 +153,7 @@ class Generator:
         """
         if not self.ctx.can_shift():
             raise RuntimeError("this model's cache cannot shift positions")
+        self.view.settle()  # logged queries saw the old positions (event-mode evidence)
         pos, toks = self.kept_tokens()
         shifts = compaction_shifts(pos, start)
         for p0, p1, delta in shifts:

@@ -66,9 +66,11 @@ def _warm_kernels() -> None:
     """Load (or compile) the Numba kernels once per process, so no compression event pays for it."""
     global _kernels_warm
     if not _kernels_warm:
+        from . import evidence
         from .scorers import kernels as scorer_kernels
         from .select import kernels as select_kernels
 
+        evidence.warmup()
         scorer_kernels.warmup()
         select_kernels.warmup()
         _kernels_warm = True
@@ -157,7 +159,7 @@ class Session:
 
     def __init__(self, model: Model, config: CompressionConfig = CompressionConfig(),
                  ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams(),
-                 *, observe_attention: bool = False):
+                 *, observe_attention: bool = False, evidence_mode: Optional[str] = None):
         self.model = model
         # diagnostics (benchmarks): observe attention even when the scorer and selector do not use
         # it, so that every event can be described by its attention mass; never changes a choice
@@ -176,6 +178,8 @@ class Session:
                                           "n_batch": min(ctx_params.n_batch, n_ctx), "n_ubatch": min(ctx_params.n_ubatch, n_ctx)})
         self.gen = Generator(model, ctx_params, sampler_params)
         self.view = self.gen.view
+        if evidence_mode is not None:  # None: event-time evidence where exact (see CacheView)
+            self.view.set_evidence_mode(evidence_mode)
         if cfg.budget is not None and self.view.n_caches == 0:
             raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
@@ -196,6 +200,7 @@ class Session:
             _warm_kernels()
         # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
         self.layers = [il for il in self.view.kv_layers if self.view.layers[il].cache == 0]
+        self.view.track(self.layers)  # no evidence for layers nobody scores
         li0 = self.view.layers[self.layers[0]]
         self.group = li0.n_head // li0.n_head_kv
         self._derive_from_scorer()
