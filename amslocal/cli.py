@@ -778,11 +778,14 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
 @click.option("--methods", default=None, help="Comma-separated S / ams-S [default: every scorer with and without AMS].")
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--no-stock", is_flag=True, help="Skip the stock llama-cpp-python decode loop.")
+@click.option("--evidence", type=click.Choice(["event", "step", "both"]), default="event", show_default=True,
+              help="How budgeted rows gather attention evidence: computed at the event from captured queries, "
+                   "or by the per-step side branch in the graph; both: one row each, side by side.")
 @click.option("--json", "json_out", metavar="PATH", default=None, help="Also write the raw result as JSON.")
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def bench_speed(model: Optional[str], depths: str, budget: int, interval: int, n_gen: int, methods: Optional[str],
-                rounds: int, no_stock: bool, json_out: Optional[str], threads: int, quiet: bool) -> None:
+                rounds: int, no_stock: bool, evidence: str, json_out: Optional[str], threads: int, quiet: bool) -> None:
     """Decode tokens/s at several depths, full cache vs. a budget per scorer ± AMS (llama-bench style).
 
     Every row of a depth is measured in one process, round-robin, so the ratios compare like with like.
@@ -796,6 +799,7 @@ def bench_speed(model: Optional[str], depths: str, budget: int, interval: int, n
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_speed(path, depths=tuple(_int_list(depths, "--depths")), budget=budget, interval=interval, n_gen=n_gen,
                        methods=method_list, rounds=rounds, n_threads=threads, include_stock=not no_stock,
+                       evidence=("event", "step") if evidence == "both" else (evidence,),
                        progress=None if quiet else _say)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ that query (captured post-RoPE by the patch, one small copy per layer) and the k
 cache, with the causal mask rebuilt from the positions. Doing it once per event, for all the
 window's queries in one matrix product per layer, replaces the per-step side branch in the graph.
 
-- :func:`group_softmax_sum`: masked softmax of one layer's logits, summed over each KV group's
-  query heads (Numba); :func:`group_softmax_sum_ref` is its plain-numpy reference.
-- :func:`attention_per_query`: logits by one batched matrix product, then the kernel.
+- :func:`attention_rows`: one layer's masked attention of W queries over n keys, summed over each
+  KV group's query heads (Numba); :func:`attention_rows_ref` is its plain-numpy reference.
+- :func:`attention_per_query`: allocates and calls the kernel.
 """
 
 from __future__ import annotations
@@ -22,16 +22,21 @@ _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def group_softmax_sum(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int,
-                      out: np.ndarray) -> None:
-    """out[t, h, j] = sum over the G query heads g of KV head h of softmax_j(scale * logits[h, g, t, :]).
+def attention_rows(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int,
+                   out: np.ndarray) -> None:
+    """out[t, h, j] = sum over the query heads of KV head h of softmax_j(scale * q[t, head] . k[j, h]).
 
-    logits: [H_kv, G, W, n] float32 (raw q.k), q_pos [W] and k_pos [n] int64 (k_pos < 0: no token);
-    key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window n_swa > 0,
-    q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window). out: [W, H_kv, n] float32,
-    overwritten; masked keys get exactly 0. Float32 throughout, like the softmax in the graph.
+    q: [W, n_head, d] float32 post-RoPE queries (query head hq reads KV head hq // G, as in
+    llama.cpp), k: [n, H_kv, d] float32 post-RoPE keys, q_pos [W] and k_pos [n] int64 (k_pos < 0:
+    no token). Key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window
+    n_swa > 0, q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window). out: [W, H_kv, n]
+    float32, overwritten; masked keys get exactly 0. Float32 like the graph's softmax; the dot
+    products are fused here rather than one BLAS call per head, whose threads would compete with
+    llama.cpp's for the same cores.
     """
-    H, G, W, n = logits.shape
+    W, n_head, d = q.shape
+    n, H, _ = k.shape
+    G = n_head // H
     sc = np.float32(scale)
     buf = np.empty(n, dtype=np.float32)
     visible = np.empty(n, dtype=np.bool_)
@@ -45,55 +50,59 @@ def group_softmax_sum(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, 
             any_visible = any_visible or visible[j]
         if not any_visible:
             continue  # cannot happen for a real query (it sees itself); its row stays 0
-        for h in range(H):
+        for hq in range(n_head):
+            h = hq // G
+            qv = q[t, hq]
+            m = np.float32(-3.0e38)
+            for j in range(n):
+                if visible[j]:
+                    kv = k[j, h]
+                    x = np.float32(0.0)
+                    for i in range(d):
+                        x += qv[i] * kv[i]
+                    x *= sc
+                    buf[j] = x
+                    if x > m:
+                        m = x
+            total = np.float32(0.0)
+            for j in range(n):
+                e = np.exp(buf[j] - m) if visible[j] else np.float32(0.0)
+                buf[j] = e
+                total += e
+            inv = np.float32(1.0) / total
             acc = out[t, h]
-            for g in range(G):
-                row = logits[h, g, t]
-                m = np.float32(-3.0e38)
-                for j in range(n):
-                    if visible[j] and sc * row[j] > m:
-                        m = sc * row[j]
-                s = np.float32(0.0)
-                for j in range(n):
-                    e = np.exp(sc * row[j] - m) if visible[j] else np.float32(0.0)
-                    buf[j] = e
-                    s += e
-                inv = np.float32(1.0) / s
-                for j in range(n):
-                    acc[j] += buf[j] * inv
+            for j in range(n):
+                acc[j] += buf[j] * inv
 
 
-def group_softmax_sum_ref(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float,
-                          n_swa: int) -> np.ndarray:
-    """Reference of :func:`group_softmax_sum` with whole-array numpy steps; returns out."""
+def attention_rows_ref(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float,
+                       n_swa: int) -> np.ndarray:
+    """Reference of :func:`attention_rows` with whole-array numpy steps (float64); returns out."""
+    W, n_head, d = q.shape
+    n, H, _ = k.shape
+    G = n_head // H
     q_pos = np.asarray(q_pos)[:, None]
     k_pos = np.asarray(k_pos)[None, :]
-    visible = (k_pos >= 0) & (k_pos <= q_pos)
+    visible = (k_pos >= 0) & (k_pos <= q_pos)  # [W, n]
     if n_swa > 0:
         visible &= q_pos - k_pos < n_swa
-    x = np.where(visible[None, None], scale * logits.astype(np.float64), -np.inf)  # [H, G, W, n]
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    p = e / e.sum(axis=-1, keepdims=True)
-    return p.sum(axis=1).transpose(1, 0, 2)  # [W, H, n]
+    kh = np.repeat(k.astype(np.float64), G, axis=1)                       # [n, n_head, d]
+    logits = scale * np.einsum("thd,jhd->thj", q.astype(np.float64), kh)  # [W, n_head, n]
+    x = np.where(visible[:, None, :], logits, -np.inf)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        p = np.nan_to_num(e / e.sum(axis=-1, keepdims=True))              # a query that sees nothing: 0
+    return p.reshape(W, H, G, n).sum(axis=2)
 
 
 def attention_per_query(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
                         scale: float, n_swa: int = 0) -> np.ndarray:
-    """Each query's attention probability on each key, summed over each KV group's heads.
-
-    q: [W, n_head, d] float32 post-RoPE queries (query head h reads KV head h // G), k: [n, H_kv, d]
-    float32 post-RoPE keys; returns [W, H_kv, n] float32.
-    """
-    W, n_head, d = q.shape
-    n, H, _ = k.shape
-    G = n_head // H
-    qg = np.ascontiguousarray(q.reshape(W, H, G, d).transpose(1, 2, 0, 3)).reshape(H, G * W, d)
-    kt = np.ascontiguousarray(k.transpose(1, 2, 0))  # [H, d, n]
-    logits = np.matmul(qg, kt).reshape(H, G, W, n)  # one BLAS call per KV head
-    out = np.empty((W, H, n), dtype=np.float32)
-    group_softmax_sum(logits, np.ascontiguousarray(q_pos, dtype=np.int64),
-                      np.ascontiguousarray(k_pos, dtype=np.int64), float(scale), int(n_swa), out)
+    """Each query's attention probability on each key, summed over each KV group's heads:
+    [W, H_kv, n] float32 (see :func:`attention_rows`)."""
+    out = np.empty((q.shape[0], k.shape[1], k.shape[0]), dtype=np.float32)
+    attention_rows(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k, dtype=np.float32),
+                   np.ascontiguousarray(q_pos, dtype=np.int64), np.ascontiguousarray(k_pos, dtype=np.int64),
+                   float(scale), int(n_swa), out)
     return out
 
 

@@ -4,7 +4,9 @@ For each depth the cache is filled by prefilling a fixed English filler text (de
 random tokens), then ``n_gen`` greedy tokens are decoded (EOS ignored) and timed: ``tg{n_gen}@d{depth}``.
 Rows: ``full`` (an amslocal session without a budget), ``llama-cpp-python (full)`` (the stock
 high-level loop, ``Llama.eval`` + ``Llama.sample(temp=0)``, on the same library with evidence off) and
-one per method (``S``: scorer S with global top-k, ``ams-S``: under AMS). A budgeted session
+one per method (``S``: scorer S with global top-k, ``ams-S``: under AMS; with ``evidence=("event",
+"step")`` each method also gets a ``S [step]`` row gathering evidence by the per-step side branch
+instead of at the event). A budgeted session
 compresses during prefill, so it holds at most ``budget + interval`` cells when measured; its timed
 steps include the compressions that fall in them (counted in the row).
 
@@ -70,12 +72,13 @@ def cpu_info() -> str:
 class _SessionRow:
     """One amslocal session prefilled to ``depth``; ``measure`` times ``n_gen`` decode steps."""
 
-    def __init__(self, model, method: str, config, ctx_params, tokens: list[int], rollback: bool):
+    def __init__(self, model, method: str, config, ctx_params, tokens: list[int], rollback: bool,
+                 evidence_mode: Optional[str] = None):
         from ..backend import SamplerParams
         from ..session import Session
 
         self.method, self.budget, self.depth, self.rollback = method, config.budget, len(tokens), rollback
-        self.session = Session(model, config, ctx_params, SamplerParams(temp=0))
+        self.session = Session(model, config, ctx_params, SamplerParams(temp=0), evidence_mode=evidence_mode)
         self.event_ms: list[float] = []  # the measured steps' compression events, each in ms
         self.between: list[float] = []   # per sample: tok/s of the steps with the events' time taken out
         self.session.prefill(tokens)
@@ -176,7 +179,8 @@ def _row_record(method: str, budget, test: str, depth: int, samples: list[float]
 
 def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: int = 256, interval: int = 128,
               n_gen: int = 128, methods: Optional[Sequence[str]] = None, rounds: int = 2, n_threads: int = 0,
-              include_stock: bool = True, progress: Optional[Callable[[str], None]] = None) -> dict:
+              include_stock: bool = True, evidence: Sequence[str] = ("event",),
+              progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure decode speed per depth and method; returns a JSON-able dict (see :func:`format_table`).
 
     ``methods``: names like ``"tova"`` / ``"ams-tova"`` (default: every scorer with and without
@@ -189,6 +193,8 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
 
     if rounds < 1 or n_gen < 1 or not depths or min(depths) < 1:
         raise OptionError("rounds, n_gen and every depth must be at least 1")
+    if not evidence or any(e not in ("event", "step") for e in evidence):
+        raise OptionError("evidence must be event, step or both")
     say = progress or (lambda message: None)
     path = resolve_model(model_path)
     threads = n_threads or os.cpu_count() or 1
@@ -201,7 +207,10 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
              f"rows are measured round-robin in one process over {rounds} round(s), order rotated per round; t/s is "
              "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth.",
              "ms/event: median time of one compression event in the timed steps; t/s between events: the same "
-             "steps' tokens over their time without the events' (the decode speed a method leaves between events)."]
+             "steps' tokens over their time without the events' (the decode speed a method leaves between events).",
+             "evidence: " + " vs ".join(evidence) + " ('event': observed steps capture their queries and the "
+             "attention is computed once per event; 'step': the side branch computes it in the graph at every "
+             "observed step; rows named '[step]' use it when both are measured)."]
     configs = _method_configs(methods, budget, interval, path, notes)
     if include_stock:
         notes.append(f"{STOCK}: llama_cpp.Llama (flash attention on, like amslocal's auto on CPU), "
@@ -216,8 +225,9 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
                            tokens, rollback=True)
         pp = depth / full.session.stats.prefill_s
         live = [full] + ([_StockRow(path, n_ctx, threads, tokens)] if include_stock else [])
-        live += [_SessionRow(model, name, cfg, ContextParams(n_threads=threads), tokens, rollback=False)
-                 for name, cfg in configs]
+        live += [_SessionRow(model, name if mode == evidence[0] else f"{name} [{mode}]", cfg,
+                             ContextParams(n_threads=threads), tokens, rollback=False, evidence_mode=mode)
+                 for name, cfg in configs for mode in evidence]
         samples = {r.method: [] for r in live}
         compressions = {r.method: 0 for r in live}
         for rnd in range(rounds):
