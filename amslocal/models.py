@@ -169,7 +169,7 @@ def check_request(model: str | os.PathLike[str] | None = None, *, budget: Any = 
 
 # --- loading ------------------------------------------------------------------------------------
 
-def load_model(path: str | os.PathLike[str] | None = None, *, n_gpu_layers: int = 0,
+def load_model(path: str | os.PathLike[str] | None = None, *, n_gpu_layers: Optional[int] = None,
                validate: bool = True, compress: bool = False) -> "Model":
     """Resolve, validate and load a model that amslocal can serve.
 

@@ -35,12 +35,28 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 
+N_GPU_LAYERS_ENV = "AMSLOCAL_N_GPU_LAYERS"
+
+
+def gpu_layers_from_env() -> int:
+    """Layers to offload when the caller does not say: $AMSLOCAL_N_GPU_LAYERS (-1 = all), else 0."""
+    raw = os.environ.get(N_GPU_LAYERS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"${N_GPU_LAYERS_ENV} must be an integer (got {raw!r})") from None
+
+
 class Model:
     """A loaded GGUF model (weights only; contexts are made from it)."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: Optional[int] = None, use_mmap: bool = True):
         self.path = Path(path)
         params = llama.llama_model_default_params()
+        if n_gpu_layers is None:  # llama.cpp's habit: an environment variable sets the default offload
+            n_gpu_layers = gpu_layers_from_env()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
