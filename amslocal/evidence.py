@@ -108,5 +108,7 @@ def attention_per_query(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: 
 
 def warmup() -> None:
     """Compile (or load from cache) the kernel on tiny inputs, so no event pays for it."""
-    attention_per_query(np.ones((1, 2, 4), np.float32), np.ones((3, 1, 4), np.float32),
-                        np.array([2]), np.array([0, 1, 2]), 0.5)
+    k = np.ones((3, 1, 4), np.float32)
+    for writeable in (True, False):  # the cache view hands out its key reads read-only
+        k.flags.writeable = writeable
+        attention_per_query(np.ones((1, 2, 4), np.float32), k, np.array([2]), np.array([0, 1, 2]), 0.5)

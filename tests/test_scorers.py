@@ -216,10 +216,11 @@ def test_expected_attention_ranks_the_aligned_key_first(rope_type):
     np.testing.assert_allclose(s2[0, 0, 5], 3 * s[0, 0, 5])
 
 
-def test_expected_attention_equals_direct_formula():
+@pytest.mark.parametrize("W", [5, 11])  # a window shorter and longer than the head (two code paths)
+def test_expected_attention_equals_direct_formula(W):
     li = layer(n_head=4, n_head_kv=2, d=6, rope_type=2, base=50.0, scale=0.7)
     rng = np.random.default_rng(8)
-    T, W, nxt, n_future, n_sink = 9, 5, 60, 8, 2
+    T, nxt, n_future, n_sink = 9, 60, 8, 2
     qpos = np.arange(nxt - W, nxt)
     q = rng.normal(size=(W, 4, 6))
     k = rng.normal(size=(T, 2, 6))

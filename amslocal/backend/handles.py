@@ -192,6 +192,9 @@ class Context:
             )
         self.memory = llama.llama_get_memory(self._ptr)
         self.n_ctx = llama.llama_n_ctx(self._ptr)
+        # bumped by everything here that changes the cache's cells or their K/V (reads can be reused
+        # while it stands still); code that changes them through the raw bindings bumps it too
+        self.version = 0
 
     @property
     def ptr(self):
@@ -202,6 +205,7 @@ class Context:
     # --- decoding -------------------------------------------------------------------------
 
     def decode(self, batch: "Batch") -> None:
+        self.version += 1
         rc = llama.llama_decode(self.ptr, batch.native)
         if rc != 0:
             what = {1: "no free KV cells for the batch", 2: "aborted", -1: "invalid batch",
@@ -226,10 +230,12 @@ class Context:
 
     def seq_rm(self, p0: int, p1: int) -> bool:
         """Remove positions [p0, p1) of sequence 0 (p1 = -1: to the end)."""
+        self.version += 1
         return bool(llama.llama_memory_seq_rm(self.memory, 0, p0, p1))
 
     def seq_add(self, p0: int, p1: int, delta: int) -> None:
         """Shift positions [p0, p1) of sequence 0 by ``delta`` (applied lazily at the next decode)."""
+        self.version += 1
         llama.llama_memory_seq_add(self.memory, 0, p0, p1, delta)
 
     def seq_pos_max(self) -> int:
@@ -239,6 +245,7 @@ class Context:
         return bool(llama.llama_memory_can_shift(self.memory))
 
     def clear(self) -> None:
+        self.version += 1
         llama.llama_memory_clear(self.memory, True)
 
     # --- sequence state (save / restore) ----------------------------------------------------
@@ -246,6 +253,7 @@ class Context:
     def apply_pending_shift(self) -> None:
         """Re-rotate K now if a ``seq_add`` is pending (the state copy saves K as it is in memory)."""
         if ams.llama_ams_shift_pending(self.ptr):
+            self.version += 1
             ams.llama_ams_apply_shift(self.ptr)
 
     def seq_state_get(self) -> bytes:
@@ -265,6 +273,7 @@ class Context:
     def seq_state_set(self, data: bytes) -> None:
         """Replace sequence 0 with ``data`` from :meth:`seq_state_get` (same model and KV types)."""
         buf = (ctypes.c_uint8 * max(len(data), 1)).from_buffer_copy(data or b"\0")
+        self.version += 1
         if int(llama.llama_state_seq_set_data(self.ptr, buf, len(data), 0)) == 0:
             raise DecodeError("llama.cpp refused the saved KV state (another model, KV type or too few cells)")
 

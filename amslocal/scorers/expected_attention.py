@@ -71,7 +71,7 @@ class ExpectedAttention:
         mu = mu_pre @ R.T
         if self.use_covariance:
             # Sigma' = R C^T C R^T / n with C the centred queries, so k^T Sigma' k = |C R^T k|^2 / n:
-            # O(T n d) per head instead of O(T d^2) (n = window <= d in practice)
+            # O(T n d) per head while the window n <= d, else Sigma' (d x d) once and O(T d^2)
             c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)                # [n_head, d, n]
         k = np.asarray(k, dtype=np.float64)                            # [T, Hkv, d]
         Hkv = k.shape[1]
@@ -83,8 +83,12 @@ class ExpectedAttention:
             heads = slice(kv * G, (kv + 1) * G)
             logits = mu[heads] @ K.T / np.sqrt(d)                      # [G, T]
             if self.use_covariance:
-                proj = K[None] @ c[heads]                              # [G, T, n]
-                logits += np.einsum("gtw,gtw->gt", proj, proj) / (n * 2 * d)
+                if n <= d:
+                    proj = K[None] @ c[heads]                          # [G, T, n]
+                    logits += np.einsum("gtw,gtw->gt", proj, proj) / (n * 2 * d)
+                else:  # a long window: Sigma' itself, O(T d^2) instead of O(T n d)
+                    sigma = c[heads] @ c[heads].transpose(0, 2, 1)     # [G, d, d], times n
+                    logits += np.einsum("gte,te->gt", K[None] @ sigma, K) / (n * 2 * d)
             p = np.zeros((G, T))
             p[:, s0:] = softmax_rows(logits[:, s0:])
             out[kv] = p.mean(axis=0)
