@@ -28,15 +28,24 @@ import weakref
 from typing import Optional, Union
 
 from .backend import ContextParams, Model, SamplerParams
-from .chat import ChatError, ChatSession, ChatTemplate, SaveFileError, SessionBusyError, TemplateError, TurnStats
-from .errors import AmsError
+from .chat import ChatSession, TurnStats
+from .errors import AmsError, ChatError, SaveFileError, SessionBusyError, TemplateError
 from .models import load_model
-from .session import BudgetError, CompressionConfig, SessionStats
 from .select.ams import AMSParams
+from .session import BudgetError, CompressionConfig, SessionStats
+from .templates import ChatTemplate
 
 __all__ = [
-    "AmsError", "BudgetError", "ChatError", "ChatSession", "Engine", "SaveFileError", "SessionBusyError",
-    "SessionStats", "TemplateError", "TurnStats",
+    "AmsError",
+    "BudgetError",
+    "ChatError",
+    "ChatSession",
+    "Engine",
+    "SaveFileError",
+    "SessionBusyError",
+    "SessionStats",
+    "TemplateError",
+    "TurnStats",
 ]
 
 RANDOM_SEED = 0xFFFFFFFF
@@ -45,9 +54,17 @@ RANDOM_SEED = 0xFFFFFFFF
 class Engine:
     """A loaded model. Sessions made from it share its weights; each has its own KV cache."""
 
-    def __init__(self, model_path: Union[str, os.PathLike, None] = None, *, n_threads: int = 0,
-                 n_gpu_layers: int = 0, flash_attn: str = "auto", cache_type_k: str = "f16",
-                 cache_type_v: str = "f16", n_batch: int = 512):
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike, None] = None,
+        *,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        flash_attn: str = "auto",
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        n_batch: int = 512,
+    ):
         """Load ``model_path`` (None: the default model), after checking the GGUF file.
 
         ``n_threads`` 0 uses every core. ``flash_attn`` is auto | on | off; a quantized V cache
@@ -68,13 +85,29 @@ class Engine:
     def model_path(self) -> str:
         return str(self.model.path)
 
-    def session(self, *, budget: Optional[int] = 1024, interval: int = 128, scorer: str = "rkv",
-                ams: bool = True, ams_variant: str = "vote", question_aware: bool = True, positions: str = "keep",
-                granularity: str = "auto", aggregation: str = "mean",
-                system: Optional[str] = None, chat_template: Optional[str] = None,
-                temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                seed: Optional[int] = None, max_tokens: int = 512, ctx_size: int = 2048,
-                ams_params: Optional[AMSParams] = None) -> ChatSession:
+    def session(
+        self,
+        *,
+        budget: Optional[int] = 1024,
+        interval: int = 128,
+        scorer: str = "rkv",
+        ams: bool = True,
+        ams_variant: str = "vote",
+        question_aware: bool = True,
+        positions: str = "keep",
+        granularity: str = "auto",
+        aggregation: str = "mean",
+        system: Optional[str] = None,
+        chat_template: Optional[str] = None,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        seed: Optional[int] = None,
+        max_tokens: int = 512,
+        ctx_size: int = 2048,
+        ams_params: Optional[AMSParams] = None,
+    ) -> ChatSession:
         """A new chat session.
 
         ``budget``: KV cells kept after each compression (None: no compression, a ``ctx_size``
@@ -97,27 +130,47 @@ class Engine:
         """
         if self._closed:
             raise AmsError("the engine is closed")
-        if budget is not None and budget <= 0:
-            raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
-        config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=ams, ams_variant=ams_variant,
-                                   question_aware=question_aware, positions=positions, granularity=granularity,
-                                   aggregation=aggregation, ams_params=ams_params or AMSParams())
+        config = CompressionConfig(
+            budget=budget,
+            interval=interval,
+            scorer=scorer,
+            ams=ams,
+            ams_variant=ams_variant,
+            question_aware=question_aware,
+            positions=positions,
+            granularity=granularity,
+            aggregation=aggregation,
+            ams_params=ams_params or AMSParams(),
+        ).validate()
         n_ctx = ctx_size
-        ctx_params = ContextParams(n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx), n_ubatch=min(self.n_batch, n_ctx),
-                                   n_threads=self.n_threads, flash_attn=self.flash_attn,
-                                   type_k=self.cache_type_k, type_v=self.cache_type_v)
-        sampler_params = SamplerParams(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                       seed=RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF)
+        ctx_params = ContextParams(
+            n_ctx=n_ctx,
+            n_batch=min(self.n_batch, n_ctx),
+            n_ubatch=min(self.n_batch, n_ctx),
+            n_threads=self.n_threads,
+            flash_attn=self.flash_attn,
+            type_k=self.cache_type_k,
+            type_v=self.cache_type_v,
+        )
+        sampler_params = SamplerParams(
+            temp=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF,
+        )
         template = ChatTemplate.for_model(self.model, chat_template)
         with self._lock:  # contexts are made one at a time; decoding in them runs in parallel
-            session = ChatSession(self.model, config, ctx_params, sampler_params, system=system, template=template,
-                                  max_tokens=max_tokens)
+            session = ChatSession(
+                self.model, config, ctx_params, sampler_params, system=system, template=template, max_tokens=max_tokens
+            )
             self._sessions.add(session)
             return session
 
     def close(self) -> None:
-        """Close every session made here, then free the model weights. Call it when no session is
-        generating; a session used after this raises :class:`ChatError`."""
+        """Close every session made here, then free the model weights. Replies in progress in other
+        threads are cancelled and waited for (see :meth:`ChatSession.close`); a session used after
+        this raises :class:`ChatError`."""
         with self._lock:
             self._closed = True
             for session in list(self._sessions):

@@ -35,10 +35,23 @@ EVIDENCE_MODES = ("event", "step")
 # Architectures whose attention is more than softmax(scale * q.k) under a causal (or standard
 # sliding-window) mask, per llama.cpp's graph: logit soft-capping (gemma2), attention sinks
 # (gpt-oss and others), chunked or symmetric windows. They keep the in-graph side branch.
-_STEP_ONLY_ARCHS = frozenset({
-    "gemma2", "grok", "llama4", "gemma-embedding", "modern-bert", "gpt-oss", "openai-moe", "mimo2",
-    "deepseek4", "hunyuan-v4", "hy-v4", "granite-swa", "dflash",
-})
+_STEP_ONLY_ARCHS = frozenset(
+    {
+        "gemma2",
+        "grok",
+        "llama4",
+        "gemma-embedding",
+        "modern-bert",
+        "gpt-oss",
+        "openai-moe",
+        "mimo2",
+        "deepseek4",
+        "hunyuan-v4",
+        "hy-v4",
+        "granite-swa",
+        "dflash",
+    }
+)
 
 # the query log settles on its own past this many queries (bounded memory without events)
 _LOG_LIMIT = 1024
@@ -96,8 +109,16 @@ class CacheView:
         if ams.llama_ams_get_layer_info(self.ctx.ptr, il, ctypes.byref(info)) != 0:
             raise ValueError(f"no layer {il}")
         return LayerInfo(
-            info.cache, info.n_head, info.n_head_kv, info.n_embd_head_k, info.n_embd_head_v,
-            info.n_rot, info.rope_type, info.n_swa, info.rope_freq_base, info.rope_freq_scale,
+            info.cache,
+            info.n_head,
+            info.n_head_kv,
+            info.n_embd_head_k,
+            info.n_embd_head_v,
+            info.n_rot,
+            info.rope_type,
+            info.n_swa,
+            info.rope_freq_base,
+            info.rope_freq_scale,
         )
 
     def kq_scale(self, il: int) -> float:
@@ -147,8 +168,12 @@ class CacheView:
             return hit[2]
         out = np.empty((cells.size, li.n_head_kv, head_dim), dtype=np.float32)
         n = fn(
-            self.ctx.ptr, il, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), cells.size,
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size,
+            self.ctx.ptr,
+            il,
+            cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            cells.size,
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            out.size,
         )
         if n != out.size:
             raise RuntimeError(f"reading layer {il} of the KV cache failed (code {n})")
@@ -244,8 +269,14 @@ class CacheView:
         full[layers, :H] = src
         self._apply_pending_shift()
         self.ctx.version += 1
-        rc = ams.llama_ams_move_rows(self.ctx.ptr, 0, dst.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n,
-                                     full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
+        rc = ams.llama_ams_move_rows(
+            self.ctx.ptr,
+            0,
+            dst.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            n,
+            full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            stride,
+        )
         if rc != 0:
             raise RuntimeError(f"moving KV rows between cells failed (code {rc})")
         moving = src >= 0
@@ -379,19 +410,19 @@ class CacheView:
     def _resize_ring(self) -> None:
         """A new window size: keep the newest queries that fit."""
         n = self._q_count
-        old = [None if r is None else r[r.shape[0] - n:].copy() for r in self._q_ring]
+        old = [None if r is None else r[r.shape[0] - n :].copy() for r in self._q_ring]
         self._alloc_ring()
         w = self.q_window
         self._q_count = min(n, w)
         for r, o in zip(self._q_ring, old):
             if r is not None and self._q_count:
-                r[w - self._q_count:] = o[o.shape[0] - self._q_count:]
+                r[w - self._q_count :] = o[o.shape[0] - self._q_count :]
 
     @property
     def queries(self) -> list[np.ndarray | None]:
         """Per layer the window's observed queries [t, n_head, head_dim] (t <= n_obs), oldest first."""
         n = self._q_count
-        return [None if r is None or n == 0 else r[r.shape[0] - n:] for r in self._q_ring]
+        return [None if r is None or n == 0 else r[r.shape[0] - n :] for r in self._q_ring]
 
     @property
     def evidence(self) -> list[np.ndarray | None]:
@@ -459,7 +490,10 @@ class CacheView:
                 if not (ring_queries or il in tracked):
                     continue
                 q = np.empty((n_tok, li.n_head, li.n_embd_head_k), dtype=np.float32)
-                if ams.llama_ams_get_queries(ptr, il, q.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.size) != q.size:
+                if (
+                    ams.llama_ams_get_queries(ptr, il, q.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.size)
+                    != q.size
+                ):
                     continue
                 if il in tracked:
                     logged[il] = q
@@ -468,7 +502,7 @@ class CacheView:
                     w = ring.shape[0]
                     take = min(n_tok, w)
                     ring[: w - take] = ring[take:]
-                    ring[w - take:] = q[n_tok - take:]
+                    ring[w - take :] = q[n_tok - take :]
         if ring_queries:
             w = self.q_window
             self._q_count = min(self._q_count + n_tok, w)
@@ -574,9 +608,16 @@ class CacheView:
         if self._q_count:
             for il in self.kv_layers:
                 ring = self._q_ring[il]
-                arrays[f"q_{il}"] = ring[ring.shape[0] - self._q_count:].copy()
-        meta = {"n_obs": self.n_obs, "obs_flags": self.obs_flags, "q_window": self.q_window, "n_queries": self.n_queries,
-                "q_count": self._q_count, "collect_s": self.collect_s, "n_caches": self.n_caches}
+                arrays[f"q_{il}"] = ring[ring.shape[0] - self._q_count :].copy()
+        meta = {
+            "n_obs": self.n_obs,
+            "obs_flags": self.obs_flags,
+            "q_window": self.q_window,
+            "n_queries": self.n_queries,
+            "q_count": self._q_count,
+            "collect_s": self.collect_s,
+            "n_caches": self.n_caches,
+        }
         return meta, arrays
 
     def import_evidence(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -611,7 +652,7 @@ class CacheView:
                 ring = self._q_ring[il]
                 if ring.shape[0] < q_count:
                     raise ValueError("the saved queries do not fit the observation window")
-                ring[ring.shape[0] - q_count:] = arrays[f"q_{il}"]
+                ring[ring.shape[0] - q_count :] = arrays[f"q_{il}"]
         self._q_count = q_count
         self.n_queries = int(meta["n_queries"])
         self.query_pos = arrays["query_pos"].astype(np.int32)
@@ -627,7 +668,10 @@ class CacheView:
             return None
         li = self.layers[il]
         buf = np.empty(li.n_head_kv * n_kv, dtype=np.float32)
-        if ams.llama_ams_get_attn(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size) != buf.size:
+        if (
+            ams.llama_ams_get_attn(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
+            != buf.size
+        ):
             return None
         return buf.reshape(li.n_head_kv, n_kv)
 
@@ -638,7 +682,10 @@ class CacheView:
             return None
         li = self.layers[il]
         buf = np.empty(n_tok * li.n_head * li.n_embd_head_k, dtype=np.float32)
-        if ams.llama_ams_get_queries(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size) != buf.size:
+        if (
+            ams.llama_ams_get_queries(self.ctx.ptr, il, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
+            != buf.size
+        ):
             return None
         return buf.reshape(n_tok, li.n_head, li.n_embd_head_k)
 

@@ -58,16 +58,26 @@ def load_for_model(model_path: str | os.PathLike) -> dict:
 
     path = calibration_path(model_path)
     if not path.exists():
-        raise AmsError(f"the triattention scorer needs a calibration of {Path(model_path).name}; "
-                       f"run once: amslocal calibrate {model_path}")
+        raise AmsError(
+            f"the triattention scorer needs a calibration of {Path(model_path).name}; "
+            f"run once: amslocal calibrate {model_path}"
+        )
     try:
         return load_calibration(path)
     except Exception as exc:
-        raise AmsError(f"calibration file {path} is unreadable ({exc}); run again: amslocal calibrate {model_path}") from None
+        raise AmsError(
+            f"calibration file {path} is unreadable ({exc}); run again: amslocal calibrate {model_path}"
+        ) from None
 
 
-def calibrate(model_path: str | os.PathLike, text: Optional[str] = None, *, max_tokens: int = 2048,
-              self_tokens: int = 1024, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+def calibrate(
+    model_path: str | os.PathLike,
+    text: Optional[str] = None,
+    *,
+    max_tokens: int = 2048,
+    self_tokens: int = 1024,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Path:
     """Measure and store the query statistics of a model; returns the file written."""
     from .backend import ContextParams, Model, SamplerParams
     from .engine import Generator
@@ -87,23 +97,34 @@ def calibrate(model_path: str | os.PathLike, text: Optional[str] = None, *, max_
     if len(tokens) < 64:
         raise AmsError(f"calibration text is too short ({len(tokens)} tokens); give at least a few paragraphs")
 
-    g = Generator(model, ContextParams(n_ctx=len(tokens) + 16, n_batch=n_batch, n_ubatch=n_batch), SamplerParams(temp=0))
+    g = Generator(
+        model, ContextParams(n_ctx=len(tokens) + 16, n_batch=n_batch, n_ubatch=n_batch), SamplerParams(temp=0)
+    )
     view = g.view
     layers = [il for il in view.kv_layers if view.layers[il].cache == 0]
     per_layer: list[list[np.ndarray]] = [[] for _ in layers]
     view.observe(n_batch, attn=False, queries=True)
     for i in range(0, len(tokens), n_batch):
-        chunk = tokens[i:i + n_batch]
+        chunk = tokens[i : i + n_batch]
         pos = np.arange(i, i + len(chunk))
         g.eval(chunk, positions=list(pos))
         for j, il in enumerate(layers):
             q = view.last_queries(il)  # [n, n_head, d], post-RoPE
-            per_layer[j].append(rope_rotate(q, pos[-q.shape[0]:], view.layers[il], inverse=True))
+            per_layer[j].append(rope_rotate(q, pos[-q.shape[0] :], view.layers[il], inverse=True))
         if progress:
             progress(min(i + n_batch, len(tokens)), len(tokens))
     stats = calibration_stats([np.concatenate(q) for q in per_layer], [view.layers[il] for il in layers])
     out = calibration_path(model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_calibration(out, stats, {"version": CALIBRATION_VERSION, "layers": layers, "tokens": len(tokens),
-                                  "model": Path(model_path).name, "source": "text" if text is not None else "self"})
+    save_calibration(
+        out,
+        stats,
+        {
+            "version": CALIBRATION_VERSION,
+            "layers": layers,
+            "tokens": len(tokens),
+            "model": Path(model_path).name,
+            "source": "text" if text is not None else "self",
+        },
+    )
     return out

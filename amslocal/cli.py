@@ -16,11 +16,10 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 import click
 
 from . import __version__
-from .errors import AmsError
+from .config import DEFAULT_KEEP_LAST, DEFAULT_N_SINK
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, AmsError
 
 PROG = "amslocal"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 # click >= 8.2 raises this for a bare group; older click prints the help and exits 0 itself
 _NoArgsIsHelpError: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -38,8 +37,14 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 class _OneLineGroup(click.Group):
     """A group whose usage errors print as one ``amslocal: error:`` line instead of click's block."""
 
-    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
-             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Optional[Sequence[str]] = None,
+        prog_name: Optional[str] = None,
+        complete_var: Optional[str] = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:  # a caller (tests, embedding) handles click's exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -89,47 +94,91 @@ def _scorer_names() -> list[str]:
 
 def _options(*decorators: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
     """Apply several click options as one decorator (they show in --help in this order)."""
+
     def apply(f: Callable) -> Callable:
         for d in reversed(decorators):
             f = d(f)
         return f
+
     return apply
 
 
 # what `generate` and `chat` share: how the cache is compressed, sampled, and run
 _compression_options = _options(
-    click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True,
-                 help="Compress when budget + interval cells are occupied."),
+    click.option(
+        "--interval",
+        type=click.IntRange(min=1),
+        default=128,
+        show_default=True,
+        help="Compress when budget + interval cells are occupied.",
+    ),
     click.option("--scorer", type=click.Choice(_scorer_names()), default="rkv", show_default=True),
     click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments."),
-    click.option("--ams-variant", type=click.Choice(["mean", "peaked", "vote"]), default="vote", show_default=True,
-                 help="AMS on one token set: one mass curve (row mean), rows weighted by peakedness, or per-row "
-                      "AMS with voting."),
-    click.option("--no-question-aware", is_flag=True,
-                 help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead."),
-    click.option("--positions", type=click.Choice(["keep", "compact"]), default="keep", show_default=True,
-                 help="Kept tokens keep their positions, or are shifted to dense positions."),
-    click.option("--granularity", type=click.Choice(["auto", "token", "layer", "head"]), default="auto",
-                 show_default=True,
-                 help="One token set for the whole cache, one per layer, or one per (layer, KV head): each row "
-                      "keeps what it attends to, in the same cells. auto: head where the model allows it."),
-    click.option("--aggregation", type=click.Choice(["mean", "max", "rank"]), default="mean", show_default=True,
-                 help="How per-layer, per-head scores become one ranking per token."),
+    click.option(
+        "--ams-variant",
+        type=click.Choice(["mean", "peaked", "vote"]),
+        default="vote",
+        show_default=True,
+        help="AMS on one token set: one mass curve (row mean), rows weighted by peakedness, or per-row "
+        "AMS with voting.",
+    ),
+    click.option(
+        "--no-question-aware",
+        is_flag=True,
+        help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.",
+    ),
+    click.option(
+        "--positions",
+        type=click.Choice(["keep", "compact"]),
+        default="keep",
+        show_default=True,
+        help="Kept tokens keep their positions, or are shifted to dense positions.",
+    ),
+    click.option(
+        "--granularity",
+        type=click.Choice(["auto", "token", "layer", "head"]),
+        default="auto",
+        show_default=True,
+        help="One token set for the whole cache, one per layer, or one per (layer, KV head): each row "
+        "keeps what it attends to, in the same cells. auto: head where the model allows it.",
+    ),
+    click.option(
+        "--aggregation",
+        type=click.Choice(["mean", "max", "rank"]),
+        default="mean",
+        show_default=True,
+        help="How per-layer, per-head scores become one ranking per token.",
+    ),
 )
 _sampling_options = _options(
-    click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
-                 help="Sampling temperature; 0 = greedy."),
-    click.option("--seed", type=click.IntRange(min=0, max=0xFFFFFFFE), default=None,
-                 help="Sampling seed (default: random); with a seed, output is reproducible."),
+    click.option(
+        "--temp",
+        type=click.FloatRange(min=0.0),
+        default=0.8,
+        show_default=True,
+        help="Sampling temperature; 0 = greedy.",
+    ),
+    click.option(
+        "--seed",
+        type=click.IntRange(min=0, max=0xFFFFFFFE),
+        default=None,
+        help="Sampling seed (default: random); with a seed, output is reproducible.",
+    ),
     click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 disables."),
-    click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True,
-                 help="1.0 disables."),
+    click.option(
+        "--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True, help="1.0 disables."
+    ),
 )
 _runtime_options = _options(
     click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True),
-    click.option("--cache-type-v", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
-                 help="A quantized V cache needs --flash-attn on."),
+    click.option(
+        "--cache-type-v",
+        type=click.Choice(["f16", "q8_0", "q4_0", "f32"]),
+        default="f16",
+        show_default=True,
+        help="A quantized V cache needs --flash-attn on.",
+    ),
     click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores."),
 )
 
@@ -138,17 +187,27 @@ _runtime_options = _options(
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", help="Prompt text (raw; BOS is added if the model wants it).")
 @click.option("--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True,
-              help="Tokens to generate at most.")
-@click.option("--budget", type=int, default=None,
-              help="KV cache budget in tokens (default: full cache, no compression).")
+@click.option(
+    "-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True, help="Tokens to generate at most."
+)
+@click.option(
+    "--budget", type=int, default=None, help="KV cache budget in tokens (default: full cache, no compression)."
+)
 @_compression_options
 @_sampling_options
-@click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Context size without --budget (llama.cpp rounds it up to a multiple of 256).")
+@click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Context size without --budget (llama.cpp rounds it up to a multiple of 256).",
+)
 @_runtime_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
-@click.option("--stats-json", metavar="PATH", help="Write run statistics (tokens, speeds, cells, compressions) as JSON.")
+@click.option(
+    "--stats-json", metavar="PATH", help="Write run statistics (tokens, speeds, cells, compressions) as JSON."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Print a timing line to stderr.")
 def generate(**options: Any) -> None:
     """Generate text from MODEL (default: the bundled SmolLM2-135M) and stream it to stdout."""
@@ -158,13 +217,33 @@ def generate(**options: Any) -> None:
         _fail("interrupted", EXIT_INTERRUPTED)
 
 
-def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional[str], max_tokens: int,
-              budget: Optional[int], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-              no_question_aware: bool, positions: str, granularity: str, aggregation: str, temp: float,
-              seed: Optional[int],
-              top_k: int, top_p: float, ctx_size: int, flash_attn: str,
-              cache_type_k: str, cache_type_v: str, threads: int, ignore_eos: bool, stats_json: Optional[str],
-              verbose: bool) -> None:
+def _generate(
+    model: Optional[str],
+    prompt: Optional[str],
+    prompt_file: Optional[str],
+    max_tokens: int,
+    budget: Optional[int],
+    interval: int,
+    scorer: str,
+    no_ams: bool,
+    ams_variant: str,
+    no_question_aware: bool,
+    positions: str,
+    granularity: str,
+    aggregation: str,
+    temp: float,
+    seed: Optional[int],
+    top_k: int,
+    top_p: float,
+    ctx_size: int,
+    flash_attn: str,
+    cache_type_k: str,
+    cache_type_v: str,
+    threads: int,
+    ignore_eos: bool,
+    stats_json: Optional[str],
+    verbose: bool,
+) -> None:
     text = _read_prompt(prompt, prompt_file)
     from .models import check_request, load_model
 
@@ -182,24 +261,40 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
     if not tokens:
         raise click.ClickException("the prompt is empty")
     if budget is not None and budget > llm.n_ctx_train:
-        raise click.BadParameter(f"the budget {budget} is above the model's trained context ({llm.n_ctx_train})",
-                                 param_hint="--budget")
-    config = CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
-                               question_aware=not no_question_aware, positions=positions, granularity=granularity,
-                               aggregation=aggregation)
+        raise click.BadParameter(
+            f"the budget {budget} is above the model's trained context ({llm.n_ctx_train})", param_hint="--budget"
+        )
+    config = CompressionConfig(
+        budget=budget,
+        interval=interval,
+        scorer=scorer,
+        ams=not no_ams,
+        ams_variant=ams_variant,
+        question_aware=not no_question_aware,
+        positions=positions,
+        granularity=granularity,
+        aggregation=aggregation,
+    )
     if budget is not None and scorer == "triattention":
         from .calibration import load_for_model
 
         config.calibration = load_for_model(path)
-    ctx_params = ContextParams(n_ctx=ctx_size, n_batch=min(512, ctx_size), n_ubatch=min(512, ctx_size),
-                               n_threads=threads, flash_attn=flash_attn, type_k=cache_type_k, type_v=cache_type_v)
-    sampler_params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p,
-                                   **({"seed": seed} if seed is not None else {}))
+    ctx_params = ContextParams(
+        n_ctx=ctx_size,
+        n_batch=min(512, ctx_size),
+        n_ubatch=min(512, ctx_size),
+        n_threads=threads,
+        flash_attn=flash_attn,
+        type_k=cache_type_k,
+        type_v=cache_type_v,
+    )
+    sampler_params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p, **({"seed": seed} if seed is not None else {}))
     session = Session(llm, config, ctx_params, sampler_params)
-    n_ctx = session.gen.ctx.n_ctx
+    n_ctx = session.n_ctx
     if budget is None and len(tokens) > n_ctx:
-        raise click.ClickException(f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
-                                   "raise --ctx-size or set a --budget")
+        raise click.ClickException(
+            f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; raise --ctx-size or set a --budget"
+        )
 
     stream = TextStream(llm)
     out = sys.stdout
@@ -224,8 +319,10 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
 
     st = session.stats
     if budget is None and st.generated_tokens < max_tokens and len(tokens) + st.generated_tokens >= n_ctx:
-        _say(f"note: stopped after {st.generated_tokens} tokens at the context limit ({n_ctx}); "
-             "raise --ctx-size or set a --budget")
+        _say(
+            f"note: stopped after {st.generated_tokens} tokens at the context limit ({n_ctx}); "
+            "raise --ctx-size or set a --budget"
+        )
     if stats_json:
         import json
 
@@ -234,16 +331,21 @@ def _generate(model: Optional[str], prompt: Optional[str], prompt_file: Optional
         except OSError as exc:
             raise click.ClickException(f"cannot write --stats-json {stats_json}: {exc.strerror}") from None
     if verbose:
-        _say(f"prompt {st.prompt_tokens} tok, prefill {st.prefill_tok_per_s:.1f} tok/s; "
-             f"generated {st.generated_tokens} tok, decode {st.decode_tok_per_s:.1f} tok/s; "
-             f"cells peak {st.kv_cells_peak}, compressions {st.compressions} ({st.compress_ms_total:.0f} ms)")
+        _say(
+            f"prompt {st.prompt_tokens} tok, prefill {st.prefill_tok_per_s:.1f} tok/s; "
+            f"generated {st.generated_tokens} tok, decode {st.decode_tok_per_s:.1f} tok/s; "
+            f"cells peak {st.kv_cells_peak}, compressions {st.compressions} ({st.compress_ms_total:.0f} ms)"
+        )
 
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--text", "text_file", metavar="FILE", help="Calibrate on this text (default: text the model samples itself).")
-@click.option("--max-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
-              help="Tokens of text to run at most.")
+@click.option(
+    "--text", "text_file", metavar="FILE", help="Calibrate on this text (default: text the model samples itself)."
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(min=64), default=2048, show_default=True, help="Tokens of text to run at most."
+)
 def calibrate(model: Optional[str], text_file: Optional[str], max_tokens: int) -> None:
     """Measure the query statistics TriAttention needs, once per model file."""
     text = _read_prompt(None, text_file) if text_file else None
@@ -260,23 +362,6 @@ def calibrate(model: Optional[str], text_file: Optional[str], max_tokens: int) -
     _say(f"calibration of {path.name} written to {out}")
 
 
-CHAT_HELP = """\
-commands:
-  /help            this list
-  /clear           forget the conversation (the system prompt stays) and start a fresh cache
-  /stats           cache, compression and speed statistics
-  /budget N        keep N cells from the next message on; a smaller budget cuts the cache then,
-                   a larger one moves the session into a larger context (the cache is kept)
-  /scorer NAME     score with NAME from the next compression on (the cache is first cut to
-                   the budget with the current scorer)
-  /save FILE       save the session (conversation, compressed cache, controller state)
-  /load FILE       replace the session with a saved one (same model file; its settings return)
-  /read FILE       put FILE's text into your next message
-  /exit            quit (also Ctrl-D)
-A line ending in \\ continues on the next line; start a message with // to send a leading /.
-Ctrl-C stops a reply and keeps the session; Ctrl-C at the prompt quits with exit code 130."""
-
-
 def _parse_budget(value: Optional[str]) -> Optional[int]:
     """``None`` (not given), ``off`` (full cache) or a positive number of tokens."""
     if value is None:
@@ -286,9 +371,13 @@ def _parse_budget(value: Optional[str]) -> Optional[int]:
     try:
         budget = int(value)
     except ValueError:
-        raise click.BadParameter(f"expected a number of tokens or 'off' (got {value!r})", param_hint="--budget") from None
+        raise click.BadParameter(
+            f"expected a number of tokens or 'off' (got {value!r})", param_hint="--budget"
+        ) from None
     if budget <= 0:
-        raise click.BadParameter(f"the budget must be a positive number of tokens (got {budget})", param_hint="--budget")
+        raise click.BadParameter(
+            f"the budget must be a positive number of tokens (got {budget})", param_hint="--budget"
+        )
     return budget
 
 
@@ -301,7 +390,9 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise click.ClickException(f"cannot read chat template file {value}: {getattr(exc, 'strerror', None) or exc}")
+            raise click.ClickException(
+                f"cannot read chat template file {value}: {getattr(exc, 'strerror', None) or exc}"
+            )
     if value.strip().lower() == "chatml" or "{{" in value or "{%" in value:
         return value
     raise click.BadParameter(f"{value} is neither a file nor template text (or 'chatml')", param_hint="--chat-template")
@@ -309,18 +400,32 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--budget", metavar="N|off", default=None,
-              help="KV cache budget in tokens (default 1024, or less for a short trained context); "
-                   "'off' keeps the full cache of --ctx-size.")
+@click.option(
+    "--budget",
+    metavar="N|off",
+    default=None,
+    help="KV cache budget in tokens (default 1024, or less for a short trained context); "
+    "'off' keeps the full cache of --ctx-size.",
+)
 @_compression_options
 @click.option("--system", metavar="TEXT", help="System prompt (never evicted).")
-@click.option("--chat-template", metavar="STR|FILE",
-              help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.")
+@click.option(
+    "--chat-template",
+    metavar="STR|FILE",
+    help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.",
+)
 @_sampling_options
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Tokens per reply at most.")
-@click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Context size with --budget off.")
+@click.option(
+    "-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per reply at most."
+)
+@click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Context size with --budget off.",
+)
 @_runtime_options
 @click.option("-q", "--quiet", is_flag=True, help="No status line after each reply.")
 @click.option("--ignore-eos", is_flag=True, hidden=True)  # tests: replies that only stop when told to
@@ -337,251 +442,32 @@ def chat(**options: Any) -> None:
         _fail("interrupted", EXIT_INTERRUPTED)
 
 
-class _ChatUI:
-    """The chat loop: reads lines, runs slash commands, streams replies; only the CLI prints."""
-
-    def __init__(self, session: Any, *, quiet: bool, ignore_eos: bool):
-        self.session = session
-        self.quiet = quiet
-        self.ignore_eos = ignore_eos
-        self.interactive = sys.stdin.isatty()
-        self.progress_tty = sys.stderr.isatty()
-        self.pending: list[str] = []  # texts from /read, for the next message
-        self.out = sys.stdout
-        if hasattr(self.out, "reconfigure"):
-            self.out.reconfigure(errors="replace")
-        debug_dir = os.environ.get("AMSLOCAL_DEBUG_LOGITS")
-        if debug_dir:  # hidden: the next-token logits of every turn, for exact comparisons in tests
-            session.logits_hook = self._dump_logits_to(Path(debug_dir))
-
-    def _dump_logits_to(self, folder: Path):
-        import numpy as np
-
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def dump(logits: Any) -> None:
-            turn = sum(1 for m in self.session.messages if m["role"] == "user")
-            np.save(folder / f"turn-{turn:03d}.npy", logits)
-
-        return dump
-
-    def error(self, message: str) -> None:
-        _say(f"error: {message}")
-
-    def info(self, message: str) -> None:
-        click.echo(message, err=True)
-
-    # --- the loop ---------------------------------------------------------------------------
-
-    def read_line(self) -> Optional[str]:
-        """One message or command (None at the end of input); a trailing backslash continues."""
-        try:
-            line = input(">>> " if self.interactive else "")
-            while line.endswith("\\"):
-                line = line[:-1] + "\n" + input("... " if self.interactive else "")
-        except EOFError:
-            if self.interactive:
-                click.echo("")
-            return None
-        return line
-
-    def run(self) -> int:
-        while True:
-            try:
-                line = self.read_line()
-            except KeyboardInterrupt:  # Ctrl-C at the prompt quits
-                click.echo("")
-                return EXIT_INTERRUPTED
-            if line is None:
-                return 0
-            text = line.strip()
-            if text.startswith("/") and not text.startswith("//"):
-                if self.command(text) == "exit":
-                    return 0
-                continue
-            if text.startswith("//"):
-                line = line.lstrip()[1:]
-            message = "\n\n".join(self.pending + ([line] if line.strip() else []))
-            if not message.strip():
-                continue
-            self.pending = []
-            self.reply(message)
-
-    # --- a reply ----------------------------------------------------------------------------
-
-    def reply(self, message: str) -> None:
-        import signal
-
-        from .errors import AmsError
-
-        s = self.session
-        shown = [False]
-
-        def progress(done: int, total: int) -> None:
-            if self.progress_tty and total >= 256:
-                width = 30
-                filled = width * done // total
-                click.echo(f"\r{PROG}: reading [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens",
-                           err=True, nl=False)
-                shown[0] = True
-
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: s.cancel())
-        wrote = False
-        try:
-            for piece in s.chat(message, on_progress=progress, ignore_eos=self.ignore_eos):
-                if shown[0]:
-                    click.echo("\r\x1b[K", err=True, nl=False)
-                    shown[0] = False
-                self.out.write(piece)
-                self.out.flush()
-                wrote = True
-        except AmsError as exc:
-            if wrote:
-                self.out.write("\n")
-            self.error(str(exc))
-            return
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-            sys.exit(EXIT_BROKEN_PIPE)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            if shown[0]:
-                click.echo("\r\x1b[K", err=True, nl=False)
-        self.out.write("\n")
-        self.out.flush()
-        self.status()
-
-    def status(self) -> None:
-        if self.quiet:
-            return
-        s = self.session
-        t = s.last_turn
-        st = s.stats
-        cfg = s.config
-        cells = f"cells {s.cells_used}/{cfg.budget}+{cfg.interval}" if cfg.budget is not None else \
-            f"cells {s.cells_used}/{s.session.gen.ctx.n_ctx} (no budget)"
-        note = {"cancelled": ", stopped", "max_tokens": ", max tokens reached", "context_full": ", context full",
-                "cancelled_reading": ", stopped while reading (the message was cut to what was read)",
-                }.get(t.stop, "")
-        _say(f"{t.reply_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s, {cells}, "
-             f"{st.compressions} compressions{note}")
-
-    # --- slash commands ---------------------------------------------------------------------
-
-    def command(self, text: str) -> Optional[str]:
-        from .errors import AmsError
-
-        name, _, arg = text.partition(" ")
-        arg = arg.strip()
-        handlers = {
-            "/help": self.cmd_help, "/clear": self.cmd_clear, "/stats": self.cmd_stats, "/budget": self.cmd_budget,
-            "/scorer": self.cmd_scorer, "/save": self.cmd_save, "/load": self.cmd_load, "/read": self.cmd_read,
-        }
-        if name in ("/exit", "/quit", "/bye"):
-            return "exit"
-        handler = handlers.get(name)
-        if handler is None:
-            self.error(f"unknown command {name} (type /help)")
-            return None
-        try:
-            handler(arg)
-        except AmsError as exc:
-            self.error(str(exc))
-        return None
-
-    def _need(self, arg: str, command: str, what: str) -> bool:
-        if not arg:
-            self.error(f"{command} needs {what}")
-            return False
-        return True
-
-    def cmd_help(self, arg: str) -> None:
-        click.echo(CHAT_HELP)
-
-    def cmd_clear(self, arg: str) -> None:
-        self.session.clear()
-        self.pending = []
-        self.info("conversation cleared")
-
-    def cmd_stats(self, arg: str) -> None:
-        s = self.session
-        st = s.stats
-        cfg = s.config
-        replies = sum(1 for m in s.messages if m["role"] == "assistant")
-        kept, total = s.system_tokens_in_cache()
-        n_ctx = s.session.gen.ctx.n_ctx
-        budget = f"budget {cfg.budget} (+{cfg.interval} interval)" if cfg.budget is not None else "no budget"
-        rows = [
-            ("messages", f"{len(s.messages)} ({replies} {'reply' if replies == 1 else 'replies'})"),
-            ("cells", f"{s.cells_used} used, {budget}, context {n_ctx}, peak {st.kv_cells_peak}"),
-            ("compressions", f"{st.compressions} (compactions {st.compactions}, evicted {st.evicted_tokens} tokens, "
-                             f"{st.compress_ms_total:.0f} ms)"),
-            ("system prompt", f"{kept}/{total} tokens in cache"),
-            ("protected", f"{len(s.session.protected_positions)} positions"),
-            ("prompt", f"{st.prompt_tokens} tokens, {st.prefill_tok_per_s:.1f} tok/s"),
-            ("generated", f"{st.generated_tokens} tokens, {st.decode_tok_per_s:.1f} tok/s"),
-            ("scorer", f"{cfg.scorer}, {'AMS' if cfg.ams else 'top-k'}, positions {cfg.positions}"),
-            ("template", f"{s.template.kind}; full re-reads {s.refeeds}"),
-        ]
-        for key, value in rows:
-            click.echo(f"{key:<15}{value}")
-
-    def cmd_budget(self, arg: str) -> None:
-        if not self._need(arg, "/budget", "a number of tokens"):
-            return
-        try:
-            budget = int(arg)
-        except ValueError:
-            self.error(f"bad /budget value {arg!r}: give a number of tokens")
-            return
-        if budget <= 0:
-            self.error(f"bad /budget value {budget}: the budget must be positive")
-            return
-        self.session.set_budget(budget)
-        self.info(f"budget {budget} (+{self.session.config.interval}): takes effect from the next message")
-
-    def cmd_scorer(self, arg: str) -> None:
-        if not self._need(arg, "/scorer", "a scorer name (" + ", ".join(_scorer_names()) + ")"):
-            return
-        self.session.set_scorer(arg)
-        self.info(f"scorer {arg}: takes effect from the next compression")
-
-    def cmd_save(self, arg: str) -> None:
-        if not self._need(arg, "/save", "a FILE"):
-            return
-        n = self.session.save(Path(arg).expanduser())
-        s = self.session
-        self.info(f"saved {len(s.messages)} messages and {s.cells_used} cells to {arg} ({n / 1024:.0f} KiB)")
-
-    def cmd_load(self, arg: str) -> None:
-        if not self._need(arg, "/load", "a FILE"):
-            return
-        s = self.session
-        s.load(Path(arg).expanduser())
-        cfg = s.config
-        budget = f"budget {cfg.budget}" if cfg.budget is not None else "no budget"
-        self.info(f"loaded {arg}: {len(s.messages)} messages, {s.cells_used} cells, {budget}, scorer {cfg.scorer}")
-
-    def cmd_read(self, arg: str) -> None:
-        if not self._need(arg, "/read", "a FILE"):
-            return
-        try:
-            text = Path(arg).expanduser().read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            self.error(f"{arg} is not UTF-8 text ({exc.reason} at byte {exc.start})")
-            return
-        except OSError as exc:
-            self.error(f"cannot read {arg}: {exc.strerror or exc}")
-            return
-        self.pending.append(text)
-        self.info(f"read {arg} ({len(text)} characters); it goes into your next message")
-
-
-def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: str, no_ams: bool, ams_variant: str,
-          no_question_aware: bool, positions: str, granularity: str, aggregation: str, system: Optional[str],
-          chat_template: Optional[str], temp: float, seed: Optional[int],
-          top_k: int, top_p: float, max_tokens: int, ctx_size: int, flash_attn: str, cache_type_k: str,
-          cache_type_v: str, threads: int, quiet: bool, ignore_eos: bool) -> int:
+def _chat(
+    model: Optional[str],
+    budget: Optional[str],
+    interval: int,
+    scorer: str,
+    no_ams: bool,
+    ams_variant: str,
+    no_question_aware: bool,
+    positions: str,
+    granularity: str,
+    aggregation: str,
+    system: Optional[str],
+    chat_template: Optional[str],
+    temp: float,
+    seed: Optional[int],
+    top_k: int,
+    top_p: float,
+    max_tokens: int,
+    ctx_size: int,
+    flash_attn: str,
+    cache_type_k: str,
+    cache_type_v: str,
+    threads: int,
+    quiet: bool,
+    ignore_eos: bool,
+) -> int:
     parsed = _parse_budget(budget)
     template = _read_chat_template(chat_template)
     from .models import check_compressible, check_request
@@ -594,8 +480,9 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
     path = Path(facts["path"])
     from .api import Engine
 
-    engine = Engine(path, n_threads=threads, flash_attn=flash_attn, cache_type_k=cache_type_k,
-                    cache_type_v=cache_type_v)
+    engine = Engine(
+        path, n_threads=threads, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v
+    )
     n_train = engine.model.n_ctx_train
     if parsed is None:  # the default: 1024, or what a short trained context allows
         chosen: Optional[int] = min(1024, max(n_train - interval, 1))
@@ -603,14 +490,32 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
         chosen = None
     else:
         if parsed > n_train:
-            raise click.BadParameter(f"the budget {parsed} is above the model's trained context ({n_train})",
-                                     param_hint="--budget")
+            raise click.BadParameter(
+                f"the budget {parsed} is above the model's trained context ({n_train})", param_hint="--budget"
+            )
         chosen = parsed
-    session = engine.session(budget=chosen, interval=interval, scorer=scorer, ams=not no_ams, ams_variant=ams_variant,
-                             question_aware=not no_question_aware, positions=positions, granularity=granularity,
-                             aggregation=aggregation, system=system, chat_template=template, temperature=temp,
-                             top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, ctx_size=ctx_size)
-    ui = _ChatUI(session, quiet=quiet, ignore_eos=ignore_eos)
+    session = engine.session(
+        budget=chosen,
+        interval=interval,
+        scorer=scorer,
+        ams=not no_ams,
+        ams_variant=ams_variant,
+        question_aware=not no_question_aware,
+        positions=positions,
+        granularity=granularity,
+        aggregation=aggregation,
+        system=system,
+        chat_template=template,
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        ctx_size=ctx_size,
+    )
+    from .repl import ChatUI
+
+    ui = ChatUI(session, quiet=quiet, ignore_eos=ignore_eos)
     if ui.interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -619,8 +524,10 @@ def _chat(model: Optional[str], budget: Optional[str], interval: int, scorer: st
         budget_text = f"budget {chosen} (+{interval})" if chosen is not None else f"full cache of {ctx_size}"
         rows = session.config.granularity if chosen is not None else "token"
         sets = {"head": ", a token set per KV head", "layer": ", a token set per layer"}.get(rows, "")
-        _say(f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}{sets}, "
-             f"template {session.template.kind}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.")
+        _say(
+            f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}{sets}, "
+            f"template {session.template.kind}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits."
+        )
     return ui.run()
 
 
@@ -633,8 +540,9 @@ def info(model: Optional[str], as_json: bool) -> None:
     Reads the GGUF header only: fast, and works without the native backend.
     """
     from .info import format_info, model_info
+    from .models import locate_model
 
-    facts = model_info(model)
+    facts = model_info(locate_model(model))
     if as_json:
         import json
 
@@ -659,60 +567,159 @@ def _int_list(value: str, what: str) -> list[int]:
 
 
 @bench.command("quality")
-@click.option("--task", type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity", "chat"]),
-              required=True)
+@click.option(
+    "--task",
+    type=click.Choice(["gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity", "chat"]),
+    required=True,
+)
 @click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
-@click.option("--budgets", default=None,
-              help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey and perplexity) "
-                   "[default: 96,128,192; perplexity 256,512,1024].")
-@click.option("--budget-base", type=click.Choice(["prompt", "absolute"]), default=None,
-              help="Budgets count on top of the prompt, or whole cells [default: prompt; absolute for passkey].")
-@click.option("--methods", default="full,context-shift,streaming,tova,ams-tova", show_default=True,
-              help="Comma-separated: full, context-shift, S (global top-k) or ams-S for a scorer S; 'all' for every one.")
-@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Items (passkey: items per depth).")
-@click.option("--out", "out_dir", metavar="DIR", default=None, help="Results directory [default: bench-results/TASK-MODEL].")
+@click.option(
+    "--budgets",
+    default=None,
+    help="Comma-separated KV budgets (tokens over the prompt; absolute cells for passkey and perplexity) "
+    "[default: 96,128,192; perplexity 256,512,1024].",
+)
+@click.option(
+    "--budget-base",
+    type=click.Choice(["prompt", "absolute"]),
+    default=None,
+    help="Budgets count on top of the prompt, or whole cells [default: prompt; absolute for passkey].",
+)
+@click.option(
+    "--methods",
+    default="full,context-shift,streaming,tova,ams-tova",
+    show_default=True,
+    help="Comma-separated: full, context-shift, S (global top-k) or ams-S for a scorer S; 'all' for every one.",
+)
+@click.option(
+    "-n",
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Items (passkey: items per depth).",
+)
+@click.option(
+    "--out", "out_dir", metavar="DIR", default=None, help="Results directory [default: bench-results/TASK-MODEL]."
+)
 @click.option("--data", "data_dir", metavar="DIR", default=None, help="Where the sets are [default: ../shared/data].")
-@click.option("--interval", type=click.IntRange(min=1), default=None,
-              help="Memory is budget + interval cells; sessions compress back to the budget when it is full "
-                   "[default: 32; passkey 128, its long prompt goes through in chunks of this size].")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Per answer [default: 512; passkey 16; fidelity 256].")
-@click.option("--n-keep", type=int, default=0, show_default=True,
-              help="context-shift: tokens kept at the start, like llama.cpp's --keep (-1: the whole prompt).")
+@click.option(
+    "--interval",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Memory is budget + interval cells; sessions compress back to the budget when it is full "
+    "[default: 32; passkey 128, its long prompt goes through in chunks of this size].",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Per answer [default: 512; passkey 16; fidelity 256].",
+)
+@click.option(
+    "--n-keep",
+    type=int,
+    default=0,
+    show_default=True,
+    help="context-shift: tokens kept at the start, like llama.cpp's --keep (-1: the whole prompt).",
+)
 @click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
-@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Samples per item (pass@k; needs --temp > 0).")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Samples per item (pass@k; needs --temp > 0).",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--passkey-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
-              help="passkey: approximate prompt length.")
-@click.option("--doc-tokens", type=click.IntRange(min=64), default=2048, show_default=True,
-              help="perplexity: tokens of each document.")
-@click.option("--step", type=click.IntRange(min=1), default=None,
-              help="perplexity: tokens per lockstep slice [default: the interval]; 1 feeds token by token "
-                   "(the same numbers, slower: for checking).")
-@click.option("--turns", type=click.IntRange(min=1), default=12, show_default=True,
-              help="chat: GSM8K questions per conversation (-n counts conversations).")
-@click.option("--no-replay", is_flag=True,
-              help="Decode every token of every method (default: feed the full cache's answer up to the first compression).")
-@click.option("--no-question-aware", is_flag=True,
-              help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.")
+@click.option(
+    "--passkey-tokens",
+    type=click.IntRange(min=64),
+    default=2048,
+    show_default=True,
+    help="passkey: approximate prompt length.",
+)
+@click.option(
+    "--doc-tokens",
+    type=click.IntRange(min=64),
+    default=2048,
+    show_default=True,
+    help="perplexity: tokens of each document.",
+)
+@click.option(
+    "--step",
+    type=click.IntRange(min=1),
+    default=None,
+    help="perplexity: tokens per lockstep slice [default: the interval]; 1 feeds token by token "
+    "(the same numbers, slower: for checking).",
+)
+@click.option(
+    "--turns",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="chat: GSM8K questions per conversation (-n counts conversations).",
+)
+@click.option(
+    "--no-replay",
+    is_flag=True,
+    help="Decode every token of every method (default: feed the full cache's answer up to the first compression).",
+)
+@click.option(
+    "--no-question-aware",
+    is_flag=True,
+    help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.",
+)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
-@click.option("--shard", metavar="I/K", default=None,
-              help="Run only items I, I+K, I+2K, ... (start K processes with -t 1 into one --out; "
-                   "on a few cores K single-thread processes beat one K-thread process).")
+@click.option(
+    "--shard",
+    metavar="I/K",
+    default=None,
+    help="Run only items I, I+K, I+2K, ... (start K processes with -t 1 into one --out; "
+    "on a few cores K single-thread processes beat one K-thread process).",
+)
 @click.option("--report-only", is_flag=True, help="Summarise and plot what --out holds; run nothing.")
-@click.option("--summary-name", metavar="NAME", default="summary", show_default=True,
-              help="Write NAME.json and NAME.md (and NAME-*.png plots), e.g. to report a subset of methods or items "
-                   "of one directory with --report-only.")
+@click.option(
+    "--summary-name",
+    metavar="NAME",
+    default="summary",
+    show_default=True,
+    help="Write NAME.json and NAME.md (and NAME-*.png plots), e.g. to report a subset of methods or items "
+    "of one directory with --report-only.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budget_base: Optional[str], methods: str, n: int,
-                  out_dir: Optional[str], data_dir: Optional[str], interval: Optional[int], max_tokens: Optional[int], n_keep: int,
-                  temp: float, top_p: float, samples: int, seed: int, passkey_tokens: int, doc_tokens: int, step: Optional[int], turns: int,
-                  no_replay: bool, no_question_aware: bool,
-                  no_plots: bool, threads: int, shard: Optional[str], report_only: bool, summary_name: str,
-                  quiet: bool) -> None:
+def bench_quality(
+    task: str,
+    model: Optional[str],
+    budgets: Optional[str],
+    budget_base: Optional[str],
+    methods: str,
+    n: int,
+    out_dir: Optional[str],
+    data_dir: Optional[str],
+    interval: Optional[int],
+    max_tokens: Optional[int],
+    n_keep: int,
+    temp: float,
+    top_p: float,
+    samples: int,
+    seed: int,
+    passkey_tokens: int,
+    doc_tokens: int,
+    step: Optional[int],
+    turns: int,
+    no_replay: bool,
+    no_question_aware: bool,
+    no_plots: bool,
+    threads: int,
+    shard: Optional[str],
+    report_only: bool,
+    summary_name: str,
+    quiet: bool,
+) -> None:
     """Accuracy (gsm8k, math500, aime24, passkey) or fidelity to the full cache, per method and budget.
 
     Resumable: run the same command again and it continues where it stopped. Writes one JSONL
@@ -724,13 +731,17 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
     from .models import load_model, resolve_model
 
     if samples > 1 and temp <= 0:
-        raise click.BadParameter("several samples need --temp > 0 (greedy samples are all the same)", param_hint="--samples")
+        raise click.BadParameter(
+            "several samples need --temp > 0 (greedy samples are all the same)", param_hint="--samples"
+        )
     method_list = parse_methods(methods)
     if task == "perplexity" and budget_base == "prompt":
         raise click.BadParameter("perplexity budgets are whole cells (there is no prompt)", param_hint="--budget-base")
     if task == "chat" and click.get_current_context().get_parameter_source("methods").name == "DEFAULT":
         method_list = [m for m in method_list if m.kind != "context-shift"]  # not a chat session
-    budget_list = _int_list(budgets or {"perplexity": "256,512,1024", "chat": "256,512"}.get(task, "96,128,192"), "--budgets")
+    budget_list = _int_list(
+        budgets or {"perplexity": "256,512,1024", "chat": "256,512"}.get(task, "96,128,192"), "--budgets"
+    )
     shard_ik = (0, 1)
     if shard is not None:
         try:
@@ -741,8 +752,9 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
             raise click.BadParameter(f"need 0 <= I < K, got {shard!r}", param_hint="--shard")
         shard_ik = (i, k)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", summary_name) or summary_name.endswith((".json", ".md")):
-        raise click.BadParameter(f"expected a plain file stem such as summary-core, got {summary_name!r}",
-                                 param_hint="--summary-name")
+        raise click.BadParameter(
+            f"expected a plain file stem such as summary-core, got {summary_name!r}", param_hint="--summary-name"
+        )
     path = resolve_model(model)
     default_max = {"passkey": 16, "fidelity": 256, "chat": 256}.get(task, 512)
     calibration = None
@@ -751,17 +763,41 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
 
         calibration = load_for_model(path)
     interval = interval or (128 if task in ("passkey", "perplexity", "chat") else 32)
-    settings = RunSettings(max_new=max_tokens or default_max, interval=interval, n_keep=n_keep, n_threads=threads,
-                           temperature=temp, top_p=top_p, seed=seed, replay=not no_replay,
-                           question_aware=not no_question_aware, calibration=calibration)
+    settings = RunSettings(
+        max_new=max_tokens or default_max,
+        interval=interval,
+        n_keep=n_keep,
+        n_threads=threads,
+        temperature=temp,
+        top_p=top_p,
+        seed=seed,
+        replay=not no_replay,
+        question_aware=not no_question_aware,
+        calibration=calibration,
+    )
     out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
     llm = load_model(path, compress=any(m.compresses for m in method_list))
-    run = QualityRun(task=task, model_path=path, methods=method_list, budgets=budget_list, out_dir=out, n=n,
-                     data_dir=Path(data_dir) if data_dir else None,
-                     budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity", "chat") else "prompt"), samples=samples,
-                     settings=settings, passkey_tokens=passkey_tokens, doc_tokens=doc_tokens, step=step, plots=not no_plots,
-                     progress=None if quiet else _say, shard=shard_ik, report_only=report_only,
-                     summary_name=summary_name, turns=turns)
+    run = QualityRun(
+        task=task,
+        model_path=path,
+        methods=method_list,
+        budgets=budget_list,
+        out_dir=out,
+        n=n,
+        data_dir=Path(data_dir) if data_dir else None,
+        budget_base=budget_base or ("absolute" if task in ("passkey", "perplexity", "chat") else "prompt"),
+        samples=samples,
+        settings=settings,
+        passkey_tokens=passkey_tokens,
+        doc_tokens=doc_tokens,
+        step=step,
+        plots=not no_plots,
+        progress=None if quiet else _say,
+        shard=shard_ik,
+        report_only=report_only,
+        summary_name=summary_name,
+        turns=turns,
+    )
     summary = run_quality(run, llm)
     from .bench.quality import markdown
 
@@ -772,20 +808,41 @@ def bench_quality(task: str, model: Optional[str], budgets: Optional[str], budge
 @bench.command("speed")
 @click.option("--model", "model", metavar="GGUF", default=None, help="Model file (default: the default model).")
 @click.option("--depths", default="512,2048,4096", show_default=True, help="Cache depths at which decode is timed.")
-@click.option("--budget", type=click.IntRange(min=37), default=256, show_default=True)
+@click.option(
+    "--budget", type=click.IntRange(min=DEFAULT_N_SINK + DEFAULT_KEEP_LAST + 1), default=256, show_default=True
+)
 @click.option("--interval", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens timed per measurement.")
+@click.option(
+    "--n-gen", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens timed per measurement."
+)
 @click.option("--methods", default=None, help="Comma-separated S / ams-S [default: every scorer with and without AMS].")
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--no-stock", is_flag=True, help="Skip the stock llama-cpp-python decode loop.")
-@click.option("--evidence", type=click.Choice(["event", "step", "both"]), default="event", show_default=True,
-              help="How budgeted rows gather attention evidence: computed at the event from captured queries, "
-                   "or by the per-step side branch in the graph; both: one row each, side by side.")
+@click.option(
+    "--evidence",
+    type=click.Choice(["event", "step", "both"]),
+    default="event",
+    show_default=True,
+    help="How budgeted rows gather attention evidence: computed at the event from captured queries, "
+    "or by the per-step side branch in the graph; both: one row each, side by side.",
+)
 @click.option("--json", "json_out", metavar="PATH", default=None, help="Also write the raw result as JSON.")
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def bench_speed(model: Optional[str], depths: str, budget: int, interval: int, n_gen: int, methods: Optional[str],
-                rounds: int, no_stock: bool, evidence: str, json_out: Optional[str], threads: int, quiet: bool) -> None:
+def bench_speed(
+    model: Optional[str],
+    depths: str,
+    budget: int,
+    interval: int,
+    n_gen: int,
+    methods: Optional[str],
+    rounds: int,
+    no_stock: bool,
+    evidence: str,
+    json_out: Optional[str],
+    threads: int,
+    quiet: bool,
+) -> None:
     """Decode tokens/s at several depths, full cache vs. a budget per scorer ± AMS (llama-bench style).
 
     Every row of a depth is measured in one process, round-robin, so the ratios compare like with like.
@@ -797,10 +854,19 @@ def bench_speed(model: Optional[str], depths: str, budget: int, interval: int, n
 
     path = resolve_model(model)
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    result = run_speed(path, depths=tuple(_int_list(depths, "--depths")), budget=budget, interval=interval, n_gen=n_gen,
-                       methods=method_list, rounds=rounds, n_threads=threads, include_stock=not no_stock,
-                       evidence=("event", "step") if evidence == "both" else (evidence,),
-                       progress=None if quiet else _say)
+    result = run_speed(
+        path,
+        depths=tuple(_int_list(depths, "--depths")),
+        budget=budget,
+        interval=interval,
+        n_gen=n_gen,
+        methods=method_list,
+        rounds=rounds,
+        n_threads=threads,
+        include_stock=not no_stock,
+        evidence=("event", "step") if evidence == "both" else (evidence,),
+        progress=None if quiet else _say,
+    )
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

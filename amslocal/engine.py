@@ -61,8 +61,9 @@ class TextStream:
 class Generator:
     """Own decode loop over one context; the truth about the cache comes from llama.cpp."""
 
-    def __init__(self, model: Model, ctx_params: ContextParams = ContextParams(),
-                 sampler_params: SamplerParams = SamplerParams()):
+    def __init__(
+        self, model: Model, ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams()
+    ):
         self.model = model
         self.ctx = Context(model, ctx_params)
         self.view = CacheView(self.ctx)
@@ -89,8 +90,9 @@ class Generator:
 
     # --- decoding ---------------------------------------------------------------------------
 
-    def eval(self, tokens: Sequence[int], positions: Sequence[int] | None = None, *,
-             logits_all: bool = False) -> np.ndarray | None:
+    def eval(
+        self, tokens: Sequence[int], positions: Sequence[int] | None = None, *, logits_all: bool = False
+    ) -> np.ndarray | None:
         """Decode ``tokens`` at ``positions`` (default: after the last live position).
 
         The batch is cut into chunks of ``n_batch``; logits are kept for the last token only, or,
@@ -106,8 +108,8 @@ class Generator:
             positions = range(start, start + len(tokens))
         n_batch = self.batch.capacity
         for i in range(0, len(tokens), n_batch):
-            chunk = list(tokens[i:i + n_batch])
-            pchunk = list(positions[i:i + n_batch])
+            chunk = list(tokens[i : i + n_batch])
+            pchunk = list(positions[i : i + n_batch])
             self.batch.set(chunk, pchunk, logits_last=True, logits_all=logits_all)
             self.ctx.decode(self.batch)
             if logits_all:

@@ -7,6 +7,9 @@ what went wrong and how to fix it. The CLI prints that line and exits non-zero; 
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
 
 class AmsError(Exception):
     """Base class: a problem with the input or the installation, described in one line."""
@@ -49,3 +52,21 @@ class BudgetError(OptionError):
 
 class InputError(AmsError):
     """A text file the user named cannot be read."""
+
+
+class ChatError(AmsError):
+    """A chat request that cannot be served (bad messages, a full context, a wrong mode)."""
+
+
+class TemplateError(ChatError):
+    """The chat template does not compile or refuses the conversation."""
+
+
+class SaveFileError(AmsError):
+    """A save file that is unreadable, damaged, of another format, or of another model."""
+
+    exit_code = 2
+
+
+class SessionBusyError(ChatError):
+    """The session is serving another call (a session is used by one thread at a time)."""

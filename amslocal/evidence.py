@@ -16,14 +16,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-
 # fast math without the no-NaN/no-Inf assumptions (the kernel never makes either)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def attention_rows(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int,
-                   out: np.ndarray) -> None:
+def attention_rows(
+    q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int, out: np.ndarray
+) -> None:
     """out[t, h, j] = sum over the query heads of KV head h of softmax_j(scale * q[t, head] . k[j, h]).
 
     q: [W, n_head, d] float32 post-RoPE queries (query head hq reads KV head hq // G, as in
@@ -75,8 +75,9 @@ def attention_rows(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.nd
                 acc[j] += buf[j] * inv
 
 
-def attention_rows_ref(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float,
-                       n_swa: int) -> np.ndarray:
+def attention_rows_ref(
+    q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int
+) -> np.ndarray:
     """Reference of :func:`attention_rows` with whole-array numpy steps (float64); returns out."""
     W, n_head, d = q.shape
     n, H, _ = k.shape
@@ -86,23 +87,30 @@ def attention_rows_ref(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: n
     visible = (k_pos >= 0) & (k_pos <= q_pos)  # [W, n]
     if n_swa > 0:
         visible &= q_pos - k_pos < n_swa
-    kh = np.repeat(k.astype(np.float64), G, axis=1)                       # [n, n_head, d]
+    kh = np.repeat(k.astype(np.float64), G, axis=1)  # [n, n_head, d]
     logits = scale * np.einsum("thd,jhd->thj", q.astype(np.float64), kh)  # [W, n_head, n]
     x = np.where(visible[:, None, :], logits, -np.inf)
     with np.errstate(invalid="ignore"):
         e = np.exp(x - x.max(axis=-1, keepdims=True))
-        p = np.nan_to_num(e / e.sum(axis=-1, keepdims=True))              # a query that sees nothing: 0
+        p = np.nan_to_num(e / e.sum(axis=-1, keepdims=True))  # a query that sees nothing: 0
     return p.reshape(W, H, G, n).sum(axis=2)
 
 
-def attention_per_query(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
-                        scale: float, n_swa: int = 0) -> np.ndarray:
+def attention_per_query(
+    q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int = 0
+) -> np.ndarray:
     """Each query's attention probability on each key, summed over each KV group's heads:
     [W, H_kv, n] float32 (see :func:`attention_rows`)."""
     out = np.empty((q.shape[0], k.shape[1], k.shape[0]), dtype=np.float32)
-    attention_rows(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k, dtype=np.float32),
-                   np.ascontiguousarray(q_pos, dtype=np.int64), np.ascontiguousarray(k_pos, dtype=np.int64),
-                   float(scale), int(n_swa), out)
+    attention_rows(
+        np.ascontiguousarray(q, dtype=np.float32),
+        np.ascontiguousarray(k, dtype=np.float32),
+        np.ascontiguousarray(q_pos, dtype=np.int64),
+        np.ascontiguousarray(k_pos, dtype=np.int64),
+        float(scale),
+        int(n_swa),
+        out,
+    )
     return out
 
 

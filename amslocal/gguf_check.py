@@ -38,10 +38,17 @@ _KEEP_STRING_ARRAY = 64  # general.languages, general.tags
 
 # Fixed-size metadata value types: struct format character (without byte order).
 _SCALAR = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
 }
 
 
@@ -94,7 +101,7 @@ class _Walker:
         n = self.unpack("Q")
         start = self.pos
         self.skip(n)
-        return bytes(self.buf[start:self.pos])
+        return bytes(self.buf[start : self.pos])
 
     def value(self, vtype: int, *, keep: bool) -> object:
         """Read (or, with ``keep=False``, skip cheaply) one metadata value of type ``vtype``.
@@ -110,7 +117,7 @@ class _Walker:
             self.skip(n)
             if not keep or n > _KEEP_STRING_BYTES:
                 return None
-            return bytes(self.buf[start:self.pos]).decode("utf-8", "replace")
+            return bytes(self.buf[start : self.pos]).decode("utf-8", "replace")
         if vtype == GGUFValueType.ARRAY:
             itype, count = self.unpack("IQ")
             items: tuple | None = None
@@ -193,8 +200,9 @@ def _walk(path: Path, buf: mmap.mmap | bytes) -> GGUFInfo:
         end = data_offset + offset + n_elem // block * type_size
         if end > size:
             raise _Damaged(f"tensor '{name}' data ends at byte {end} but the file has {size} bytes")
-    return GGUFInfo(path, version, n_tensors, n_kv, arch, data_offset, size,
-                    metadata, array_lengths, n_params, dict(tensor_types))
+    return GGUFInfo(
+        path, version, n_tensors, n_kv, arch, data_offset, size, metadata, array_lengths, n_params, dict(tensor_types)
+    )
 
 
 def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:

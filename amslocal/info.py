@@ -33,21 +33,49 @@ KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # --- architecture tables (from the vendored llama.cpp) ------------------------------------------
 
 RECURRENT = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
-HYBRID = frozenset({
-    "jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
-    "qwen3next", "kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next", "qwen35", "qwen35moe", "qwen4exp",
-    "deepseek4", "minimax-01",
-})
+HYBRID = frozenset(
+    {
+        "jamba",
+        "falcon-h1",
+        "plamo2",
+        "granitehybrid",
+        "lfm2",
+        "lfm2moe",
+        "nemotron_h",
+        "nemotron_h_moe",
+        "qwen3next",
+        "kimi-linear",
+        "bailingmoe3",
+        "kimi-k3",
+        "glm5-next",
+        "qwen35",
+        "qwen35moe",
+        "qwen4exp",
+        "deepseek4",
+        "minimax-01",
+    }
+)
 DIFFUSION = frozenset({"dream", "llada", "llada-moe", "rnd1"})
-ENCODER = frozenset({
-    "bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert",
-    "eurobert", "t5encoder", "gemma-embedding", "llama-embed",
-})
+ENCODER = frozenset(
+    {
+        "bert",
+        "nomic-bert",
+        "nomic-bert-moe",
+        "jina-bert-v2",
+        "jina-bert-v3",
+        "modern-bert",
+        "neo-bert",
+        "eurobert",
+        "t5encoder",
+        "gemma-embedding",
+        "llama-embed",
+    }
+)
 NOT_A_CHAT_MODEL = {
     "clip": "a multimodal projector (mmproj) file, not a language model",
     "wavtokenizer-dec": "an audio decoder, not a language model",
     "t5": "an encoder-decoder model: amslocal drives decoder-only models (and T5's relative-position "
-          "bias is not observed)",
+    "bias is not observed)",
     "eagle3": "a speculative-decoding draft head; it runs only beside its target model",
     "dflash": "a speculative-decoding draft model; it runs only beside its target model",
 }
@@ -77,13 +105,23 @@ _ROPE_MROPE = "qwen2vl paddleocr"
 _ROPE_IMROPE = "qwen3vl qwen3vlmoe qwen35 qwen35moe qwen4exp qwen3tts"
 ROPE_TYPE: dict[str, str] = {
     arch: kind
-    for names, kind in ((_ROPE_NONE, "none"), (_ROPE_NORM, "norm"), (_ROPE_NEOX, "neox"),
-                        (_ROPE_MROPE, "mrope"), (_ROPE_IMROPE, "imrope"))
+    for names, kind in (
+        (_ROPE_NONE, "none"),
+        (_ROPE_NORM, "norm"),
+        (_ROPE_NEOX, "neox"),
+        (_ROPE_MROPE, "mrope"),
+        (_ROPE_IMROPE, "imrope"),
+    )
     for arch in names.split()
 }
 # M-RoPE when the file carries rope.dimension_sections, else this type
-ROPE_MROPE_IF_SECTIONS = {"bailingmoe3": "norm", "glm4": "norm", "glm4moe": "neox", "hunyuan_vl": "neox",
-                          "dflash": "neox"}
+ROPE_MROPE_IF_SECTIONS = {
+    "bailingmoe3": "norm",
+    "glm4": "norm",
+    "glm4moe": "neox",
+    "hunyuan_vl": "neox",
+    "dflash": "neox",
+}
 KNOWN_ARCHS = frozenset(ROPE_TYPE) | frozenset(ROPE_MROPE_IF_SECTIONS)
 
 # Interleaved sliding-window attention: (default n_swa or None, default period, dense first,
@@ -108,8 +146,9 @@ _SWA: dict[str, tuple[Optional[int], int, bool, bool]] = {
     "muse-glimmer": (None, 4, False, False),
 }
 # architectures that read a per-layer sliding_window_pattern array and nothing else
-_SWA_ARRAY_ONLY = frozenset({"gemma4", "gemma4-assistant", "granite_swa", "maple", "mimo2", "spark2_5",
-                             "step35", "dots3note", "dflash"})
+_SWA_ARRAY_ONLY = frozenset(
+    {"gemma4", "gemma4-assistant", "granite_swa", "maple", "mimo2", "spark2_5", "step35", "dots3note", "dflash"}
+)
 # llama_kv_cache::get_can_shift(): false for step35 and for M-RoPE (several positions per token)
 _NO_SHIFT_ARCHS = frozenset({"step35"})
 # gemma3n: llama.cpp hard-codes the first 20 layers as the ones with a KV cache
@@ -117,6 +156,7 @@ _KV_FROM_START = {"gemma3n": 20}
 
 
 # --- small helpers ------------------------------------------------------------------------------
+
 
 def _per_layer(value: Any, n_layer: int, default: int) -> list[int]:
     """A scalar-or-array hparam as one value per layer (llama.cpp's get_key_or_arr)."""
@@ -146,7 +186,7 @@ def _file_type_name(value: Any) -> Optional[str]:
         return f"unknown ({value})"
     for prefix in ("MOSTLY_", "ALL_"):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -203,16 +243,12 @@ def _pattern_text(flags: list[bool]) -> str:
     return "".join("S" if f else "F" for f in flags) + " (S sliding-window, F full)"
 
 
-def _locate(path: str | os.PathLike[str] | None):
-    from .models import locate_model  # models imports this module lazily; no cycle at import time
-
-    return locate_model(path)
-
-
 # --- the facts ----------------------------------------------------------------------------------
 
-def model_info(path: str | os.PathLike[str] | None = None) -> dict:
-    """Facts about the GGUF model at ``path`` (the default model when None), from its header.
+
+def model_info(path: str | os.PathLike[str]) -> dict:
+    """Facts about the GGUF model at ``path`` (resolved by the caller, e.g. with
+    :func:`amslocal.models.locate_model`), from its header.
 
     Raises :class:`~amslocal.errors.ModelError` (one line) for a missing, foreign, truncated or
     damaged file. The result is JSON-serialisable; sizes are bytes, KV sizes are per token:
@@ -233,7 +269,7 @@ def model_info(path: str | os.PathLike[str] | None = None) -> dict:
     """
     from .gguf_check import inspect_gguf
 
-    resolved = _locate(path)
+    resolved = Path(path).expanduser()
     g = inspect_gguf(resolved)
     if not g.arch:
         raise ModelError(f"{resolved} has no general.architecture key; it is not a model file")
@@ -280,8 +316,11 @@ def _facts(resolved: Path, g: "GGUFInfo") -> dict:
     rope_scaling = None
     scaling_type = key("rope.scaling.type")
     if (scaling_type and scaling_type not in ("none", "linear")) or key("rope.scaling.factor"):
-        rope_scaling = {"type": scaling_type or "linear", "factor": key("rope.scaling.factor"),
-                        "original_context": key("rope.scaling.original_context_length")}
+        rope_scaling = {
+            "type": scaling_type or "linear",
+            "factor": key("rope.scaling.factor"),
+            "original_context": key("rope.scaling.original_context_length"),
+        }
 
     # which layers hold K/V, which of them use a sliding window
     swa_flags, n_swa, swa_kind = _swa_layers(arch, md, n_layer)
@@ -389,11 +428,15 @@ def _compression(info: Mapping[str, Any]) -> dict:
     if arch in NOT_A_CHAT_MODEL:
         return no(NOT_A_CHAT_MODEL[arch])
     if arch in RECURRENT:
-        return no(f"recurrent state cannot be evicted per token: '{arch}' is a recurrent (SSM/RWKV) "
-                  "architecture whose memory is one fixed-size state, not a per-token KV cache")
+        return no(
+            f"recurrent state cannot be evicted per token: '{arch}' is a recurrent (SSM/RWKV) "
+            "architecture whose memory is one fixed-size state, not a per-token KV cache"
+        )
     if arch in HYBRID:
-        return no(f"'{arch}' is a hybrid architecture: its recurrent layers keep a fixed-size state that "
-                  "cannot be evicted per token, so the cache cannot be cut back consistently")
+        return no(
+            f"'{arch}' is a hybrid architecture: its recurrent layers keep a fixed-size state that "
+            "cannot be evicted per token, so the cache cannot be cut back consistently"
+        )
     if arch in DIFFUSION:
         return no(f"'{arch}' is a diffusion model: it denoises whole blocks instead of decoding token by token")
     if arch in ENCODER or not info["causal"]:
@@ -403,12 +446,16 @@ def _compression(info: Mapping[str, Any]) -> dict:
     if info["n_layer_kv"] == 0:
         return no(f"'{arch}' has no attention layer with a KV cache")
     if info["mla_latent_cache"]:
-        return no("MLA (DeepSeek-style) latent cache: each token is one compressed row shared by all heads "
-                  "and there is no V cache, which amslocal's per-head K/V reads and scorers do not handle")
+        return no(
+            "MLA (DeepSeek-style) latent cache: each token is one compressed row shared by all heads "
+            "and there is no V cache, which amslocal's per-head K/V reads and scorers do not handle"
+        )
     n_full = info["n_layer_kv"] - info["n_layer_swa"]
     if info["n_layer_swa"] and n_full == 0:
-        return no(f"every attention layer uses a sliding window of {info['sliding_window']} tokens: the cache "
-                  "already forgets by itself and there is no full-attention cache to score")
+        return no(
+            f"every attention layer uses a sliding window of {info['sliding_window']} tokens: the cache "
+            "already forgets by itself and there is no full-attention cache to score"
+        )
 
     positions = both
     notes = []
@@ -419,13 +466,18 @@ def _compression(info: Mapping[str, Any]) -> dict:
     if info["n_layer_swa"]:
         kind = "chunked" if info["sliding_window_kind"] == "chunked" else "sliding-window"
         n_swa_layers = info["n_layer_swa"]
-        reason = (f"interleaved {kind} attention: the {_plural(n_full, 'full-attention layer')} "
-                  f"{'is' if n_full == 1 else 'are'} scored and evicted; the {_plural(n_swa_layers, kind + ' layer')} "
-                  f"forget{'s' if n_swa_layers == 1 else ''} by {'itself' if n_swa_layers == 1 else 'themselves'} "
-                  f"(at most {info['sliding_window']} tokens)")
+        reason = (
+            f"interleaved {kind} attention: the {_plural(n_full, 'full-attention layer')} "
+            f"{'is' if n_full == 1 else 'are'} scored and evicted; the {_plural(n_swa_layers, kind + ' layer')} "
+            f"forget{'s' if n_swa_layers == 1 else ''} by {'itself' if n_swa_layers == 1 else 'themselves'} "
+            f"(at most {info['sliding_window']} tokens)"
+        )
     else:
-        reason = (f"every one of the {info['n_layer_kv']} attention layers keeps a per-token KV cache"
-                  if info["n_layer_kv"] > 1 else "its attention layer keeps a per-token KV cache")
+        reason = (
+            f"every one of the {info['n_layer_kv']} attention layers keeps a per-token KV cache"
+            if info["n_layer_kv"] > 1
+            else "its attention layer keeps a per-token KV cache"
+        )
     return {"supported": True, "reason": "; ".join([reason, *notes]), "positions": positions}
 
 
@@ -433,8 +485,9 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def kv_cache_bytes(info: Mapping[str, Any], n_cells: int, type_k: str = "f16", type_v: Optional[str] = None,
-                   *, n_ubatch: int = 512) -> Optional[int]:
+def kv_cache_bytes(
+    info: Mapping[str, Any], n_cells: int, type_k: str = "f16", type_v: Optional[str] = None, *, n_ubatch: int = 512
+) -> Optional[int]:
     """Bytes of K and V that llama.cpp allocates for a cache of ``n_cells`` cells.
 
     ``type_k``/``type_v`` are among :data:`KV_TYPES` (``type_v`` defaults to ``type_k``); None when
@@ -452,6 +505,7 @@ def kv_cache_bytes(info: Mapping[str, Any], n_cells: int, type_k: str = "f16", t
 
 
 # --- the text -----------------------------------------------------------------------------------
+
 
 def _bytes(n: Optional[int | float]) -> str:
     if n is None:
@@ -481,10 +535,20 @@ def format_info(info: Mapping[str, Any]) -> str:
         params += f" (labelled {info['size_label']})"
     add(("parameters", params))
     types = ", ".join(f"{t} x{n}" for t, n in info["tensor_types"].items())
-    add(("file", f"{_bytes(info['file_size'])}, GGUF v{info['gguf_version']}, "
-                 f"type {info['file_type'] or 'unknown'}" + (f"  [tensors: {types}]" if types else "")))
-    add(("layers", f"{info['n_layer']}" + (f" ({info['n_layer_kv']} with a KV cache)"
-                                           if info["n_layer_kv"] != info["n_layer"] else "")))
+    add(
+        (
+            "file",
+            f"{_bytes(info['file_size'])}, GGUF v{info['gguf_version']}, "
+            f"type {info['file_type'] or 'unknown'}" + (f"  [tensors: {types}]" if types else ""),
+        )
+    )
+    add(
+        (
+            "layers",
+            f"{info['n_layer']}"
+            + (f" ({info['n_layer_kv']} with a KV cache)" if info["n_layer_kv"] != info["n_layer"] else ""),
+        )
+    )
     if info["n_head"]:
         kv = info["n_head_kv"]
         if info.get("n_head_kv_per_layer"):
@@ -493,8 +557,11 @@ def format_info(info: Mapping[str, Any]) -> str:
         elif info["mla_latent_cache"]:
             kv_text = f"{kv} KV (MLA: one latent row per token shared by all heads)"
         else:
-            kv_text = f"{kv} KV" + (f" (GQA, {info['n_head'] // kv} query heads per KV head)"
-                                    if kv and info["n_head"] % kv == 0 and info["n_head"] != kv else "")
+            kv_text = f"{kv} KV" + (
+                f" (GQA, {info['n_head'] // kv} query heads per KV head)"
+                if kv and info["n_head"] % kv == 0 and info["n_head"] != kv
+                else ""
+            )
         add(("heads", f"{info['n_head']} query, {kv_text}"))
         add(("head dims", f"key {info['head_dim_k']}, value {info['head_dim_v']}, rotary {info['n_rot']}"))
     else:
@@ -513,13 +580,23 @@ def format_info(info: Mapping[str, Any]) -> str:
         add(("rope", rope))
     if info["sliding_window"]:
         kind = "chunked attention" if info["sliding_window_kind"] == "chunked" else "sliding window"
-        add(("sliding window", f"{info['sliding_window']} tokens ({kind}) on {info['n_layer_swa']} of "
-                               f"{info['n_layer_kv']} layers: {info['sliding_window_pattern']}"))
+        add(
+            (
+                "sliding window",
+                f"{info['sliding_window']} tokens ({kind}) on {info['n_layer_swa']} of "
+                f"{info['n_layer_kv']} layers: {info['sliding_window_pattern']}",
+            )
+        )
     else:
         add(("sliding window", "none"))
     if info["kv_lora_rank"] is not None:
-        add(("MLA", f"kv_lora_rank {info['kv_lora_rank']}, "
-                    + ("latent cache (K only)" if info["mla_latent_cache"] else "per-head cache")))
+        add(
+            (
+                "MLA",
+                f"kv_lora_rank {info['kv_lora_rank']}, "
+                + ("latent cache (K only)" if info["mla_latent_cache"] else "per-head cache"),
+            )
+        )
     add(("vocabulary", f"{info['vocab_size']} tokens" if info["vocab_size"] else "unknown"))
     add(("chat template", f"yes ({info['chat_template_chars']} characters)" if info["chat_template"] else "no"))
 
@@ -534,15 +611,23 @@ def format_info(info: Mapping[str, Any]) -> str:
                 line = "n/a (head size is not a multiple of the 32-element block)"
             elif swa:
                 full, part = info["kv_bytes_per_token_full"][t], info["kv_bytes_per_token_swa"][t]
-                line = (f"{full:>9,} B full-attention + {part:,} B sliding-window "
-                        f"(stops growing at {info['sliding_window']} tokens)")
+                line = (
+                    f"{full:>9,} B full-attention + {part:,} B sliding-window "
+                    f"(stops growing at {info['sliding_window']} tokens)"
+                )
             else:
                 per_1k = _bytes(total * 1024)
                 line = f"{total:>9,} B  ({per_1k} per 1024 tokens)"
             add((f"  {t}", line))
     else:
-        add(("KV per token", "none (a fixed-size recurrent state instead)" if info["architecture"] in RECURRENT
-                              else "none (no per-token KV cache)"))
+        add(
+            (
+                "KV per token",
+                "none (a fixed-size recurrent state instead)"
+                if info["architecture"] in RECURRENT
+                else "none (no per-token KV cache)",
+            )
+        )
 
     comp = info["compression"]
     if comp["supported"]:

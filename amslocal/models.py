@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from .config import DEFAULT_KEEP_LAST, DEFAULT_N_SINK, check_budget, check_scorer
 from .errors import BudgetError, InputError, ModelError, OptionError, UnsupportedModelError
 from .gguf_check import validate_gguf
 
@@ -24,18 +25,27 @@ if TYPE_CHECKING:  # the backend is imported lazily: it fails on a stock llama.c
     from .backend import Model
 
 __all__ = [
-    "DEFAULT_MODEL_FILENAME", "PROJECT_ROOT", "BudgetError", "InputError", "OptionError",
-    "DEFAULT_N_SINK", "DEFAULT_KEEP_LAST", "check_budget", "check_compressible", "check_request",
-    "check_scorer", "default_model_path", "load_model", "locate_model", "read_text_file", "resolve_model",
+    "DEFAULT_MODEL_FILENAME",
+    "PROJECT_ROOT",
+    "BudgetError",
+    "InputError",
+    "OptionError",
+    "DEFAULT_N_SINK",
+    "DEFAULT_KEEP_LAST",
+    "check_budget",
+    "check_compressible",
+    "check_request",
+    "check_scorer",
+    "default_model_path",
+    "load_model",
+    "locate_model",
+    "read_text_file",
+    "resolve_model",
 ]
 
 DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # same name as models/fetch.py fetches
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_ENV = "AMSLOCAL_MODEL"
-# CompressionConfig's defaults (session.py imports the backend, so they are repeated here; a test
-# checks that they agree)
-DEFAULT_N_SINK = 4
-DEFAULT_KEEP_LAST = 32
 
 
 def default_model_path() -> Path:
@@ -50,9 +60,7 @@ def locate_model(path: str | os.PathLike[str] | None = None) -> Path:
         resolved = default_model_path()
         if not resolved.exists():
             source = f" (from ${MODEL_ENV})" if os.environ.get(MODEL_ENV) else ""
-            raise ModelError(
-                f"default model not found at {resolved}{source}; fetch it with: python models/fetch.py"
-            )
+            raise ModelError(f"default model not found at {resolved}{source}; fetch it with: python models/fetch.py")
         return resolved
     return Path(path).expanduser()
 
@@ -76,7 +84,7 @@ def _info_of(model: ModelLike) -> dict:
     if isinstance(model, Mapping):
         return dict(model)
     path = getattr(model, "path", model)  # a loaded backend Model knows its file
-    return model_info(path)
+    return model_info(locate_model(path))
 
 
 def check_compressible(model: ModelLike, *, positions: Optional[str] = None) -> dict:
@@ -99,40 +107,6 @@ def check_compressible(model: ModelLike, *, positions: Optional[str] = None) -> 
     return info
 
 
-def check_budget(budget: Any, n_ctx_train: Optional[int] = None, *, n_sink: int = DEFAULT_N_SINK,
-                 keep_last: int = DEFAULT_KEEP_LAST) -> int:
-    """``budget`` if it can work, else :class:`BudgetError` with the reason in one line.
-
-    A budget must be a whole positive number of tokens, at least ``n_sink + keep_last + 1`` (the
-    always-kept tokens plus one to choose), and, when ``n_ctx_train`` is given, not above the
-    model's trained context.
-    """
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        try:
-            if isinstance(budget, bool) or float(budget) != int(budget):
-                raise ValueError
-            budget = int(budget)
-        except (TypeError, ValueError, OverflowError):
-            raise BudgetError(f"the budget must be a whole number of tokens (got {budget!r})") from None
-    if budget <= 0:
-        raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
-    floor = n_sink + keep_last + 1
-    if budget < floor:
-        raise BudgetError(f"budget {budget} is too small: it must be at least n_sink + keep_last + 1 = {floor}")
-    if n_ctx_train and budget > n_ctx_train:
-        raise BudgetError(f"the budget {budget} is above the model's trained context ({n_ctx_train})")
-    return budget
-
-
-def check_scorer(name: str) -> str:
-    """``name`` if it is a registered scorer, else :class:`OptionError` listing the choices."""
-    from .scorers import SCORERS  # pure Python (no backend)
-
-    if name not in SCORERS:
-        raise OptionError(f"unknown scorer {name!r}; choose one of: {', '.join(sorted(SCORERS))}")
-    return name
-
-
 def read_text_file(path: str | os.PathLike[str], what: str = "prompt file") -> str:
     """The UTF-8 text of ``path``; :class:`InputError` (one line) if it is missing, a directory,
     unreadable or not UTF-8. ``what`` names the file in the message."""
@@ -144,9 +118,15 @@ def read_text_file(path: str | os.PathLike[str], what: str = "prompt file") -> s
         raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def check_request(model: str | os.PathLike[str] | None = None, *, budget: Any = None,
-                  scorer: Optional[str] = None, positions: Optional[str] = None,
-                  n_sink: int = DEFAULT_N_SINK, keep_last: int = DEFAULT_KEEP_LAST) -> dict:
+def check_request(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    budget: Any = None,
+    scorer: Optional[str] = None,
+    positions: Optional[str] = None,
+    n_sink: int = DEFAULT_N_SINK,
+    keep_last: int = DEFAULT_KEEP_LAST,
+) -> dict:
     """Every check before a run, from the header alone; returns the model's facts.
 
     The file must be a valid GGUF (ModelError); with a ``budget`` the cache must be compressible
@@ -160,7 +140,7 @@ def check_request(model: str | os.PathLike[str] | None = None, *, budget: Any = 
     if budget is not None:
         # the budget's own bounds first: they do not depend on the model
         check_budget(budget, n_sink=n_sink, keep_last=keep_last)
-    info = model_info(model)
+    info = model_info(locate_model(model))
     if budget is not None:
         check_compressible(info, positions=positions)
         check_budget(budget, info["n_ctx_train"], n_sink=n_sink, keep_last=keep_last)
@@ -169,8 +149,14 @@ def check_request(model: str | os.PathLike[str] | None = None, *, budget: Any = 
 
 # --- loading ------------------------------------------------------------------------------------
 
-def load_model(path: str | os.PathLike[str] | None = None, *, n_gpu_layers: Optional[int] = None,
-               validate: bool = True, compress: bool = False) -> "Model":
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    n_gpu_layers: Optional[int] = None,
+    validate: bool = True,
+    compress: bool = False,
+) -> "Model":
     """Resolve, validate and load a model that amslocal can serve.
 
     Raises :class:`ModelError` for a bad file, :class:`UnsupportedModelError` for a recurrent or

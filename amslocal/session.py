@@ -13,12 +13,13 @@ branch costs nothing in between), except for scorers that need every step (H2O).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, ContextParams, Model, SamplerParams
+from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Model, Sampler
+from .config import NO_ROW_SETS, CompressionConfig, ContextParams, SamplerParams
 from .engine import Generator
 from .errors import AmsError, BudgetError
 from .scorers import make_scorer
@@ -33,21 +34,11 @@ from .scorers.base import (
 )
 from .select import make_selector
 from .select.aggregate import aggregate
-from .select.ams import AMSParams
-from .select.mass import evidence_mass, peaked_mass, row_evidence_mass
 from .select.rows import place_rows
-
 
 _kernels_warm = False
 MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
 MAX_OBSERVERS = 64  # question-aware prefill: at most this many of a prompt's last tokens observe
-AMS_VARIANTS = ("mean", "peaked", "vote")
-# which tokens a KV cell holds: one for every row (llama.cpp's own), one set per layer, or one set
-# per (layer, KV head) row (patch 0002 moves K/V rows between cells); "auto": per head where the
-# model and scorer allow it, else per token
-GRANULARITIES = ("auto", "token", "layer", "head")
-# scorers that read each token's position to undo its RoPE, which per-row sets do not give them yet
-_NO_ROW_SETS = {"triattention": "it un-rotates keys by one position per cell"}
 
 
 def _read_once(read: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
@@ -74,49 +65,6 @@ def _warm_kernels() -> None:
         scorer_kernels.warmup()
         select_kernels.warmup()
         _kernels_warm = True
-
-
-@dataclass
-class CompressionConfig:
-    """How a session keeps its cache bounded. ``budget=None`` means the full cache."""
-
-    budget: Optional[int] = None
-    interval: int = 128
-    # defaults by measurement: the best on long documents (BENCHMARKS.md, long context)
-    scorer: str = "rkv"
-    ams: bool = True
-    # how AMS reads the rows of one token set: "mean" (one mass curve, the row average),
-    # "peaked" (rows weighted by how peaked their attention is), "vote" (every (layer, KV head)
-    # row runs its own AMS; tokens kept by the most rows win)
-    ams_variant: str = "vote"
-    aggregation: str = "mean"
-    positions: str = "keep"  # keep | compact
-    granularity: str = "auto"  # auto | token | layer | head (see GRANULARITIES)
-    # a prompt compressed before its end is read is scored by the attention of its last tokens
-    # (decoded ahead as observers, then removed): the question a long message ends with decides
-    question_aware: bool = True
-    n_sink: int = 4
-    keep_last: int = 32
-    window: Optional[int] = None  # the scorer's observed queries before an event; default: its own
-    ams_params: AMSParams = field(default_factory=AMSParams)
-    scorer_params: dict = field(default_factory=dict)
-    calibration: Optional[dict] = None  # TriAttention statistics
-
-    @property
-    def capacity(self) -> Optional[int]:
-        return None if self.budget is None else self.budget + self.interval
-
-    def to_dict(self) -> dict:
-        """JSON-able fields (the calibration, a per-model file, is left out)."""
-        d = asdict(replace(self, calibration=None))
-        d.pop("calibration")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompressionConfig":
-        known = {f.name for f in fields(cls)} - {"ams_params", "calibration"}
-        d = {"granularity": "token", **d}  # saved before per-row token sets existed: token mode
-        return cls(**{k: v for k, v in d.items() if k in known}, ams_params=AMSParams(**d.get("ams_params", {})))
 
 
 @dataclass
@@ -157,9 +105,16 @@ class SessionStats:
 class Session:
     """One sequence whose KV cache never holds more than ``budget + interval`` tokens."""
 
-    def __init__(self, model: Model, config: CompressionConfig = CompressionConfig(),
-                 ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams(),
-                 *, observe_attention: bool = False, evidence_mode: Optional[str] = None):
+    def __init__(
+        self,
+        model: Model,
+        config: CompressionConfig = CompressionConfig(),
+        ctx_params: ContextParams = ContextParams(),
+        sampler_params: SamplerParams = SamplerParams(),
+        *,
+        observe_attention: bool = False,
+        evidence_mode: Optional[str] = None,
+    ):
         self.model = model
         # diagnostics (benchmarks): observe attention even when the scorer and selector do not use
         # it, so that every event can be described by its attention mass; never changes a choice
@@ -170,12 +125,20 @@ class Session:
         cfg = config
         self.scorer = make_scorer(cfg.scorer, **cfg.scorer_params)
         if cfg.budget is not None:
-            self._validate(cfg)
+            cfg.validate()
             n_ctx = cfg.capacity
             if NEEDS_CALIBRATION in self.scorer.needs and cfg.calibration is None:
-                raise AmsError(f"scorer {cfg.scorer} needs a calibration of this model; run: amslocal calibrate {model.path}")
-            ctx_params = ContextParams(**{**asdict(ctx_params), "n_ctx": n_ctx,
-                                          "n_batch": min(ctx_params.n_batch, n_ctx), "n_ubatch": min(ctx_params.n_ubatch, n_ctx)})
+                raise AmsError(
+                    f"scorer {cfg.scorer} needs a calibration of this model; run: amslocal calibrate {model.path}"
+                )
+            ctx_params = ContextParams(
+                **{
+                    **asdict(ctx_params),
+                    "n_ctx": n_ctx,
+                    "n_batch": min(ctx_params.n_batch, n_ctx),
+                    "n_ubatch": min(ctx_params.n_ubatch, n_ctx),
+                }
+            )
         self.gen = Generator(model, ctx_params, sampler_params)
         self.view = self.gen.view
         if evidence_mode is not None:  # None: event-time evidence where exact (see CacheView)
@@ -185,17 +148,24 @@ class Session:
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
         if cfg.granularity == "auto":  # resolved once, here: stats and save files name what ran
-            row_sets = cfg.budget is not None and cfg.scorer not in _NO_ROW_SETS and self._row_sets_refusal("head") is None
+            row_sets = (
+                cfg.budget is not None and cfg.scorer not in NO_ROW_SETS and self._row_sets_refusal("head") is None
+            )
             cfg = self.config = replace(cfg, granularity="head" if row_sets else "token")
         if cfg.budget is not None and cfg.granularity != "token":
             refusal = self._row_sets_refusal(cfg.granularity)
             if refusal:
                 raise AmsError(refusal)
-            self.selector = make_selector("row-ams" if cfg.ams else "row-topk",
-                                          **(asdict(cfg.ams_params) if cfg.ams else {}))
+            self.selector = make_selector(
+                "row-ams" if cfg.ams else "row-topk", **(asdict(cfg.ams_params) if cfg.ams else {})
+            )
         else:
-            self.selector = (make_selector("ams-vote" if cfg.ams_variant == "vote" else "ams", **asdict(cfg.ams_params))
-                             if cfg.ams else make_selector("topk"))
+            if not cfg.ams:
+                self.selector = make_selector("topk")
+            elif cfg.ams_variant == "vote":
+                self.selector = make_selector("ams-vote", **asdict(cfg.ams_params))
+            else:
+                self.selector = make_selector("ams", **asdict(cfg.ams_params), mass_variant=cfg.ams_variant)
         if cfg.budget is not None:
             _warm_kernels()
         # the layers scored: those of the full-attention cache (an SWA cache forgets by itself)
@@ -205,9 +175,14 @@ class Session:
         self.group = li0.n_head // li0.n_head_kv
         self._derive_from_scorer()
         self.protected_positions: set[int] = set()
-        self.stats = SessionStats(kv_budget=cfg.budget, kv_capacity=cfg.capacity, scorer=cfg.scorer if cfg.budget else "none",
-                                  ams=bool(cfg.ams and cfg.budget), positions=cfg.positions,
-                                  granularity=cfg.granularity if cfg.budget is not None else "token")
+        self.stats = SessionStats(
+            kv_budget=cfg.budget,
+            kv_capacity=cfg.capacity,
+            scorer=cfg.scorer if cfg.budget else "none",
+            ams=bool(cfg.ams and cfg.budget),
+            positions=cfg.positions,
+            granularity=cfg.granularity if cfg.budget is not None else "token",
+        )
         self._observing, self._obs_kind = False, (False, False)
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
 
@@ -218,12 +193,16 @@ class Session:
         forgets by position."""
         view, arch = self.view, self.model.arch
         if view.n_caches != 1 or any(li.n_swa for li in view.layers if li.cache >= 0):
-            return (f"{arch}: granularity {g} needs one full-attention cache (sliding-window layers "
-                    f"forget cells by their position); use --granularity token")
+            return (
+                f"{arch}: granularity {g} needs one full-attention cache (sliding-window layers "
+                f"forget cells by their position); use --granularity token"
+            )
         for li in (view.layers[il] for il in view.kv_layers):
             if li.n_rot == 0:
-                return (f"{arch}: granularity {g} needs RoPE on every layer (without it the cell's position "
-                        f"enters attention, e.g. ALiBi); use --granularity token")
+                return (
+                    f"{arch}: granularity {g} needs RoPE on every layer (without it the cell's position "
+                    f"enters attention, e.g. ALiBi); use --granularity token"
+                )
             if li.rope_type not in (0, 2):  # NORM, NEOX: M-RoPE and vision RoPE read more than one position
                 return f"{arch}: granularity {g} does not support this model's multi-axis RoPE; use --granularity token"
         if len({view.layers[il].n_head_kv for il in view.kv_layers}) != 1:
@@ -250,24 +229,6 @@ class Session:
         if self.query_window:
             self.view.set_query_window(self.query_window)
 
-    @staticmethod
-    def _validate(cfg: CompressionConfig) -> None:
-        floor = cfg.n_sink + cfg.keep_last + 1
-        if cfg.budget < floor:
-            raise BudgetError(f"budget {cfg.budget} is too small: it must be at least n_sink + keep_last + 1 = {floor}")
-        if cfg.interval < 1:
-            raise BudgetError(f"interval must be at least 1 (got {cfg.interval})")
-        if cfg.positions not in ("keep", "compact"):
-            raise BudgetError(f"positions must be keep or compact (got {cfg.positions})")
-        if cfg.ams_variant not in AMS_VARIANTS:
-            raise BudgetError(f"ams_variant must be one of {', '.join(AMS_VARIANTS)} (got {cfg.ams_variant})")
-        if cfg.granularity not in GRANULARITIES:
-            raise BudgetError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {cfg.granularity})")
-        if cfg.granularity in ("layer", "head"):
-            if cfg.scorer in _NO_ROW_SETS:
-                raise BudgetError(f"scorer {cfg.scorer} does not work with granularity {cfg.granularity}: "
-                                  f"{_NO_ROW_SETS[cfg.scorer]}")
-
     # --- state --------------------------------------------------------------------------------
 
     @property
@@ -282,6 +243,54 @@ class Session:
     def protect(self, positions: Sequence[int]) -> None:
         """Never evict these positions (a system prompt, chat-template control tokens)."""
         self.protected_positions.update(int(p) for p in positions)
+
+    def release_oldest_protection(self, limit: int, keep_first: int = 0) -> int:
+        """Unprotect the oldest protected positions after the first ``keep_first`` until at most
+        ``limit`` stay (``limit >= keep_first``); returns how many were released."""
+        prot = sorted(self.protected_positions)
+        excess = len(prot) - max(limit, keep_first)
+        if excess <= 0:
+            return 0
+        self.protected_positions.difference_update(prot[keep_first : keep_first + excess])
+        return excess
+
+    @property
+    def n_ctx(self) -> int:
+        """Cells of the context (``budget + interval`` rounded up to 256, or the full context)."""
+        return self.gen.ctx.n_ctx
+
+    @property
+    def next_pos(self) -> int:
+        return self.gen.next_pos
+
+    def kept_tokens(self) -> tuple[list[int], list[int]]:
+        """(positions, token ids) of the tokens in the cache, in position order."""
+        return self.gen.kept_tokens()
+
+    def logits(self) -> np.ndarray:
+        """Next-token logits after the last decode (a copy)."""
+        return self.gen.ctx.logits(-1)
+
+    def refresh_logits(self, bos: int = -1) -> None:
+        """Make next-token logits available without new input (a session restored from a file):
+        decode the last token again at its own position, or ``bos`` into an empty cache."""
+        if not self.gen.tokens_at:
+            if bos < 0:
+                raise AmsError("nothing to continue from: the cache is empty and the model has no BOS token")
+            self.prefill([bos])
+            return
+        p = max(self.gen.tokens_at)
+        tok = self.gen.tokens_at[p]
+        self.gen.evict([p])
+        self.gen.eval([tok], [p])
+
+    def set_sampler(self, params: SamplerParams) -> None:
+        """Sample from now on with ``params``."""
+        self.gen.sampler = Sampler(params)
+
+    def close(self) -> None:
+        """Free the llama.cpp context (the session cannot be used afterwards)."""
+        self.gen.ctx.close()
 
     # --- observation schedule -----------------------------------------------------------------
 
@@ -341,27 +350,44 @@ class Session:
 
     # --- feeding and generating ---------------------------------------------------------------
 
-    def feed(self, tokens: Sequence[int], *, logits: bool = False,
-             observers: Sequence[int] = ()) -> Optional[np.ndarray]:
+    def feed(
+        self,
+        tokens: Sequence[int],
+        *,
+        logits: bool = False,
+        observers: Sequence[int] = (),
+        protect: Optional[Sequence[bool]] = None,
+        on_protect: Optional[Callable[[], None]] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+        on_progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Union[np.ndarray, int]:
         """Add tokens to the cache, compressing whenever it is full (bounded prefill).
 
         With ``logits`` returns the next-token logits after every token, [len(tokens), n_vocab]
         (teacher forcing in batches: the same evidence and evictions as feeding token by token,
-        and the same numbers up to llama.cpp's batched-vs-single-query rounding).
+        and the same numbers up to llama.cpp's batched-vs-single-query rounding); else the number
+        of tokens fed (fewer than given when ``cancel`` stopped it).
 
         ``observers`` (question-aware prefill): the last tokens of ``tokens``, or of the message
         that ``tokens`` begin. Every compression before they are reached keeps room for them,
         decodes them ahead of the text (at the next positions), scores by their attention and then
         removes them (see :meth:`compress`): the cells never pass ``budget + interval``.
+
+        ``protect``: per token, whether it must never be evicted (chat-template structure); each
+        chunk's positions are registered before anything can evict them, then ``on_protect`` runs
+        (a protection policy may release older ones). ``cancel()`` is asked between chunks;
+        ``on_progress(fed, total)`` is told after each.
         """
         cap = self.config.capacity
         tokens = list(tokens)
         obs = self.observer_tail(observers) if cap is not None else []
         # observers that are the tail of ``tokens`` stop observing once the feed reaches them
-        tail = len(obs) if obs and tokens[-len(obs):] == obs else 0
+        tail = len(obs) if obs and tokens[-len(obs) :] == obs else 0
         rows: list[np.ndarray] = []
         i = 0
         while i < len(tokens):
+            if cancel is not None and cancel():
+                break
             if cap is None:
                 n = min(self.gen.batch.capacity, len(tokens) - i)
             else:
@@ -371,12 +397,21 @@ class Session:
                     self.compress(observers=active)
                     continue
                 n = self._chunk_len(min(room, self.gen.batch.capacity, len(tokens) - i))
-            out = self._eval(tokens[i:i + n], logits)
+            if protect is not None:
+                p0 = self.gen.next_pos
+                marked = [p0 + k for k in range(n) if protect[i + k]]
+                if marked:
+                    self.protect(marked)
+                    if on_protect is not None:
+                        on_protect()
+            out = self._eval(tokens[i : i + n], logits)
             if logits:
                 rows.append(out)
             i += n
+            if on_progress is not None:
+                on_progress(i, len(tokens))
         if not logits:
-            return None
+            return i
         return np.concatenate(rows) if rows else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
     def observer_tail(self, tokens: Sequence[int]) -> list[int]:
@@ -384,17 +419,20 @@ class Session:
         half the interval. While observers wait, an event comes after ``interval - observers`` new
         tokens instead of ``interval`` (they take cells too), so more would multiply the events."""
         n = min(MAX_OBSERVERS, self.config.interval // 2, len(tokens))
-        return list(tokens[len(tokens) - n:]) if n > 0 else []
+        return list(tokens[len(tokens) - n :]) if n > 0 else []
 
-    def prefill(self, tokens: Sequence[int], observers: Optional[Sequence[int]] = None) -> None:
-        """Feed a prompt; ``observers`` as in :meth:`feed`, by default the prompt's last tokens
-        when the config is question-aware."""
+    def prefill(self, tokens: Sequence[int], observers: Optional[Sequence[int]] = None, **feed_options: Any) -> int:
+        """Feed a prompt and count it in the statistics; ``observers`` as in :meth:`feed`, by
+        default the prompt's last tokens when the config is question-aware. ``feed_options``:
+        ``protect``, ``on_protect``, ``cancel``, ``on_progress`` (see :meth:`feed`). Returns the
+        tokens fed."""
         t0 = time.perf_counter()
         if observers is None:
             observers = self.observer_tail(tokens) if self.config.question_aware else ()
-        self.feed(tokens, observers=observers)
+        fed = self.feed(tokens, observers=observers, **feed_options)
         self.stats.prefill_s += time.perf_counter() - t0
-        self.stats.prompt_tokens += len(tokens)
+        self.stats.prompt_tokens += fed
+        return fed
 
     def generate(self, prompt: Sequence[int], max_tokens: int, *, ignore_eos: bool = False) -> Iterator[int]:
         """Prefill ``prompt``, then yield up to ``max_tokens`` tokens; each is in the cache when yielded."""
@@ -423,8 +461,12 @@ class Session:
         view, layers = self.view, self.layers
         needs = self.scorer.needs
         inp = ScoreInput(
-            positions=positions.astype(np.int64), cells=cells, layers=[view.layers[il] for il in layers],
-            group=self.group, next_position=self.gen.next_pos, n_queries=view.n_queries,
+            positions=positions.astype(np.int64),
+            cells=cells,
+            layers=[view.layers[il] for il in layers],
+            group=self.group,
+            next_position=self.gen.next_pos,
+            n_queries=view.n_queries,
             calibration=self.config.calibration,
         )
         if self.wants_attn:
@@ -464,7 +506,7 @@ class Session:
         if observers and self.n_occupied > cfg.budget and fit > 0:
             # as many of the last observers as fit: they end the window at the capacity, so the
             # last decode before the event is observed (TOVA) whatever the cache held before
-            observers = list(observers)[max(0, len(observers) - fit):]
+            observers = list(observers)[max(0, len(observers) - fit) :]
             p0 = self.gen.next_pos
             self.feed(observers)  # fits: no event inside; cut and observed by the usual windows
             transient = np.arange(p0, p0 + len(observers), dtype=np.int64)
@@ -482,7 +524,7 @@ class Session:
 
         protected = np.zeros(T, dtype=bool)
         protected[: cfg.n_sink] = True
-        protected[max(0, T - cfg.keep_last):] = True
+        protected[max(0, T - cfg.keep_last) :] = True
         if self.protected_positions:
             protected |= np.isin(positions, np.fromiter(self.protected_positions, dtype=np.int64))
         if protected.sum() > budget:
@@ -490,20 +532,12 @@ class Session:
         if self._row_sets:
             return self._compress_rows(t0, cells, positions, transient, inp, row_scores, token_scores, protected)
 
-        mass = row_mass = None
-        if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
-            window_mask = self._window_mask(T, transient.size)
-            if cfg.ams_variant == "mean":
-                mass = evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask, cfg.ams_params.smooth)
-            else:
-                row_mass = row_evidence_mass(inp.mass_attn, inp.mass_queries, self.group, window_mask,
-                                             cfg.ams_params.smooth)
-                mass = peaked_mass(row_mass) if cfg.ams_variant == "peaked" else None
-        if cfg.ams and cfg.ams_variant == "vote":
-            keep = self.selector.select_rows(row_scores, token_scores, budget, protected, positions.astype(np.int64),
-                                             row_mass)
-        else:
-            keep = self.selector.select(token_scores, budget, protected, positions.astype(np.int64), mass)
+        mass = None  # what the selector segments by, computed by the selector itself (None: top-k)
+        if inp.mass_attn is not None and inp.mass_queries > 0:
+            mass = self.selector.evidence_mass(
+                inp.mass_attn, inp.mass_queries, self.group, self._window_mask(T, transient.size)
+            )
+        keep = self.selector.select_event(row_scores, token_scores, budget, protected, positions.astype(np.int64), mass)
 
         kept_mask = np.zeros(T, dtype=bool)
         kept_mask[keep] = True
@@ -517,8 +551,10 @@ class Session:
         compact = cfg.positions == "compact" or near_limit
         if near_limit and not self.gen.ctx.can_shift():
             # going on would place tokens past the trained context: stop rather than degrade silently
-            raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
-                           f"model's cache cannot shift them back; start a new session")
+            raise AmsError(
+                f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
+                f"model's cache cannot shift them back; start a new session"
+            )
         if compact and self.gen.ctx.can_shift():
             old = positions[kept_mask].astype(np.int64)
             self.gen.compact()
@@ -545,12 +581,20 @@ class Session:
         window_mask = np.zeros(T, dtype=bool)
         in_window = self.mass_window - n_transient  # the window's queries that are candidates
         if in_window > 0:
-            window_mask[max(0, T - in_window):] = True
+            window_mask[max(0, T - in_window) :] = True
         return window_mask
 
-    def _compress_rows(self, t0: float, cells: np.ndarray, positions: np.ndarray, transient: np.ndarray,
-                       inp: ScoreInput, row_scores: np.ndarray, token_scores: np.ndarray,
-                       protected: np.ndarray) -> dict:
+    def _compress_rows(
+        self,
+        t0: float,
+        cells: np.ndarray,
+        positions: np.ndarray,
+        transient: np.ndarray,
+        inp: ScoreInput,
+        row_scores: np.ndarray,
+        token_scores: np.ndarray,
+        protected: np.ndarray,
+    ) -> dict:
         """The event with one token set per layer or per (layer, KV head) row.
 
         Each row (or layer) selects ``budget`` of the tokens it holds; :func:`place_rows` picks the
@@ -565,9 +609,11 @@ class Session:
         rs = np.broadcast_to(np.asarray(row_scores, dtype=np.float64), (L, H, T))
         rpos = inp.row_positions
         row_mass = None
-        if cfg.ams and inp.mass_attn is not None and inp.mass_queries > 0:
-            row_mass = row_evidence_mass(inp.mass_attn, inp.mass_queries, self.group,
-                                         self._window_mask(T, transient.size), cfg.ams_params.smooth).reshape(L, H, T)
+        if inp.mass_attn is not None and inp.mass_queries > 0:
+            row_mass = self.selector.evidence_mass(
+                inp.mass_attn, inp.mass_queries, self.group, self._window_mask(T, transient.size)
+            )
+            row_mass = None if row_mass is None else row_mass.reshape(L, H, T)
         if cfg.granularity == "layer":
             # one set per layer: its heads' scores made comparable and averaged, as the aggregation does
             layer_scores = np.stack([aggregate(rs[l][None], cfg.aggregation) for l in range(L)])
@@ -575,8 +621,13 @@ class Session:
             kept = self.selector.select_rows(layer_scores, cfg.budget, protected, rpos[:, 0], layer_mass)
             kept = np.repeat(kept[:, None, :], H, axis=1).reshape(L * H, T)
         else:
-            kept = self.selector.select_rows(rs.reshape(L * H, T), cfg.budget, protected, rpos.reshape(L * H, T),
-                                             None if row_mass is None else row_mass.reshape(L * H, T))
+            kept = self.selector.select_rows(
+                rs.reshape(L * H, T),
+                cfg.budget,
+                protected,
+                rpos.reshape(L * H, T),
+                None if row_mass is None else row_mass.reshape(L * H, T),
+            )
         dst, src = place_rows(kept, protected, rpos.reshape(L * H, T), token_scores)
         in_dst = np.zeros(T, dtype=bool)
         in_dst[dst] = True
@@ -593,12 +644,18 @@ class Session:
         compact = cfg.positions == "compact" or near_limit
         if compact:
             if not self.gen.ctx.can_shift():
-                raise AmsError(f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
-                               f"model's cache cannot shift them back; start a new session")
+                raise AmsError(
+                    f"positions reached the model's trained context ({self.model.n_ctx_train}) and this "
+                    f"model's cache cannot shift them back; start a new session"
+                )
             self._compact_rows()
-        return self._finish_event(t0, T, len(dst), T - len(dst),
-                                  {"compacted": bool(compact), "rows_moved": int((src >= 0).sum()),
-                                   "move_ms": move_ms})
+        return self._finish_event(
+            t0,
+            T,
+            len(dst),
+            T - len(dst),
+            {"compacted": bool(compact), "rows_moved": int((src >= 0).sum()), "move_ms": move_ms},
+        )
 
     def _compact_rows(self) -> None:
         """Dense positions with per-row token sets: the cells' labels become 0..B-1 (``seq_add``,
@@ -628,11 +685,12 @@ class Session:
         """
         if self.config.budget is None:
             raise BudgetError("this session has no budget (full cache); start a new one with a budget")
-        cfg = replace(self.config, budget=int(budget))
-        self._validate(cfg)
+        cfg = replace(self.config, budget=budget).validate(self.model.n_ctx_train)
         if cfg.capacity > self.gen.ctx.n_ctx:
-            raise BudgetError(f"budget {budget} + interval {cfg.interval} needs {cfg.capacity} cells; "
-                              f"the context has {self.gen.ctx.n_ctx}")
+            raise BudgetError(
+                f"budget {budget} + interval {cfg.interval} needs {cfg.capacity} cells; "
+                f"the context has {self.gen.ctx.n_ctx}"
+            )
         self.config = cfg
         self.stats.kv_budget, self.stats.kv_capacity = cfg.budget, cfg.capacity
 
@@ -644,12 +702,15 @@ class Session:
         the new scorer needs. H2O's accumulated attention only counts from the switch on.
         """
         scorer = make_scorer(name, **params)
-        if self._row_sets and name in _NO_ROW_SETS:
-            raise BudgetError(f"scorer {name} does not work with granularity {self.config.granularity}: "
-                              f"{_NO_ROW_SETS[name]}")
+        if self._row_sets and name in NO_ROW_SETS:
+            raise BudgetError(
+                f"scorer {name} does not work with granularity {self.config.granularity}: {NO_ROW_SETS[name]}"
+            )
         calibration = calibration if calibration is not None else self.config.calibration
         if NEEDS_CALIBRATION in scorer.needs and calibration is None:
-            raise AmsError(f"scorer {name} needs a calibration of this model; run: amslocal calibrate {self.model.path}")
+            raise AmsError(
+                f"scorer {name} needs a calibration of this model; run: amslocal calibrate {self.model.path}"
+            )
         if self.config.budget is not None and self.n_occupied > self.config.budget:
             self.compress()
         self.config = replace(self.config, scorer=name, scorer_params=dict(params), calibration=calibration)
@@ -681,16 +742,12 @@ class Session:
             "tokens_id": np.asarray(toks, dtype=np.int64),
             "protected": np.asarray(sorted(self.protected_positions), dtype=np.int64),
         }
-        credit = getattr(self.selector, "credit", None)
-        if credit is not None:
-            arrays["credit_pos"] = np.asarray(credit.positions, dtype=np.int64)
-            arrays["credit_val"] = np.asarray(credit.credit, dtype=np.float64)
+        arrays.update({f"sel_{k}": v for k, v in self.selector.state_dict().items()})
         if self._row_sets:
             # which token every (layer, KV head) row of each cell holds, keyed by the cell's label
             cells, labels = view.occupied(0)
             arrays["row_label"] = labels.astype(np.int64)
             arrays["row_pos"] = view.row_positions(self.layers, cells)
-            arrays.update({f"sel_{k}": v for k, v in self.selector.state().items()})
         view_meta, view_arrays = view.export_evidence()
         arrays.update(view_arrays)
         meta = {
@@ -717,10 +774,10 @@ class Session:
         if not np.array_equal(np.sort(pos), live.astype(np.int64)):
             raise AmsError("the saved KV state and token map disagree")
         self.protected_positions = {int(p) for p in arrays["protected"]}
-        credit = getattr(self.selector, "credit", None)
-        if credit is not None and "credit_pos" in arrays:
-            credit.positions = arrays["credit_pos"].astype(np.int64).copy()
-            credit.credit = arrays["credit_val"].astype(np.float64).copy()
+        selector_state = {k[4:]: v for k, v in arrays.items() if k.startswith("sel_")}
+        if not selector_state and "credit_pos" in arrays:  # saved before selectors owned their state
+            selector_state = {"credit_pos": arrays["credit_pos"], "credit_val": arrays["credit_val"]}
+        self.selector.load_state_dict(selector_state)
 
         try:
             view.import_evidence(meta, arrays)
@@ -733,7 +790,6 @@ class Session:
             if not np.array_equal(arrays["row_label"], labels.astype(np.int64)):
                 raise AmsError("the saved per-row token map and KV state disagree")
             view.set_row_positions(self.layers, cells, arrays["row_pos"])
-            self.selector.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("sel_")})
         self._observing = bool(meta["observing"])
         self._obs_kind = (bool(view.obs_flags & LLAMA_AMS_OBS_ATTN), bool(view.obs_flags & LLAMA_AMS_OBS_QUERIES))
         known = {f.name for f in fields(SessionStats)}

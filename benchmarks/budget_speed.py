@@ -36,8 +36,12 @@ PROMPT = "Write a long, detailed essay about the history of lighthouses and the 
 def depth_curve(model: Model, depth: int, segment: int, budget: int, interval: int) -> dict:
     sessions = {
         "full": Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=depth + 256), SamplerParams(temp=0)),
-        f"budget{budget}": Session(model, CompressionConfig(budget=budget, interval=interval, scorer="tova"),
-                                   ContextParams(), SamplerParams(temp=0)),
+        f"budget{budget}": Session(
+            model,
+            CompressionConfig(budget=budget, interval=interval, scorer="tova"),
+            ContextParams(),
+            SamplerParams(temp=0),
+        ),
     }
     prompt = model.tokenize(PROMPT)
     iters = {name: s.generate(prompt, depth, ignore_eos=True) for name, s in sessions.items()}
@@ -46,38 +50,62 @@ def depth_curve(model: Model, depth: int, segment: int, budget: int, interval: i
         for name, it in iters.items():
             t0 = time.perf_counter()
             n = sum(1 for _ in zip(range(segment), it))
-            curve[name].append({"tokens": start + n, "tok_per_s": n / (time.perf_counter() - t0),
-                                "cells": sessions[name].view.n_occupied(0)})
-        print("  depth " + str(start + segment) + ": " + ", ".join(
-            f"{k}={v[-1]['tok_per_s']:.1f} tok/s" for k, v in curve.items()), file=sys.stderr)
+            curve[name].append(
+                {
+                    "tokens": start + n,
+                    "tok_per_s": n / (time.perf_counter() - t0),
+                    "cells": sessions[name].view.n_occupied(0),
+                }
+            )
+        print(
+            "  depth "
+            + str(start + segment)
+            + ": "
+            + ", ".join(f"{k}={v[-1]['tok_per_s']:.1f} tok/s" for k, v in curve.items()),
+            file=sys.stderr,
+        )
     return curve
 
 
 def scorer_costs(model: Model, tokens: int, budget: int, interval: int, calibration: dict | None) -> list[dict]:
     rows = []
     prompt = model.tokenize(PROMPT)
-    variants = [("streaming", False)] + [(name, ams) for name in sorted(SCORERS) for ams in (False, True)
-                                         if (name, ams) != ("streaming", False)]
+    variants = [("streaming", False)] + [
+        (name, ams) for name in sorted(SCORERS) for ams in (False, True) if (name, ams) != ("streaming", False)
+    ]
     for name, ams in variants:
-        cfg = CompressionConfig(budget=budget, interval=interval, scorer=name, ams=ams,
-                                calibration=calibration if name == "triattention" else None)
+        cfg = CompressionConfig(
+            budget=budget,
+            interval=interval,
+            scorer=name,
+            ams=ams,
+            calibration=calibration if name == "triattention" else None,
+        )
         s = Session(model, cfg, ContextParams(), SamplerParams(temp=0))
         t0 = time.perf_counter()
         for _ in s.generate(prompt, tokens, ignore_eos=True):
             pass
         wall = time.perf_counter() - t0
         st = s.stats
-        rows.append({
-            "scorer": name, "ams": ams, "compressions": st.compressions,
-            # median: the first event of a process can carry one-off costs (BLAS thread start-up)
-            "ms_per_event": float(np.median([e["ms"] for e in s.events])) if s.events else 0.0,
-            "ms_per_event_mean": st.compress_ms_total / max(st.compressions, 1),
-            "controller_share": (st.compress_ms_total + st.observe_ms_total) / 1e3 / wall,
-            "decode_tok_per_s": st.decode_tok_per_s, "kv_cells_peak": st.kv_cells_peak,
-        })
+        rows.append(
+            {
+                "scorer": name,
+                "ams": ams,
+                "compressions": st.compressions,
+                # median: the first event of a process can carry one-off costs (BLAS thread start-up)
+                "ms_per_event": float(np.median([e["ms"] for e in s.events])) if s.events else 0.0,
+                "ms_per_event_mean": st.compress_ms_total / max(st.compressions, 1),
+                "controller_share": (st.compress_ms_total + st.observe_ms_total) / 1e3 / wall,
+                "decode_tok_per_s": st.decode_tok_per_s,
+                "kv_cells_peak": st.kv_cells_peak,
+            }
+        )
         r = rows[-1]
-        print(f"  {name}{'+ams' if ams else ''}: {r['ms_per_event']:.1f} ms/event (median), controller "
-              f"{100 * r['controller_share']:.1f}% of wall, {r['decode_tok_per_s']:.1f} tok/s", file=sys.stderr)
+        print(
+            f"  {name}{'+ams' if ams else ''}: {r['ms_per_event']:.1f} ms/event (median), controller "
+            f"{100 * r['controller_share']:.1f}% of wall, {r['decode_tok_per_s']:.1f} tok/s",
+            file=sys.stderr,
+        )
     base = rows[0]["decode_tok_per_s"]
     for r in rows:
         r["decode_vs_streaming"] = r["decode_tok_per_s"] / base
@@ -116,20 +144,26 @@ def main() -> None:
         "command": " ".join(["python"] + sys.argv),
         "model": Path(args.model).name,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "budget": args.budget, "interval": args.interval,
-        "depth_curve": curve, "scorer_costs": costs,
+        "budget": args.budget,
+        "interval": args.interval,
+        "depth_curve": curve,
+        "scorer_costs": costs,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     names = list(curve)
     print(f"| generated | {names[0]} tok/s | {names[1]} tok/s | ratio |\n|---|---|---|---|")
     for a, b in zip(*curve.values()):
-        print(f"| {a['tokens']} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} | {b['tok_per_s'] / a['tok_per_s']:.2f} |")
+        print(
+            f"| {a['tokens']} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} | {b['tok_per_s'] / a['tok_per_s']:.2f} |"
+        )
     print("\n| scorer | AMS | events | ms/event (median) | controller share of wall | decode tok/s | vs streaming |")
     print("|---|---|---|---|---|---|---|")
     for r in costs:
-        print(f"| {r['scorer']} | {'yes' if r['ams'] else 'no'} | {r['compressions']} | {r['ms_per_event']:.1f} | "
-              f"{100 * r['controller_share']:.1f}% | {r['decode_tok_per_s']:.1f} | {r['decode_vs_streaming']:.2f} |")
+        print(
+            f"| {r['scorer']} | {'yes' if r['ams'] else 'no'} | {r['compressions']} | {r['ms_per_event']:.1f} | "
+            f"{100 * r['controller_share']:.1f}% | {r['decode_tok_per_s']:.1f} | {r['decode_vs_streaming']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

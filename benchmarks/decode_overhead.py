@@ -55,7 +55,7 @@ def worker(model: str, depths: list[int], steps: int, obs: int, threads: int) ->
         toks = [(i * 7919) % (n_vocab - 100) + 50 for i in range(depth)]
         pos = 0
         for i in range(0, depth, 512):
-            chunk = toks[i:i + 512]
+            chunk = toks[i : i + 512]
             for j, t in enumerate(chunk):
                 batch.token[j], batch.pos[j], batch.n_seq_id[j] = t, pos + j, 1
                 batch.seq_id[j][0], batch.logits[j] = 0, 0
@@ -82,8 +82,21 @@ def run_worker(lib: str | None, args, obs: int) -> dict:
     env = dict(os.environ)
     if lib:
         env["LLAMA_CPP_LIB_PATH"] = lib
-    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--depths", args.depths,
-           "--steps", str(args.steps), "--obs", str(obs), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--depths",
+        args.depths,
+        "--steps",
+        str(args.steps),
+        "--obs",
+        str(obs),
+        "--threads",
+        str(args.threads),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         sys.exit(f"decode_overhead: worker failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
@@ -93,8 +106,12 @@ def run_worker(lib: str | None, args, obs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--stock-lib", help="directory holding a stock libllama.so (python native/build.py --stock-lib DIR)")
-    ap.add_argument("--patched-lib", default=None, help="directory of the patched libllama.so (default: the installed one)")
+    ap.add_argument(
+        "--stock-lib", help="directory holding a stock libllama.so (python native/build.py --stock-lib DIR)"
+    )
+    ap.add_argument(
+        "--patched-lib", default=None, help="directory of the patched libllama.so (default: the installed one)"
+    )
     ap.add_argument("--depths", default="512,2048")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=64)
@@ -109,9 +126,15 @@ def main() -> None:
         print(json.dumps(worker(args.model, depths, args.steps, args.obs, args.threads)))
         return
     if not args.stock_lib:
-        sys.exit("decode_overhead: --stock-lib DIR is required (build one with: python native/build.py --stock-lib DIR)")
+        sys.exit(
+            "decode_overhead: --stock-lib DIR is required (build one with: python native/build.py --stock-lib DIR)"
+        )
 
-    modes = {"stock": (args.stock_lib, 0), "patched_off": (args.patched_lib, 0), "patched_obs": (args.patched_lib, args.obs_window)}
+    modes = {
+        "stock": (args.stock_lib, 0),
+        "patched_off": (args.patched_lib, 0),
+        "patched_obs": (args.patched_lib, args.obs_window),
+    }
     samples: dict[str, dict[str, list[float]]] = {m: {str(d): [] for d in depths} for m in modes}
     for r in range(args.rounds):
         order = list(modes) if r % 2 == 0 else list(reversed(modes))  # alternate the order too
@@ -119,8 +142,11 @@ def main() -> None:
             lib, obs = modes[mode]
             for d, tps in run_worker(lib, args, obs).items():
                 samples[mode][d].append(tps)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{m}@{d}={samples[m][d][-1]:.1f}" for m in modes for d in samples[m]), file=sys.stderr)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{m}@{d}={samples[m][d][-1]:.1f}" for m in modes for d in samples[m]),
+            file=sys.stderr,
+        )
 
     summary = {}
     for d in map(str, depths):
@@ -146,12 +172,16 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| depth | stock tok/s | patched, evidence off | ratio | evidence every step (W={args.obs_window}) | ratio |")
+    print(
+        f"| depth | stock tok/s | patched, evidence off | ratio | evidence every step (W={args.obs_window}) | ratio |"
+    )
     print("|---|---|---|---|---|---|")
     for d, s in summary.items():
         m = s["tok_per_s_median"]
-        print(f"| {d} | {m['stock']:.1f} | {m['patched_off']:.1f} | {s['patched_off_vs_stock']:.3f} | "
-              f"{m['patched_obs']:.1f} | {s['obs_every_step_vs_patched_off']:.3f} |")
+        print(
+            f"| {d} | {m['stock']:.1f} | {m['patched_off']:.1f} | {s['patched_off_vs_stock']:.3f} | "
+            f"{m['patched_obs']:.1f} | {s['obs_every_step_vs_patched_off']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,18 @@ from amslocal.bench.runner import log_softmax  # noqa: E402
 from amslocal.session import CompressionConfig, Session  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
-DEFAULT_CONFIGS = ",".join([
-    "tova:ams:mean", "tova:ams:max", "tova:ams:rank",
-    "snapkv:ams:mean", "snapkv:ams:max", "snapkv:ams:rank",
-    "tova:topk:mean", "tova:ams:mean:compact",
-])
+DEFAULT_CONFIGS = ",".join(
+    [
+        "tova:ams:mean",
+        "tova:ams:max",
+        "tova:ams:rank",
+        "snapkv:ams:mean",
+        "snapkv:ams:max",
+        "snapkv:ams:rank",
+        "tova:topk:mean",
+        "tova:ams:mean:compact",
+    ]
+)
 
 
 def prompts(n: int) -> list[str]:
@@ -45,7 +52,9 @@ def prompts(n: int) -> list[str]:
 
 
 def reference(model: Model, prompt: list[int], tokens: int) -> tuple[list[int], list[np.ndarray]]:
-    s = Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=len(prompt) + tokens + 8), SamplerParams(temp=0))
+    s = Session(
+        model, CompressionConfig(budget=None), ContextParams(n_ctx=len(prompt) + tokens + 8), SamplerParams(temp=0)
+    )
     s.prefill(prompt)
     out, logps = [], []
     for _ in range(tokens):
@@ -68,16 +77,22 @@ def forced(model: Model, cfg: CompressionConfig, prompt: list[int], ref: list[in
         agree.append(bool(np.argmax(lp) == np.argmax(lp_full)))
         s.feed([tok])
     first_div = next((i for i, a in enumerate(agree) if not a), len(agree))
-    return {"kl": float(np.mean(kl)), "top1": float(np.mean(agree)), "first_divergence": first_div,
-            "compressions": s.stats.compressions, "kv_cells_peak": s.stats.kv_cells_peak}
+    return {
+        "kl": float(np.mean(kl)),
+        "top1": float(np.mean(agree)),
+        "first_divergence": first_div,
+        "compressions": s.stats.compressions,
+        "kv_cells_peak": s.stats.kv_cells_peak,
+    }
 
 
 def parse(spec: str, budget: int, interval: int) -> CompressionConfig:
     parts = spec.split(":")
     scorer, sel, agg = parts[:3]
     positions = parts[3] if len(parts) > 3 else "keep"
-    return CompressionConfig(budget=budget, interval=interval, scorer=scorer, ams=(sel == "ams"),
-                             aggregation=agg, positions=positions)
+    return CompressionConfig(
+        budget=budget, interval=interval, scorer=scorer, ams=(sel == "ams"), aggregation=agg, positions=positions
+    )
 
 
 def main() -> None:
@@ -106,11 +121,21 @@ def main() -> None:
         c: {k: float(np.mean([r[k] for r in rows])) for k in ("kl", "top1", "first_divergence", "compressions")}
         for c, rows in per_config.items()
     }
-    result = {"command": " ".join(["python"] + sys.argv), "model": Path(args.model).name, "n": args.n,
-              "tokens": args.tokens, "budget": args.budget, "interval": args.interval,
-              "summary": summary, "per_prompt": per_config}
+    result = {
+        "command": " ".join(["python"] + sys.argv),
+        "model": Path(args.model).name,
+        "n": args.n,
+        "tokens": args.tokens,
+        "budget": args.budget,
+        "interval": args.interval,
+        "summary": summary,
+        "per_prompt": per_config,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| config (scorer:selector:aggregation[:positions]) | mean KL to full | top-1 agreement | first divergence | events |")
+    print(
+        "| config (scorer:selector:aggregation[:positions]) | mean KL to full | top-1 agreement "
+        "| first divergence | events |"
+    )
     print("|---|---|---|---|---|")
     for c, s in summary.items():
         print(f"| {c} | {s['kl']:.4f} | {s['top1']:.3f} | {s['first_divergence']:.1f} | {s['compressions']:.1f} |")

@@ -29,8 +29,10 @@ def main() -> None:
     args = ap.parse_args()
     model = Model(args.model)
     items = load_items("perplexity", args.n, Path(args.data), doc_tokens=args.doc_tokens)
-    docs = [{"id": it.id, "kind": it.kind, "source": it.reference,
-             "tokens": document_tokens(model, it, args.doc_tokens)} for it in items]
+    docs = [
+        {"id": it.id, "kind": it.kind, "source": it.reference, "tokens": document_tokens(model, it, args.doc_tokens)}
+        for it in items
+    ]
     Path(args.out).write_text(json.dumps({"model": str(model.path), "doc_tokens": args.doc_tokens, "docs": docs}))
     for d in docs:
         print(d["id"], len(d["tokens"]))

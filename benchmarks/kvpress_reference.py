@@ -61,9 +61,21 @@ except RuntimeError:
 METHODS = ("full", "tova", "ams-tova", "snapkv")
 
 # the fork's paper defaults for AMS (evaluation/evaluate_registry.py AMS_DEFAULTS, README example)
-AMS_DEFAULTS = dict(window_size=32, segment_mass=0.02, min_seg_len=32, max_seg_len=1024, min_keep_per_segment=8,
-                    n_sink=4, always_keep_last=32, sort_indices=True, use_credit=True, credit_decay=0.8,
-                    mix_beta=0.7, record_segment_stats=False, visualize=False)
+AMS_DEFAULTS = dict(
+    window_size=32,
+    segment_mass=0.02,
+    min_seg_len=32,
+    max_seg_len=1024,
+    min_keep_per_segment=8,
+    n_sink=4,
+    always_keep_last=32,
+    sort_indices=True,
+    use_credit=True,
+    credit_decay=0.8,
+    mix_beta=0.7,
+    record_segment_stats=False,
+    visualize=False,
+)
 # hidden-state buffers as the fork's registry sets them (decoding_tova: 0, AMS variants: 256);
 # SnapKV has no decoding entry there: 256 like the other attention-window scorers
 HS_BUFFER = {"tova": 0, "ams-tova": 256, "snapkv": 256}
@@ -94,9 +106,15 @@ def make_press(method: str, budget: int, interval: int):
         base = SnapKVPress()  # window_size=64, kernel_size=5 (its defaults)
     else:
         raise SystemExit(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    return DecodingPress(base_press=base, compression_interval=10**9, target_size=budget,
-                         hidden_states_buffer_size=HS_BUFFER[method], trigger_on_k_len=True,
-                         k_len_trigger_margin=interval, min_steps_before_k_len_trigger=0)
+    return DecodingPress(
+        base_press=base,
+        compression_interval=10**9,
+        target_size=budget,
+        hidden_states_buffer_size=HS_BUFFER[method],
+        trigger_on_k_len=True,
+        k_len_trigger_margin=interval,
+        min_steps_before_k_len_trigger=0,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -118,14 +136,26 @@ def run_document(model, tokens: list[int], methods: list[str], budget: int, inte
         raise SystemExit(f"a document of {n} tokens never passes {capacity} cells")
     presses = {m: make_press(m, budget, interval) for m in methods}
     caches = {m: DynamicCache() for m in ["full", *methods]}
-    acc = {m: {"tokens": 0, "nll": 0.0, "full_nll": 0.0, "kl": 0.0, "top1": 0, "compressions": 0, "seconds": 0.0,
-               "first_eviction_at": None, "sizes_after": set()} for m in methods}
+    acc = {
+        m: {
+            "tokens": 0,
+            "nll": 0.0,
+            "full_nll": 0.0,
+            "kl": 0.0,
+            "top1": 0,
+            "compressions": 0,
+            "seconds": 0.0,
+            "first_eviction_at": None,
+            "sizes_after": set(),
+        }
+        for m in methods
+    }
     full_seconds = 0.0
     ids = torch.tensor(tokens, dtype=torch.long)
     t_start = time.perf_counter()
     with torch.inference_mode():
         for t in range(n):
-            inp = ids[t:t + 1].view(1, 1)
+            inp = ids[t : t + 1].view(1, 1)
             pos = torch.tensor([[t]], dtype=torch.long)
             scored = capacity <= t <= n - 2
             t0 = time.perf_counter()
@@ -164,7 +194,9 @@ def run_document(model, tokens: list[int], methods: list[str], budget: int, inte
                         raise RuntimeError(f"{m}: layers disagree on cache length after compression: {lens}")
                 if scored:
                     if a["first_eviction_at"] is None or a["first_eviction_at"] != capacity - 1:
-                        raise RuntimeError(f"{m}: first eviction at token {a['first_eviction_at']}, expected {capacity - 1}")
+                        raise RuntimeError(
+                            f"{m}: first eviction at token {a['first_eviction_at']}, expected {capacity - 1}"
+                        )
                     lp = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
                     a["tokens"] += 1
                     a["nll"] += -float(lp[target])
@@ -172,9 +204,12 @@ def run_document(model, tokens: list[int], methods: list[str], budget: int, inte
                     a["kl"] += float((p_ref * (ref - lp)).sum())
                     a["top1"] += int(int(lp.argmax()) == ref_top)
             if log and (t + 1) % 256 == 0:
-                log(f"  token {t + 1}/{n}  {time.perf_counter() - t_start:.0f}s  "
-                    + "  ".join(f"{m}:len={cache_len(caches[m]) if m != 'full' else cache_len(caches['full'])}"
-                                for m in methods))
+                log(
+                    f"  token {t + 1}/{n}  {time.perf_counter() - t_start:.0f}s  "
+                    + "  ".join(
+                        f"{m}:len={cache_len(caches[m]) if m != 'full' else cache_len(caches['full'])}" for m in methods
+                    )
+                )
     for a in acc.values():
         a["sizes_after"] = sorted(a["sizes_after"])
     return acc
@@ -185,46 +220,74 @@ def pooled(rows: list[dict]) -> dict:
     if not n:
         return {}
     nll, full = sum(r["nll"] for r in rows), sum(r["full_nll"] for r in rows)
-    return {"docs": len(rows), "tokens": n, "ppl": math.exp(nll / n), "full_ppl": math.exp(full / n),
-            "ratio": math.exp((nll - full) / n), "kl": sum(r["kl"] for r in rows) / n,
-            "top1": sum(r["top1"] for r in rows) / n,
-            "compressions": sum(r["compressions"] for r in rows) / len(rows),
-            "seconds": sum(r["seconds"] for r in rows) / len(rows)}
+    return {
+        "docs": len(rows),
+        "tokens": n,
+        "ppl": math.exp(nll / n),
+        "full_ppl": math.exp(full / n),
+        "ratio": math.exp((nll - full) / n),
+        "kl": sum(r["kl"] for r in rows) / n,
+        "top1": sum(r["top1"] for r in rows) / n,
+        "compressions": sum(r["compressions"] for r in rows) / len(rows),
+        "seconds": sum(r["seconds"] for r in rows) / len(rows),
+    }
 
 
 def write_summary(out: Path, methods: list[str], budget: int, interval: int, command: str, meta: dict) -> str:
     rows = [r for r in read_jsonl(out / "items.jsonl") if r["budget"] == budget and r["interval"] == interval]
     # pool only over documents every listed method has, so the rows compare the same tokens
-    ids = [i for i in dict.fromkeys(r["id"] for r in rows)
-           if all(any(r["id"] == i and r["method"] == m for r in rows) for m in methods)]
-    lines = ["# Reference kvpress presses (EIT-NLP/AdaptiveMassSegment) on amslocal's perplexity documents", "",
-             "Commands:", "", "```", SETUP,
-             "# this benchmark (resumable: documents already in items.jsonl are skipped)",
-             command, "```", "",
-             f"Model: {meta.get('model')} (GGUF dequantized to float32 by transformers {meta.get('transformers')}, "
-             f"torch {meta.get('torch')}, attn_implementation={meta.get('attn')}, 1 CPU thread).",
-             f"Budget B = {budget} cells, interval I = {interval}: the cache grows to B + I = {budget + interval}, is "
-             f"cut to B, then every I tokens. Counted: the predictions at tokens t >= {budget + interval} "
-             "(each predicts t + 1), pooled over documents (every counted token weighs the same).",
-             f"Documents: {len(ids)} ({', '.join(ids)}), {meta.get('doc_tokens')} tokens each, amslocal's token ids.",
-             "", "| method | docs | tokens | perplexity | full-cache perplexity | ratio | mean KL (nats) | top-1 | "
-             "compressions/doc | s/doc (method's forwards) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ids = [
+        i
+        for i in dict.fromkeys(r["id"] for r in rows)
+        if all(any(r["id"] == i and r["method"] == m for r in rows) for m in methods)
+    ]
+    lines = [
+        "# Reference kvpress presses (EIT-NLP/AdaptiveMassSegment) on amslocal's perplexity documents",
+        "",
+        "Commands:",
+        "",
+        "```",
+        SETUP,
+        "# this benchmark (resumable: documents already in items.jsonl are skipped)",
+        command,
+        "```",
+        "",
+        f"Model: {meta.get('model')} (GGUF dequantized to float32 by transformers {meta.get('transformers')}, "
+        f"torch {meta.get('torch')}, attn_implementation={meta.get('attn')}, 1 CPU thread).",
+        f"Budget B = {budget} cells, interval I = {interval}: the cache grows to B + I = {budget + interval}, is "
+        f"cut to B, then every I tokens. Counted: the predictions at tokens t >= {budget + interval} "
+        "(each predicts t + 1), pooled over documents (every counted token weighs the same).",
+        f"Documents: {len(ids)} ({', '.join(ids)}), {meta.get('doc_tokens')} tokens each, amslocal's token ids.",
+        "",
+        "| method | docs | tokens | perplexity | full-cache perplexity | ratio | mean KL (nats) | top-1 | "
+        "compressions/doc | s/doc (method's forwards) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         p = pooled([r for r in rows if r["method"] == m and r["id"] in ids])
         if not p:
             continue
-        lines.append(f"| {m} | {p['docs']} | {p['tokens']} | {p['ppl']:.4f} | {p['full_ppl']:.4f} | {p['ratio']:.4f} | "
-                     f"{p['kl']:.4f} | {p['top1']:.4f} | {p['compressions']:.1f} | {p['seconds']:.1f} |")
-    lines += ["", "Per document:", "", "| id | method | tokens | perplexity | full-cache perplexity | ratio | mean KL | "
-              "top-1 | compressions | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {m} | {p['docs']} | {p['tokens']} | {p['ppl']:.4f} | {p['full_ppl']:.4f} | {p['ratio']:.4f} | "
+            f"{p['kl']:.4f} | {p['top1']:.4f} | {p['compressions']:.1f} | {p['seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "Per document:",
+        "",
+        "| id | method | tokens | perplexity | full-cache perplexity | ratio | mean KL | top-1 | compressions | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i in ids:
         for m in methods:
             for r in rows:
                 if r["id"] == i and r["method"] == m:
                     p = pooled([r])
-                    lines.append(f"| {i} | {m} | {p['tokens']} | {p['ppl']:.4f} | {p['full_ppl']:.4f} | "
-                                 f"{p['ratio']:.4f} | {p['kl']:.4f} | {p['top1']:.4f} | {r['compressions']} | "
-                                 f"{r['seconds']:.1f} |")
+                    lines.append(
+                        f"| {i} | {m} | {p['tokens']} | {p['ppl']:.4f} | {p['full_ppl']:.4f} | "
+                        f"{p['ratio']:.4f} | {p['kl']:.4f} | {p['top1']:.4f} | {r['compressions']} | "
+                        f"{r['seconds']:.1f} |"
+                    )
     lines += ["", "Reference parameters: " + meta.get("params", ""), ""]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
@@ -236,15 +299,19 @@ def main() -> None:
     ap.add_argument("--docs", type=Path, default=Path("/work/kvref/docs-1536.json"))
     ap.add_argument("--model-dir", default="/work/main/models")
     ap.add_argument("--gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "kvpress-reference-smollm2")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kvpress-reference-smollm2"
+    )
     ap.add_argument("--methods", default="full,tova,ams-tova,snapkv")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--interval", type=int, default=128)
     ap.add_argument("-n", type=int, default=None, help="at most this many documents (in the dump's order)")
-    ap.add_argument("--deadline-min", type=float, default=None,
-                    help="start no new document once this many minutes have passed (or the last one's time "
-                         "would overrun it)")
+    ap.add_argument(
+        "--deadline-min",
+        type=float,
+        default=None,
+        help="start no new document once this many minutes have passed (or the last one's time would overrun it)",
+    )
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -256,21 +323,32 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     items_path = args.out / "items.jsonl"
     dump = json.loads(args.docs.read_text())
-    docs = dump["docs"][:args.n]
+    docs = dump["docs"][: args.n]
     command = "cd /work/main && OMP_NUM_THREADS=1 /work/kvref/venv/bin/python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], "/work/main") if sys.argv[0].startswith("/work/main")
-                                 else sys.argv[0], *sys.argv[1:]])
+        shlex.quote(a)
+        for a in [
+            os.path.relpath(sys.argv[0], "/work/main") if sys.argv[0].startswith("/work/main") else sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
     import transformers
 
-    params = (f"DecodingPress(target_size={args.budget}, compression_interval=10**9 (step trigger off), "
-              f"trigger_on_k_len=True, k_len_trigger_margin={args.interval}, min_steps_before_k_len_trigger=0, "
-              f"hidden_states_buffer_size={HS_BUFFER}); tova = TOVAPress() (no sinks, no kept window: only the "
-              f"current token is protected; scores averaged over heads, one token set per layer); ams-tova = "
-              f"AdaptiveMassSegmentWrapperHeadPress(base_press=TOVAPress(), **{AMS_DEFAULTS}); snapkv = "
-              f"SnapKVPress(window_size=64, kernel_size=5), per KV head.")
-    meta = {"model": f"{args.model_dir}/{args.gguf}", "transformers": transformers.__version__,
-            "torch": torch.__version__, "attn": "sdpa (the fork's evaluation default)",
-            "doc_tokens": dump.get("doc_tokens"), "params": params}
+    params = (
+        f"DecodingPress(target_size={args.budget}, compression_interval=10**9 (step trigger off), "
+        f"trigger_on_k_len=True, k_len_trigger_margin={args.interval}, min_steps_before_k_len_trigger=0, "
+        f"hidden_states_buffer_size={HS_BUFFER}); tova = TOVAPress() (no sinks, no kept window: only the "
+        f"current token is protected; scores averaged over heads, one token set per layer); ams-tova = "
+        f"AdaptiveMassSegmentWrapperHeadPress(base_press=TOVAPress(), **{AMS_DEFAULTS}); snapkv = "
+        f"SnapKVPress(window_size=64, kernel_size=5), per KV head."
+    )
+    meta = {
+        "model": f"{args.model_dir}/{args.gguf}",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "attn": "sdpa (the fork's evaluation default)",
+        "doc_tokens": dump.get("doc_tokens"),
+        "params": params,
+    }
     if args.summary_only:
         print(write_summary(args.out, methods, args.budget, args.interval, command, meta))
         return
@@ -279,18 +357,25 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=args.gguf, torch_dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, gguf_file=args.gguf, torch_dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.eval()
     meta["attn"] = model.config._attn_implementation + " (the fork's evaluation default)"
-    print(f"model loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
-          f"attn={model.config._attn_implementation}, threads={torch.get_num_threads()}", flush=True)
+    print(
+        f"model loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
+        f"attn={model.config._attn_implementation}, threads={torch.get_num_threads()}",
+        flush=True,
+    )
 
     start = time.perf_counter()
     last_doc_s = 0.0
     for doc in docs:
-        done = {(r["method"]) for r in read_jsonl(items_path)
-                if r["id"] == doc["id"] and r["budget"] == args.budget and r["interval"] == args.interval}
+        done = {
+            (r["method"])
+            for r in read_jsonl(items_path)
+            if r["id"] == doc["id"] and r["budget"] == args.budget and r["interval"] == args.interval
+        }
         todo = [m for m in methods if m not in done]
         if not todo:
             print(f"{doc['id']}: done already", flush=True)
@@ -303,24 +388,40 @@ def main() -> None:
         run_methods = [m for m in methods if m in todo or m == "full"]
         print(f"{doc['id']}: {len(doc['tokens'])} tokens, methods {run_methods}", flush=True)
         d0 = time.perf_counter()
-        res = run_document(model, doc["tokens"], run_methods, args.budget, args.interval,
-                           log=lambda s: print(s, flush=True))
+        res = run_document(
+            model, doc["tokens"], run_methods, args.budget, args.interval, log=lambda s: print(s, flush=True)
+        )
         last_doc_s = time.perf_counter() - d0
         with items_path.open("a") as f:
             for m in run_methods:
                 if m not in todo:
                     continue
                 a = res[m]
-                rec = {"id": doc["id"], "method": m, "budget": args.budget, "interval": args.interval,
-                       "tokens": a["tokens"], "nll": a["nll"], "full_nll": a["full_nll"], "kl": a["kl"],
-                       "top1": a["top1"], "compressions": a["compressions"], "seconds": round(a["seconds"], 3),
-                       "first_eviction_at": a["first_eviction_at"], "sizes_after": a["sizes_after"],
-                       "doc_tokens": len(doc["tokens"]), "doc_seconds": round(last_doc_s, 3)}
+                rec = {
+                    "id": doc["id"],
+                    "method": m,
+                    "budget": args.budget,
+                    "interval": args.interval,
+                    "tokens": a["tokens"],
+                    "nll": a["nll"],
+                    "full_nll": a["full_nll"],
+                    "kl": a["kl"],
+                    "top1": a["top1"],
+                    "compressions": a["compressions"],
+                    "seconds": round(a["seconds"], 3),
+                    "first_eviction_at": a["first_eviction_at"],
+                    "sizes_after": a["sizes_after"],
+                    "doc_tokens": len(doc["tokens"]),
+                    "doc_seconds": round(last_doc_s, 3),
+                }
                 f.write(json.dumps(rec) + "\n")
-                print(f"  {m}: tokens={a['tokens']} ppl={math.exp(a['nll'] / a['tokens']):.4f} "
-                      f"ratio={math.exp((a['nll'] - a['full_nll']) / a['tokens']):.4f} kl={a['kl'] / a['tokens']:.4f} "
-                      f"top1={a['top1'] / a['tokens']:.4f} compressions={a['compressions']} sizes={a['sizes_after']} "
-                      f"first={a['first_eviction_at']} s={a['seconds']:.1f}", flush=True)
+                print(
+                    f"  {m}: tokens={a['tokens']} ppl={math.exp(a['nll'] / a['tokens']):.4f} "
+                    f"ratio={math.exp((a['nll'] - a['full_nll']) / a['tokens']):.4f} kl={a['kl'] / a['tokens']:.4f} "
+                    f"top1={a['top1'] / a['tokens']:.4f} compressions={a['compressions']} sizes={a['sizes_after']} "
+                    f"first={a['first_eviction_at']} s={a['seconds']:.1f}",
+                    flush=True,
+                )
         print(f"{doc['id']}: {last_doc_s:.1f}s", flush=True)
         write_summary(args.out, methods, args.budget, args.interval, command, meta)
     print(write_summary(args.out, methods, args.budget, args.interval, command, meta))

@@ -32,6 +32,7 @@ Environment:
 Standard library only; importable (``ensure_wheel``, ``install``,
 ``ensure_stock_lib``, ``wheel_key`` ...) as well as runnable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,7 @@ BACKENDS = ("cpu", "cuda", "metal")
 # Environment variables that change what the compiler produces.
 _COMPILER_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS", "CUDACXX", "CUDAHOSTCXX")
 # Runtime deps of llama-cpp-python, used if the wheel metadata cannot be read.
-_FALLBACK_RUNTIME_DEPS = ["typing-extensions>=4.5.0", "numpy>=1.20.0",
-                          "diskcache>=5.6.1", "jinja2>=2.11.3"]
+_FALLBACK_RUNTIME_DEPS = ["typing-extensions>=4.5.0", "numpy>=1.20.0", "diskcache>=5.6.1", "jinja2>=2.11.3"]
 _MARKER_NAME = ".amslocal_llama_cpp_python.json"
 
 
@@ -89,6 +89,7 @@ class BuildError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def say(msg: str) -> None:
     print(f"amslocal native: {msg}", file=sys.stderr, flush=True)
@@ -115,8 +116,9 @@ def cache_dir() -> Path:
 def backend() -> str:
     b = os.environ.get("AMSLOCAL_BACKEND", "cpu").strip().lower() or "cpu"
     if b not in BACKENDS:
-        raise BuildError("config", f"AMSLOCAL_BACKEND={b!r} is not one of {', '.join(BACKENDS)}; "
-                                   "unset it for the CPU build")
+        raise BuildError(
+            "config", f"AMSLOCAL_BACKEND={b!r} is not one of {', '.join(BACKENDS)}; unset it for the CPU build"
+        )
     return b
 
 
@@ -182,8 +184,13 @@ def wheel_cmake_args() -> str:
 def stock_cmake_args() -> List[str]:
     """CMake flags for the unpatched shared-library build (--stock-lib)."""
     rpath = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
-    args = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF",
-            "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF"]
+    args = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DLLAMA_BUILD_COMMON=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_CURL=OFF",
+    ]
     args += OFF_FLAGS + backend_flags()
     args += amx_off_flags(" ".join(args + [extra_cmake_args()]))
     if sys.platform == "darwin" and backend() == "metal":
@@ -231,8 +238,11 @@ def _cpu_identity() -> str:
         ident.append(platform.processor())
         if sys.platform == "darwin":
             try:
-                ident.append(subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                            capture_output=True, text=True, timeout=5).stdout.strip())
+                ident.append(
+                    subprocess.run(
+                        ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                    ).stdout.strip()
+                )
             except Exception:
                 pass
     return "|".join(ident)
@@ -247,18 +257,23 @@ def _cuda_identity(args: str) -> str:
     if backend() != "cuda" or "CMAKE_CUDA_ARCHITECTURES" in args or not _native_on(args):
         return ""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return ",".join(sorted(set(r.stdout.split())))
     except Exception:
         return "unknown"
 
 
-def _key_material(kind: str, cmake_args: str,
-                  patches: Optional[List[Tuple[str, bytes]]]) -> List[bytes]:
+def _key_material(kind: str, cmake_args: str, patches: Optional[List[Tuple[str, bytes]]]) -> List[bytes]:
     items = [
-        f"kind={kind}", f"recipe={RECIPE_VERSION}",
-        f"version={LLAMA_CPP_PYTHON_VERSION}", f"backend={backend()}",
+        f"kind={kind}",
+        f"recipe={RECIPE_VERSION}",
+        f"version={LLAMA_CPP_PYTHON_VERSION}",
+        f"backend={backend()}",
         f"cmake_args={cmake_args}",
         f"platform={sysconfig.get_platform()}|{platform.machine()}|{'-'.join(platform.libc_ver())}",
         f"python={sys.implementation.name}{sys.version_info[0]}.{sys.version_info[1]}{getattr(sys, 'abiflags', '')}",
@@ -298,15 +313,19 @@ def stock_key() -> str:
     return _digest(_key_material("stock-lib", " ".join(stock_cmake_args()), None))
 
 
-def _run_logged(cmd: List[str], log: Path, *, cwd: Optional[Path] = None,
-                env: Optional[Dict[str, str]] = None, title: str = "") -> int:
+def _run_logged(
+    cmd: List[str], log: Path, *, cwd: Optional[Path] = None, env: Optional[Dict[str, str]] = None, title: str = ""
+) -> int:
     with open(log, "a", encoding="utf-8", errors="replace") as f:
-        f.write(f"\n===== {title or cmd[0]} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"
-                f"$ (cd {cwd or os.getcwd()}) {shlex.join(cmd)}\n")
+        f.write(
+            f"\n===== {title or cmd[0]} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+            f"$ (cd {cwd or os.getcwd()}) {shlex.join(cmd)}\n"
+        )
         f.flush()
         try:
-            return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL).returncode
+            return subprocess.run(
+                cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            ).returncode
         except FileNotFoundError:
             f.write(f"command not found: {cmd[0]}\n")
             return 127
@@ -335,13 +354,18 @@ def _pip_env() -> Dict[str, str]:
 
 def _pip_hint(text: str) -> str:
     if "externally-managed-environment" in text:
-        return ("this Python is externally managed (PEP 668); run `bash native/setup.sh` "
-                "(uses .venv) or activate a virtualenv first")
+        return (
+            "this Python is externally managed (PEP 668); run `bash native/setup.sh` "
+            "(uses .venv) or activate a virtualenv first"
+        )
     if "No module named pip" in text:
         return f"pip is missing for {sys.executable}; try: {sys.executable} -m ensurepip"
-    if re.search(r"Could not find a version|No matching distribution|NewConnectionError|"
-                 r"Max retries exceeded|Temporary failure in name resolution|ConnectTimeout|"
-                 r"SSLError|ProxyError", text):
+    if re.search(
+        r"Could not find a version|No matching distribution|NewConnectionError|"
+        r"Max retries exceeded|Temporary failure in name resolution|ConnectTimeout|"
+        r"SSLError|ProxyError",
+        text,
+    ):
         return "pip could not reach the package index; check network/proxy access to PyPI"
     if "Permission denied" in text:
         return "permission denied writing the environment; use a virtualenv (bash native/setup.sh)"
@@ -376,6 +400,7 @@ class _Lock:
 
 # --------------------------------------------------------------------------- steps
 
+
 def sdist_path() -> Path:
     return cache_dir() / "sdist" / f"{DIST_NAME}-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 
@@ -391,14 +416,28 @@ def fetch_sdist(log: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        rc = _run_logged(_pip("download", "--no-deps", "--no-binary", ":all:",
-                              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(tmp)),
-                         log, env=_pip_env(), title="fetch: pip download")
+        rc = _run_logged(
+            _pip(
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                "-d",
+                str(tmp),
+            ),
+            log,
+            env=_pip_env(),
+            title="fetch: pip download",
+        )
         got = sorted(tmp.glob("*.tar.gz"))
         if rc != 0 or not got:
             hint = _pip_hint(_log_text(log)) or "check network access to PyPI"
-            raise BuildError("fetch", f"pip download of llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} failed "
-                                      f"(log: {_show(log)}); {hint}, or put {dest.name} into {_show(dest.parent)}/")
+            raise BuildError(
+                "fetch",
+                f"pip download of llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} failed "
+                f"(log: {_show(log)}); {hint}, or put {dest.name} into {_show(dest.parent)}/",
+            )
         os.replace(got[0], dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -419,8 +458,11 @@ def extract_sdist(sdist: Path, into: Path) -> Path:
         raise BuildError("extract", f"cannot unpack {_show(sdist)} ({e}); delete it and re-run to download it again")
     tops = [p for p in into.iterdir() if p.is_dir()]
     if len(tops) != 1 or not (tops[0] / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        raise BuildError("extract", f"{_show(sdist)} does not look like a llama-cpp-python sdist with a vendored "
-                                    "llama.cpp; delete it and re-run")
+        raise BuildError(
+            "extract",
+            f"{_show(sdist)} does not look like a llama-cpp-python sdist with a vendored "
+            "llama.cpp; delete it and re-run",
+        )
     return tops[0]
 
 
@@ -449,8 +491,7 @@ def apply_patches(src: Path, log: Path, snapshot: Optional[List[Tuple[str, bytes
         (pdir / name).write_bytes(data)
         patches.append(pdir / name)
     if shutil.which("git") is None:
-        raise BuildError("patch", "git not found (needed to apply patches/*.patch); "
-                                  "try: apt-get install git")
+        raise BuildError("patch", "git not found (needed to apply patches/*.patch); try: apt-get install git")
     llama = src / "vendor" / "llama.cpp"
     gitfile = llama / ".git"  # a gitdir pointer into the sdist's .git/modules: not wanted
     if gitfile.is_file() or gitfile.is_symlink():
@@ -462,8 +503,7 @@ def apply_patches(src: Path, log: Path, snapshot: Optional[List[Tuple[str, bytes
     for p in patches:
         shown = f"patches/{p.name}"
         base = ["git", "apply", "--whitespace=nowarn"]
-        res = subprocess.run(base + ["--numstat", str(p)], cwd=llama, env=env,
-                             capture_output=True, text=True)
+        res = subprocess.run(base + ["--numstat", str(p)], cwd=llama, env=env, capture_output=True, text=True)
         files = []
         for line in res.stdout.splitlines():
             parts = line.split("\t", 2)
@@ -473,29 +513,44 @@ def apply_patches(src: Path, log: Path, snapshot: Optional[List[Tuple[str, bytes
         if res.returncode != 0 or not files:
             with open(log, "a") as f:
                 f.write(f"\n===== patch: git apply --numstat {p}\n{res.stdout}{res.stderr}")
-            raise BuildError("patch", f"{shown} is not a valid patch (git apply --numstat failed; log: {_show(log)}); "
-                                      "regenerate it with `git diff` inside llama.cpp")
-        rc = _run_logged(base + ["--check", "-v", str(p)], log, cwd=llama, env=env,
-                         title=f"patch: check {p.name}")
+            raise BuildError(
+                "patch",
+                f"{shown} is not a valid patch (git apply --numstat failed; log: {_show(log)}); "
+                "regenerate it with `git diff` inside llama.cpp",
+            )
+        rc = _run_logged(base + ["--check", "-v", str(p)], log, cwd=llama, env=env, title=f"patch: check {p.name}")
         if rc != 0:
-            raise BuildError("patch", f"{shown} does not apply to the llama.cpp vendored in llama-cpp-python "
-                                      f"{LLAMA_CPP_PYTHON_VERSION} (log: {_show(log)}); rebase it onto that "
-                                      "version (paths relative to the llama.cpp root, e.g. a/src/llama.cpp)")
+            raise BuildError(
+                "patch",
+                f"{shown} does not apply to the llama.cpp vendored in llama-cpp-python "
+                f"{LLAMA_CPP_PYTHON_VERSION} (log: {_show(log)}); rebase it onto that "
+                "version (paths relative to the llama.cpp root, e.g. a/src/llama.cpp)",
+            )
         before = {name: _read_or_none(llama / name) for name, _ in files}
         rc = _run_logged(base + ["-v", str(p)], log, cwd=llama, env=env, title=f"patch: apply {p.name}")
         if rc != 0:
-            raise BuildError("patch", f"git apply {shown} failed after a clean --check (log: {_show(log)}); "
-                                      "check the patch and re-run with --force")
+            raise BuildError(
+                "patch",
+                f"git apply {shown} failed after a clean --check (log: {_show(log)}); "
+                "check the patch and re-run with --force",
+            )
         # verify it really changed the tree (guards against silent "Skipped patch")
         unchanged = [n for n, changed in files if changed and _read_or_none(llama / n) == before[n]]
         if unchanged:
-            raise BuildError("patch", f"{shown} reported success but did not change {unchanged[0]} "
-                                      f"(log: {_show(log)}); is the patch relative to the llama.cpp root?")
-        rc = _run_logged(base + ["--reverse", "--check", str(p)], log, cwd=llama, env=env,
-                         title=f"patch: verify {p.name}")
+            raise BuildError(
+                "patch",
+                f"{shown} reported success but did not change {unchanged[0]} "
+                f"(log: {_show(log)}); is the patch relative to the llama.cpp root?",
+            )
+        rc = _run_logged(
+            base + ["--reverse", "--check", str(p)], log, cwd=llama, env=env, title=f"patch: verify {p.name}"
+        )
         if rc != 0:
-            raise BuildError("patch", f"{shown} applied but does not verify (reverse check failed; log: "
-                                      f"{_show(log)}); does the patch change the same lines twice?")
+            raise BuildError(
+                "patch",
+                f"{shown} applied but does not verify (reverse check failed; log: "
+                f"{_show(log)}); does the patch change the same lines twice?",
+            )
     return len(patches)
 
 
@@ -518,23 +573,38 @@ def _estimate(stock: bool = False) -> str:
 
 
 def _build_hint(text: str) -> str:
-    if re.search(r"No CMAKE_(CXX|C)_COMPILER could be found|is not a full path to an existing compiler|"
-                 r"CMAKE_(CXX|C)_COMPILER not set|C\+\+ compiler .* not able to compile", text):
+    if re.search(
+        r"No CMAKE_(CXX|C)_COMPILER could be found|is not a full path to an existing compiler|"
+        r"CMAKE_(CXX|C)_COMPILER not set|C\+\+ compiler .* not able to compile",
+        text,
+    ):
         return "is a C++ compiler installed? try: apt-get install build-essential"
-    if re.search(r"No CMAKE_CUDA_COMPILER|Failed to find nvcc|CUDA Toolkit not found|"
-                 r"Could not find nvcc|CUDAToolkit_ROOT", text):
+    if re.search(
+        r"No CMAKE_CUDA_COMPILER|Failed to find nvcc|CUDA Toolkit not found|"
+        r"Could not find nvcc|CUDAToolkit_ROOT",
+        text,
+    ):
         return "is the CUDA toolkit (nvcc) installed and on PATH? or use AMSLOCAL_BACKEND=cpu"
-    if re.search(r"internal compiler error: Killed|Killed signal terminated program|"
-                 r"c\+\+: fatal error: Killed|out of memory allocating", text):
+    if re.search(
+        r"internal compiler error: Killed|Killed signal terminated program|"
+        r"c\+\+: fatal error: Killed|out of memory allocating",
+        text,
+    ):
         return "the compiler ran out of memory; retry with fewer jobs, e.g. AMSLOCAL_JOBS=1"
-    if re.search(r"CMake \S+ or higher is required|cmake: command not found|"
-                 r"Could not find a version that satisfies the requirement (cmake|ninja)", text):
+    if re.search(
+        r"CMake \S+ or higher is required|cmake: command not found|"
+        r"Could not find a version that satisfies the requirement (cmake|ninja)",
+        text,
+    ):
         return "CMake >= 3.21 is needed; try: apt-get install cmake ninja-build"
-    m = re.search(r"^.*?([\w./+-]+\.(?:c|cc|cpp|h|hpp|cu|cuh|m|mm)):(\d+)(?::\d+)?: (?:fatal )?error: (.{0,120})",
-                  text, re.M)
+    m = re.search(
+        r"^.*?([\w./+-]+\.(?:c|cc|cpp|h|hpp|cu|cuh|m|mm)):(\d+)(?::\d+)?: (?:fatal )?error: (.{0,120})", text, re.M
+    )
     if m:
-        return f"compile error at {m.group(1).split('vendor/llama.cpp/')[-1]}:{m.group(2)}: {m.group(3).strip()}" \
-               " -- if that file is patched, fix the patch"
+        return (
+            f"compile error at {m.group(1).split('vendor/llama.cpp/')[-1]}:{m.group(2)}: {m.group(3).strip()}"
+            " -- if that file is patched, fix the patch"
+        )
     hint = _pip_hint(text)
     if hint:
         return hint
@@ -553,8 +623,12 @@ def build_wheel(src: Path, log: Path, out: Path) -> Path:
     for k in ("FORCE_CMAKE", "SKBUILD_CMAKE_ARGS", "SKBUILD_CMAKE_DEFINE"):
         env.pop(k, None)
     say(f"building ({_estimate()}; log: {_show(log)})...")
-    rc = _run_logged(_pip("wheel", "-v", "--no-deps", "-w", str(out), str(src)), log, env=env,
-                     title=f"build: pip wheel (CMAKE_ARGS={env['CMAKE_ARGS']})")
+    rc = _run_logged(
+        _pip("wheel", "-v", "--no-deps", "-w", str(out), str(src)),
+        log,
+        env=env,
+        title=f"build: pip wheel (CMAKE_ARGS={env['CMAKE_ARGS']})",
+    )
     wheels = sorted(out.glob("*.whl"))
     if rc != 0 or len(wheels) != 1:
         raise BuildError("build", f"pip wheel / cmake failed (log: {_show(log)}); {_build_hint(_log_text(log))}")
@@ -597,9 +671,11 @@ def ensure_wheel(force: bool = False, snapshot: Optional[List[Tuple[str, bytes]]
             if hit:
                 return hit
         log = WORK_DIR / "build.log"
-        log.write_text(f"amslocal native build, llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, key {key}\n"
-                       f"python: {sys.executable}\nCMAKE_ARGS: {wheel_cmake_args()}\n"
-                       f"patches: {[name for name, _ in snapshot]}\n")
+        log.write_text(
+            f"amslocal native build, llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, key {key}\n"
+            f"python: {sys.executable}\nCMAKE_ARGS: {wheel_cmake_args()}\n"
+            f"patches: {[name for name, _ in snapshot]}\n"
+        )
         t0 = time.time()
         sdist = fetch_sdist(log)
         say(f"unpacking {sdist.name}...")
@@ -614,13 +690,23 @@ def ensure_wheel(force: bool = False, snapshot: Optional[List[Tuple[str, bytes]]
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copy2(built, tmp / built.name)
-        (tmp / "build-info.json").write_text(json.dumps({
-            "key": key, "version": LLAMA_CPP_PYTHON_VERSION, "backend": backend(),
-            "cmake_args": wheel_cmake_args(),
-            "patches": {name: hashlib.sha256(data).hexdigest() for name, data in snapshot},
-            "python": sys.version.split()[0], "platform": sysconfig.get_platform(),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.time() - t0),
-        }, indent=2) + "\n")
+        (tmp / "build-info.json").write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "version": LLAMA_CPP_PYTHON_VERSION,
+                    "backend": backend(),
+                    "cmake_args": wheel_cmake_args(),
+                    "patches": {name: hashlib.sha256(data).hexdigest() for name, data in snapshot},
+                    "python": sys.version.split()[0],
+                    "platform": sysconfig.get_platform(),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "build_seconds": round(time.time() - t0),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         final = wheels_root / key[:16]
         _publish(tmp, final)
         say(f"built wheel {key[:16]} in {_fmt_secs(time.time() - t0)}")
@@ -711,8 +797,11 @@ def _install_deps(reqs: List[str], log: Path) -> None:
         return
     rc = _run_logged(_pip("install", "-q", *reqs), log, env=_pip_env(), title="install: runtime deps")
     if rc != 0:
-        raise BuildError("install", f"installing llama-cpp-python's runtime deps ({', '.join(reqs)}) failed "
-                                    f"(log: {_show(log)}); {_pip_hint(_log_text(log)) or 'see the log'}")
+        raise BuildError(
+            "install",
+            f"installing llama-cpp-python's runtime deps ({', '.join(reqs)}) failed "
+            f"(log: {_show(log)}); {_pip_hint(_log_text(log)) or 'see the log'}",
+        )
 
 
 def install(wheel: Path, key: str) -> None:
@@ -720,22 +809,38 @@ def install(wheel: Path, key: str) -> None:
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     log = WORK_DIR / "install.log"
     log.write_text(f"install {wheel} into {sys.executable}\n")
-    rc = _run_logged(_pip("install", "--force-reinstall", "--no-deps", str(wheel)), log,
-                     env=_pip_env(), title="install: wheel")
+    rc = _run_logged(
+        _pip("install", "--force-reinstall", "--no-deps", str(wheel)), log, env=_pip_env(), title="install: wheel"
+    )
     if rc != 0:
-        raise BuildError("install", f"pip install of {wheel.name} into {sys.executable} failed (log: {_show(log)}); "
-                                    f"{_pip_hint(_log_text(log)) or 'see the log'}")
+        raise BuildError(
+            "install",
+            f"pip install of {wheel.name} into {sys.executable} failed (log: {_show(log)}); "
+            f"{_pip_hint(_log_text(log)) or 'see the log'}",
+        )
     state = _probe()
     if state.get("version") != LLAMA_CPP_PYTHON_VERSION or not state.get("site"):
-        raise BuildError("install", f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is not visible to {sys.executable} "
-                                    f"after installing (found {state.get('version')}; log: {_show(log)}); "
-                                    "is another copy earlier on sys.path / PYTHONPATH?")
+        raise BuildError(
+            "install",
+            f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is not visible to {sys.executable} "
+            f"after installing (found {state.get('version')}; log: {_show(log)}); "
+            "is another copy earlier on sys.path / PYTHONPATH?",
+        )
     _install_deps(state.get("requires") or _FALLBACK_RUNTIME_DEPS, log)
     mp = _marker_path(state)
     try:
-        mp.write_text(json.dumps({"key": key, "record_sha256": state["record_sha256"],
-                                  "wheel": str(wheel), "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                                 indent=2) + "\n")
+        mp.write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "record_sha256": state["record_sha256"],
+                    "wheel": str(wheel),
+                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     except OSError as e:
         say(f"note: could not write install marker {mp} ({e}); the next run will reinstall")
 
@@ -758,6 +863,7 @@ def ensure_installed(force: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- stock lib
+
 
 def _lib_patterns() -> List[str]:
     if sys.platform == "darwin":
@@ -798,16 +904,17 @@ def _main_lib(d: Path) -> Path:
 
 def _verify_stock_lib(d: Path, log: Path) -> None:
     """Load libllama from d in a fresh process; on Linux check every llama/ggml lib came from d."""
-    code = ("import ctypes, sys, os\n"
-            "ctypes.CDLL(sys.argv[1])\n"
-            "if os.path.exists('/proc/self/maps'):\n"
-            "    libs = {l.split()[-1] for l in open('/proc/self/maps') if ('libllama' in l or 'libggml' in l)}\n"
-            "    bad = [p for p in libs if os.path.dirname(os.path.realpath(p)) != os.path.realpath(sys.argv[2])]\n"
-            "    if bad: raise SystemExit('loaded from elsewhere: ' + ', '.join(sorted(bad)))\n")
+    code = (
+        "import ctypes, sys, os\n"
+        "ctypes.CDLL(sys.argv[1])\n"
+        "if os.path.exists('/proc/self/maps'):\n"
+        "    libs = {l.split()[-1] for l in open('/proc/self/maps') if ('libllama' in l or 'libggml' in l)}\n"
+        "    bad = [p for p in libs if os.path.dirname(os.path.realpath(p)) != os.path.realpath(sys.argv[2])]\n"
+        "    if bad: raise SystemExit('loaded from elsewhere: ' + ', '.join(sorted(bad)))\n"
+    )
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
-    r = subprocess.run([sys.executable, "-c", code, str(_main_lib(d)), str(d)], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", code, str(_main_lib(d)), str(d)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         with open(log, "a") as f:
             f.write(f"\n===== stock-lib: load check\n{r.stdout}{r.stderr}")
@@ -839,8 +946,10 @@ def ensure_stock_lib(dest: Path, force: bool = False) -> Path:
 def _build_stock_lib(key: str, root: Path, final: Path) -> None:
     log = WORK_DIR / "stock-lib.log"
     args = stock_cmake_args()
-    log.write_text(f"amslocal stock-lib build, llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, key {key}\n"
-                   f"cmake args: {shlex.join(args)}\n")
+    log.write_text(
+        f"amslocal stock-lib build, llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, key {key}\n"
+        f"cmake args: {shlex.join(args)}\n"
+    )
     if shutil.which("cmake") is None:
         raise BuildError("stock-lib", "cmake not found; try: apt-get install cmake ninja-build")
     t0 = time.time()
@@ -855,15 +964,31 @@ def _build_stock_lib(key: str, root: Path, final: Path) -> None:
     rc = _run_logged(["cmake", "-S", str(llama), "-B", str(build), *gen, *args], log, title="stock-lib: configure")
     if rc != 0:
         raise BuildError("stock-lib", f"cmake configure failed (log: {_show(log)}); {_build_hint(_log_text(log))}")
-    rc = _run_logged(["cmake", "--build", str(build), "--config", "Release", "--target", "llama",
-                      "--parallel", str(jobs()), "--verbose"], log, title="stock-lib: build")
+    rc = _run_logged(
+        [
+            "cmake",
+            "--build",
+            str(build),
+            "--config",
+            "Release",
+            "--target",
+            "llama",
+            "--parallel",
+            str(jobs()),
+            "--verbose",
+        ],
+        log,
+        title="stock-lib: build",
+    )
     if rc != 0:
         raise BuildError("stock-lib", f"cmake build failed (log: {_show(log)}); {_build_hint(_log_text(log))}")
     candidates = [build / "bin", build / "bin" / "Release", build / "src", build / "ggml" / "src"]
     libdir = next((d for d in candidates if _main_lib(d).exists()), None)
     if libdir is None:
-        raise BuildError("stock-lib", f"build finished but {_main_lib(Path('.')).name} was not found under "
-                                      f"{_show(build)} (log: {_show(log)})")
+        raise BuildError(
+            "stock-lib",
+            f"build finished but {_main_lib(Path('.')).name} was not found under {_show(build)} (log: {_show(log)})",
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{key[:16]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -874,31 +999,52 @@ def _build_stock_lib(key: str, root: Path, final: Path) -> None:
                 for p in _lib_files(extra):
                     if not (tmp / p.name).exists():
                         shutil.copy2(p, tmp / p.name, follow_symlinks=False)
-    (tmp / "build-info.json").write_text(json.dumps({
-        "key": key, "kind": "stock-lib", "version": LLAMA_CPP_PYTHON_VERSION, "backend": backend(),
-        "cmake_args": args, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "build_seconds": round(time.time() - t0)}, indent=2) + "\n")
+    (tmp / "build-info.json").write_text(
+        json.dumps(
+            {
+                "key": key,
+                "kind": "stock-lib",
+                "version": LLAMA_CPP_PYTHON_VERSION,
+                "backend": backend(),
+                "cmake_args": args,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": round(time.time() - t0),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     _publish(tmp, final)
     say(f"built stock library {key[:16]} in {_fmt_secs(time.time() - t0)}")
 
 
 # --------------------------------------------------------------------------- CLI
 
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="native/build.py",
         description=f"Build + install the patched llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
-                    "into this Python environment (cached).")
+        "into this Python environment (cached).",
+    )
     ap.add_argument("--force", action="store_true", help="rebuild and reinstall even if cached")
-    ap.add_argument("--print-key", action="store_true",
-                    help="print the 16-char cache key for the current settings and exit")
-    ap.add_argument("--wheel-only", action="store_true",
-                    help="build/reuse the wheel and print its path; do not install")
-    ap.add_argument("--check", action="store_true",
-                    help="exit 0 if this environment already has the patched build for the current "
-                         "settings/patches, 1 if not; builds nothing")
-    ap.add_argument("--stock-lib", metavar="DIR",
-                    help="build the UNPATCHED libllama/libggml shared libs into DIR (for LLAMA_CPP_LIB_PATH)")
+    ap.add_argument(
+        "--print-key", action="store_true", help="print the 16-char cache key for the current settings and exit"
+    )
+    ap.add_argument(
+        "--wheel-only", action="store_true", help="build/reuse the wheel and print its path; do not install"
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if this environment already has the patched build for the current "
+        "settings/patches, 1 if not; builds nothing",
+    )
+    ap.add_argument(
+        "--stock-lib",
+        metavar="DIR",
+        help="build the UNPATCHED libllama/libggml shared libs into DIR (for LLAMA_CPP_LIB_PATH)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.print_key:
@@ -908,8 +1054,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             key, have = wheel_key(), installed_key()
             if have == key:
                 return 0
-            say(f"this environment is not on build {key[:16]} (installed: "
-                f"{have[:16] if have else 'none/other'}); run: {sys.executable} native/build.py")
+            say(
+                f"this environment is not on build {key[:16]} (installed: "
+                f"{have[:16] if have else 'none/other'}); run: {sys.executable} native/build.py"
+            )
             return 1
         if args.stock_lib:
             ensure_stock_lib(Path(args.stock_lib), force=args.force)
@@ -928,8 +1076,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         if os.environ.get("AMSLOCAL_DEBUG"):
             raise
-        say(f"FAILED: {e.strerror or e}: {e.filename or ''} -- check free disk space and permissions "
-            f"(cache: {cache_dir()}, work: {_show(WORK_DIR)}; AMSLOCAL_CACHE_DIR moves the cache)")
+        say(
+            f"FAILED: {e.strerror or e}: {e.filename or ''} -- check free disk space and permissions "
+            f"(cache: {cache_dir()}, work: {_show(WORK_DIR)}; AMSLOCAL_CACHE_DIR moves the cache)"
+        )
         return 1
     except Exception as e:  # keep it to one line unless debugging
         if os.environ.get("AMSLOCAL_DEBUG"):

@@ -37,8 +37,9 @@ def make_models(where: Path, quick: bool) -> dict[str, Path]:
     shape = QWEN_QUICK if quick else QWEN_SHAPE
     return {
         "tiny": write_tiny_llama_gguf(where / "tiny.gguf", head_dim=64, n_layer=2, seed=1),
-        "qwen-shaped": write_tiny_llama_gguf(where / "qwen-shaped.gguf", **shape, dtype="f16", seed=2,
-                                             rope_theta=1e6, n_ctx_train=32768),
+        "qwen-shaped": write_tiny_llama_gguf(
+            where / "qwen-shaped.gguf", **shape, dtype="f16", seed=2, rope_theta=1e6, n_ctx_train=32768
+        ),
     }
 
 
@@ -65,8 +66,11 @@ def evidence_check(path: Path) -> list[dict]:
         for kv in ("f16", "q8_0"):
             gens = {}
             for mode in ("step", "event"):
-                g = Generator(model, ContextParams(n_ctx=512, flash_attn=fa, type_k=kv,
-                                                   type_v=kv if fa == "on" else "f16"), SamplerParams(temp=0))
+                g = Generator(
+                    model,
+                    ContextParams(n_ctx=512, flash_attn=fa, type_k=kv, type_v=kv if fa == "on" else "f16"),
+                    SamplerParams(temp=0),
+                )
                 g.view.set_evidence_mode(mode)
                 g.view.observe(8, attn=True)
                 g.eval(tokens[:120])
@@ -81,9 +85,11 @@ def evidence_check(path: Path) -> list[dict]:
             s, e = gens["step"].view, gens["event"].view
             for il in s.kv_layers:
                 cells, _ = s.occupied()
-                for a, b in ((e.evidence[il][:, cells], s.evidence[il][:, cells]),
-                             (e.evidence_total[il][:, cells], s.evidence_total[il][:, cells]),
-                             (e.last_attn(il)[:, cells], s.last_attn(il)[:, cells])):
+                for a, b in (
+                    (e.evidence[il][:, cells], s.evidence[il][:, cells]),
+                    (e.evidence_total[il][:, cells], s.evidence_total[il][:, cells]),
+                    (e.last_attn(il)[:, cells], s.last_attn(il)[:, cells]),
+                ):
                     d, good = _max_diff(a, b)
                     worst, ok = max(worst, d), ok and good
             rows.append({"flash_attn": fa, "type_k": kv, "max_abs_diff": worst, "pass": ok})
@@ -99,27 +105,48 @@ def run_pytest(log: Path, quick: bool) -> dict:
     if quick:  # the suite's own run of this script: the kernel and tiny-model cases only
         cmd += ["tests/test_event_evidence.py", "-k", "kernel or tiny or groups"]
     else:
-        cmd += ["tests/test_event_evidence.py", "tests/test_evidence.py", "tests/test_row_sets.py", "tests/test_kv_reads.py"]
+        cmd += [
+            "tests/test_event_evidence.py",
+            "tests/test_evidence.py",
+            "tests/test_row_sets.py",
+            "tests/test_kv_reads.py",
+        ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     log.write_text(r.stdout + r.stderr)
     tail = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return {"command": " ".join(cmd[2:]), "returncode": r.returncode, "summary": tail,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "command": " ".join(cmd[2:]),
+        "returncode": r.returncode,
+        "summary": tail,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def speed(path: Path, quick: bool) -> dict:
     from amslocal.bench.speed import run_speed
 
-    return run_speed(path, depths=(256, 512) if quick else (512, 4096), budget=256, interval=128,
-                     n_gen=32 if quick else 128, rounds=1 if quick else 2,
-                     methods=["streaming", "tova", "ams-tova"], evidence=("event", "step"), include_stock=False,
-                     progress=lambda m: print(f"device-check: {m}", file=sys.stderr))
+    return run_speed(
+        path,
+        depths=(256, 512) if quick else (512, 4096),
+        budget=256,
+        interval=128,
+        n_gen=32 if quick else 128,
+        rounds=1 if quick else 2,
+        methods=["streaming", "tova", "ams-tova"],
+        evidence=("event", "step"),
+        include_stock=False,
+        progress=lambda m: print(f"device-check: {m}", file=sys.stderr),
+    )
 
 
 def gpu_name() -> str:
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return r.stdout.strip() or "none"
     except (OSError, subprocess.SubprocessError):
         return "none (nvidia-smi not found)"
@@ -137,8 +164,9 @@ def main() -> int:
     say = lambda m: print(f"device-check: {m}", file=sys.stderr)  # noqa: E731
 
     say("making the random-weight models ...")
-    models = make_models(out / "models" if args.quick else Path(os.environ.get("TMPDIR", "/tmp")) / "amslocal-devcheck",
-                         args.quick)
+    models = make_models(
+        out / "models" if args.quick else Path(os.environ.get("TMPDIR", "/tmp")) / "amslocal-devcheck", args.quick
+    )
     say("evidence: event vs side branch ...")
     evidence = evidence_check(models["qwen-shaped"])
     say("pytest (tiny-model cases) ...")
@@ -150,22 +178,49 @@ def main() -> int:
 
     build = (out / "build.txt").read_text().strip() if (out / "build.txt").exists() else "build_seconds=?"
     ok = all(r["pass"] for r in evidence) and tests["returncode"] == 0
-    result = {"backend": args.backend, "quick": args.quick, "gpu": gpu_name(), "python": platform.python_version(),
-              "build": build, "evidence": evidence, "pytest": tests, "speed": sp, "pass": ok,
-              "seconds": round(time.perf_counter() - t0, 1),
-              "n_gpu_layers": os.environ.get("AMSLOCAL_N_GPU_LAYERS", "0")}
+    result = {
+        "backend": args.backend,
+        "quick": args.quick,
+        "gpu": gpu_name(),
+        "python": platform.python_version(),
+        "build": build,
+        "evidence": evidence,
+        "pytest": tests,
+        "speed": sp,
+        "pass": ok,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "n_gpu_layers": os.environ.get("AMSLOCAL_N_GPU_LAYERS", "0"),
+    }
     (out / "device-check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# amslocal device check ({args.backend}{', quick' if args.quick else ''})", "",
-             f"- GPU: {result['gpu']}", f"- CPU: {sp['cpu']}", f"- {build}; checks and speed {result['seconds']} s",
-             f"- offloaded layers: {result['n_gpu_layers']} (-1 = all)", "",
-             "## Evidence at the event vs the per-step side branch (Qwen-shaped random model)", "",
-             "| flash attention | K type | max abs difference | within rtol 1e-3, atol 1e-5 |", "|---|---|---:|---|"]
-    lines += [f"| {r['flash_attn']} | {r['type_k']} | {r['max_abs_diff']:.2e} | {'yes' if r['pass'] else 'NO'} |"
-              for r in evidence]
-    lines += ["", "## Tests on this backend", "", f"`{tests['command']}`: {tests['summary']} "
-              f"(exit {tests['returncode']}, {tests['seconds']} s; log: pytest.log)", "",
-              "## Decode speed (Qwen-shaped random model)", "", format_table(sp), "",
-              f"**{'PASS' if ok else 'FAIL'}**"]
+    lines = [
+        f"# amslocal device check ({args.backend}{', quick' if args.quick else ''})",
+        "",
+        f"- GPU: {result['gpu']}",
+        f"- CPU: {sp['cpu']}",
+        f"- {build}; checks and speed {result['seconds']} s",
+        f"- offloaded layers: {result['n_gpu_layers']} (-1 = all)",
+        "",
+        "## Evidence at the event vs the per-step side branch (Qwen-shaped random model)",
+        "",
+        "| flash attention | K type | max abs difference | within rtol 1e-3, atol 1e-5 |",
+        "|---|---|---:|---|",
+    ]
+    lines += [
+        f"| {r['flash_attn']} | {r['type_k']} | {r['max_abs_diff']:.2e} | {'yes' if r['pass'] else 'NO'} |"
+        for r in evidence
+    ]
+    lines += [
+        "",
+        "## Tests on this backend",
+        "",
+        f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s; log: pytest.log)",
+        "",
+        "## Decode speed (Qwen-shaped random model)",
+        "",
+        format_table(sp),
+        "",
+        f"**{'PASS' if ok else 'FAIL'}**",
+    ]
     (out / "device-check.md").write_text("\n".join(lines) + "\n")
     say(f"{'PASS' if ok else 'FAIL'}: {out / 'device-check.md'}")
     print("\n".join(lines))

@@ -8,8 +8,9 @@ import gguf
 import numpy as np
 
 
-def attention_mass(q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float,
-                   n_swa: int = 0) -> np.ndarray:
+def attention_mass(
+    q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int = 0
+) -> np.ndarray:
     """Causal attention probability mass per key, summed over queries and each KV group's heads.
 
     q: [t, n_head, d] queries, k: [n, n_head_kv, d] keys; a query at position p sees keys at

@@ -13,11 +13,17 @@ from conftest import DEFAULT_MODEL
 from amslocal.api import Engine
 from amslocal.chat import ChatError, ChatTemplate, SaveFileError, SessionBusyError, TemplateError
 
-needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py")
+needs_model = pytest.mark.skipif(
+    not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py"
+)
 
 SYSTEM = "You are a terse assistant who answers in one sentence."
-TALK = ["Tell me about the moon and its phases.", "Now tell me about the sun.", "And about the planets?",
-        "And the stars?"]
+TALK = [
+    "Tell me about the moon and its phases.",
+    "Now tell me about the sun.",
+    "And about the planets?",
+    "And the stars?",
+]
 SMALL = dict(budget=96, interval=32, temperature=0, max_tokens=40)  # compresses within two turns
 
 
@@ -42,6 +48,7 @@ def _logits_of(session) -> list[np.ndarray]:
 
 
 # --- isolation and threads -------------------------------------------------------------------
+
 
 def test_two_sessions_do_not_interfere(engine):
     alone = engine.session(system=SYSTEM, **SMALL)
@@ -117,6 +124,7 @@ def test_one_call_at_a_time(engine):
 
 # --- compression keeps the conversation's structure ------------------------------------------
 
+
 def test_system_prompt_and_template_survive_compression(engine):
     s = engine.session(system=SYSTEM, **SMALL)
     for q in TALK:
@@ -151,9 +159,11 @@ def test_template_scaffolding_is_protected_contents_are_not(engine):
 
 def test_a_template_that_is_not_prefix_stable_reads_everything_again(engine):
     # the header counts the messages, so every turn changes the start of the text
-    tpl = ("<|im_start|>system\n{{ messages|length }} messages<|im_end|>\n"
-           "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tpl = (
+        "<|im_start|>system\n{{ messages|length }} messages<|im_end|>\n"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     s = engine.session(chat_template=tpl, **SMALL)
     assert s.chat(TALK[0], stream=False)
     assert s.refeeds == 0
@@ -204,6 +214,7 @@ def test_budget_and_scorer_change_on_a_live_session(engine):
 
 # --- save and load ---------------------------------------------------------------------------
 
+
 def test_save_then_load_continues_exactly(engine, tmp_path: Path):
     path = tmp_path / "s.ams"
     a = engine.session(system=SYSTEM, **SMALL)
@@ -249,7 +260,7 @@ def _controller_state(s) -> dict:
     if hasattr(sel, "credit"):  # AMS on one token set: one credit keyed by position
         state["credit_pos"], state["credit"] = sel.credit.positions.tolist(), sel.credit.credit.tolist()
     else:  # per-row token sets: each row's credit, and which token every row of every cell holds
-        state["selector"] = {k: v.tolist() for k, v in sel.state().items()}
+        state["selector"] = {k: v.tolist() for k, v in sel.state_dict().items()}
         state["rows"] = view.row_positions(ses.layers, cells).tolist()
     for il in ses.layers:
         state[f"evidence_{il}"] = view.evidence[il][:, cells].tolist()

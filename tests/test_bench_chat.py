@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_bench_quality import _lines
+from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
 
 from amslocal.bench.chat_task import fact_sentence, load_conversations, personal_fact, recall_correct
 from amslocal.bench.tasks import MATH_INSTRUCTION
-from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
-from test_bench_quality import _lines
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason=f"benchmark data missing at {DATA}")
@@ -19,6 +19,7 @@ needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default mod
 
 
 # --- facts, recall, conversations ------------------------------------------------------------------
+
 
 def test_personal_fact_is_deterministic_and_varies_per_conversation():
     facts = [personal_fact(k) for k in range(20)]
@@ -33,40 +34,79 @@ def test_personal_fact_is_deterministic_and_varies_per_conversation():
     assert fact_sentence("Ada", "7341") == "Before we start: my name is Ada and my locker code is 7341. "
 
 
-@pytest.mark.parametrize("text, ok", [
-    ("7341", True), ("Your locker code is 7341.", True), ("**7,341**", True), ("7 3 4 1", True),
-    ("The code: 7341\n", True), ("17341", False), ("73410", False), ("7342", False), ("", False),
-    ("I don't know your locker code.", False),
-])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("7341", True),
+        ("Your locker code is 7341.", True),
+        ("**7,341**", True),
+        ("7 3 4 1", True),
+        ("The code: 7341\n", True),
+        ("17341", False),
+        ("73410", False),
+        ("7342", False),
+        ("", False),
+        ("I don't know your locker code.", False),
+    ],
+)
 def test_recall_grading(text, ok):
     assert recall_correct(text, "7341") is ok
 
 
 def test_conversations_take_consecutive_rows(tmp_path):
-    rows = [{"question": f"Q{i}: Tom has {i} apples and buys 2 more. How many?", "answer": f"x\n#### {i + 2}"}
-            for i in range(7)]
+    rows = [
+        {"question": f"Q{i}: Tom has {i} apples and buys 2 more. How many?", "answer": f"x\n#### {i + 2}"}
+        for i in range(7)
+    ]
     (tmp_path / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     convs = load_conversations(10, 2, tmp_path)  # only whole conversations: 7 rows make 3
     assert [c.id for c in convs] == ["chat-0", "chat-1", "chat-2"]
     assert [c.rows for c in convs] == [[0, 1], [2, 3], [4, 5]]
     assert [c.references for c in convs] == [["2", "3"], ["4", "5"], ["6", "7"]]
     for k, c in enumerate(convs):
-        assert (c.name, c.code) == personal_fact(k, [f"{r['question']}\n{MATH_INSTRUCTION}" for r in rows[2 * k:2 * k + 2]])
-        assert c.questions[0] == fact_sentence(c.name, c.code) + f"Q{2 * k}: Tom has {2 * k} apples and buys 2 more. " \
-                                                                  f"How many?\n{MATH_INSTRUCTION}"
+        assert (c.name, c.code) == personal_fact(
+            k, [f"{r['question']}\n{MATH_INSTRUCTION}" for r in rows[2 * k : 2 * k + 2]]
+        )
+        assert (
+            c.questions[0] == fact_sentence(c.name, c.code) + f"Q{2 * k}: Tom has {2 * k} apples and buys 2 more. "
+            f"How many?\n{MATH_INSTRUCTION}"
+        )
         assert "locker" not in c.questions[1] and c.questions[1].endswith(MATH_INSTRUCTION)
     assert load_conversations(1, 2, tmp_path)[0] == convs[0]
 
 
 # --- a whole run on the default model --------------------------------------------------------------
 
+
 @needs_model
 @needs_data
 def test_chat_run_end_to_end(tmp_path):
     out = tmp_path / "chat"
-    args = ["bench", "quality", "--task", "chat", "--model", str(DEFAULT_MODEL), "--budgets", "64", "--interval", "16",
-            "--methods", "full,tova,ams-tova", "--turns", "2", "--max-tokens", "8", "-n", "1", "--out", str(out),
-            "-q", "-t", "1"]
+    args = [
+        "bench",
+        "quality",
+        "--task",
+        "chat",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--budgets",
+        "64",
+        "--interval",
+        "16",
+        "--methods",
+        "full,tova,ams-tova",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "8",
+        "-n",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+        "-t",
+        "1",
+    ]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (out / "items").iterdir()} == {"full.jsonl", "tova@64.jsonl", "ams-tova@64.jsonl"}
@@ -126,7 +166,20 @@ def test_chat_run_end_to_end(tmp_path):
 @needs_model
 def test_chat_refuses_context_shift(tmp_path):
     out = tmp_path / "x"
-    proc = run_cli("bench", "quality", "--task", "chat", "--model", str(DEFAULT_MODEL), "--methods", "full,context-shift",
-                   "-n", "1", "--out", str(out), "-q")
+    proc = run_cli(
+        "bench",
+        "quality",
+        "--task",
+        "chat",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--methods",
+        "full,context-shift",
+        "-n",
+        "1",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert_one_line_error(proc, "context-shift is not a chat session")
     assert not out.exists()  # refused before anything was written

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import DEFAULT_MODEL
 
 from amslocal.bench.speed import STOCK, filler_text, format_table, run_speed
@@ -19,8 +18,17 @@ def result():
     if not DEFAULT_MODEL.exists():
         pytest.skip(f"default model missing at {DEFAULT_MODEL}; run: python models/fetch.py")
     messages = []
-    res = run_speed(DEFAULT_MODEL, depths=(DEPTH,), budget=BUDGET, interval=INTERVAL, n_gen=N_GEN, rounds=1,
-                    methods=["streaming", "ams-tova"], include_stock=True, progress=messages.append)
+    res = run_speed(
+        DEFAULT_MODEL,
+        depths=(DEPTH,),
+        budget=BUDGET,
+        interval=INTERVAL,
+        n_gen=N_GEN,
+        rounds=1,
+        methods=["streaming", "ams-tova"],
+        include_stock=True,
+        progress=messages.append,
+    )
     assert messages, "progress was never called"
     return res
 

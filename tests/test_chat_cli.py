@@ -21,7 +21,9 @@ from test_cli_errors import assert_one_line_error, run_cli
 
 pexpect = pytest.importorskip("pexpect")
 
-needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py")
+needs_model = pytest.mark.skipif(
+    not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py"
+)
 
 SYSTEM = "You are a terse assistant who answers in one sentence."
 # budget 96 + interval 32 on SmolLM2: three turns force several compressions
@@ -37,8 +39,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _spawn(*args: str, **env: str):
-    child = pexpect.spawn(sys.executable, ["-m", "amslocal", "chat", str(DEFAULT_MODEL), *args], cwd=str(ROOT),
-                          env=_env(**env), encoding="utf-8", timeout=60, dimensions=(40, 250))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "amslocal", "chat", str(DEFAULT_MODEL), *args],
+        cwd=str(ROOT),
+        env=_env(**env),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 250),
+    )
     child.expect_exact(">>> ")
     return child
 
@@ -57,9 +66,11 @@ def _say(child, message: str) -> tuple[str, re.Match]:
 def test_pty_two_turns_stats_save_then_load_in_a_new_process(tmp_path: Path) -> None:
     save = tmp_path / "chat.ams"
     dir_a, dir_b = tmp_path / "logits-a", tmp_path / "logits-b"
-    questions = ["Hello! Please tell me about the moon and its phases.",
-                 "Now tell me about the sun and why it shines so brightly.",
-                 "Which of the two did I ask about first?"]
+    questions = [
+        "Hello! Please tell me about the moon and its phases.",
+        "Now tell me about the sun and why it shines so brightly.",
+        "Which of the two did I ask about first?",
+    ]
 
     a = _spawn(*COMPRESSING, "--system", SYSTEM, AMSLOCAL_DEBUG_LOGITS=str(dir_a))
     for q in questions[:2]:
@@ -133,9 +144,17 @@ def test_pty_ctrl_c_stops_a_reply_and_keeps_the_session() -> None:
 
 # --- piped input -----------------------------------------------------------------------------
 
+
 def _chat_piped(stdin: str, *args: str, model: Path = DEFAULT_MODEL) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amslocal", "chat", str(model), *args], input=stdin,
-                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "amslocal", "chat", str(model), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        timeout=120,
+    )
 
 
 @needs_model
@@ -155,15 +174,32 @@ def test_piped_bad_input_keeps_the_session(tmp_path: Path) -> None:
     damaged.write_bytes(b"AMSCHAT\x00" + os.urandom(200))
     notes = tmp_path / "notes.txt"
     notes.write_text("The secret word is pineapple.")
-    lines = ["/frobnicate", "/budget lots", "/budget 5", f"/load {damaged}", f"/load {tmp_path / 'none.ams'}",
-             f"/read {tmp_path / 'missing.txt'}", "/scorer nope", "/save", f"/read {notes}",
-             "What is the secret word?"]
+    lines = [
+        "/frobnicate",
+        "/budget lots",
+        "/budget 5",
+        f"/load {damaged}",
+        f"/load {tmp_path / 'none.ams'}",
+        f"/read {tmp_path / 'missing.txt'}",
+        "/scorer nope",
+        "/save",
+        f"/read {notes}",
+        "What is the secret word?",
+    ]
     proc = _chat_piped("\n".join(lines) + "\n", *COMPRESSING)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("amslocal: error:")]
-    expected = ["unknown command /frobnicate", "bad /budget value 'lots'", "budget 5 is too small",
-                "damaged", "cannot read", "cannot read", "unknown scorer nope", "/save needs a FILE"]
+    expected = [
+        "unknown command /frobnicate",
+        "bad /budget value 'lots'",
+        "budget 5 is too small",
+        "damaged",
+        "cannot read",
+        "cannot read",
+        "unknown scorer nope",
+        "/save needs a FILE",
+    ]
     assert len(errors) == len(expected), proc.stderr
     for line, phrase in zip(errors, expected):
         assert phrase in line, (phrase, line)
@@ -174,24 +210,29 @@ def test_piped_bad_input_keeps_the_session(tmp_path: Path) -> None:
 
 def test_piped_chat_on_a_model_without_template(tiny_gguf: Path) -> None:
     # no chat template in the tiny GGUF: ChatML, stopping at the text <|im_end|>
-    proc = _chat_piped("hello\nagain\n", "--budget", "256", "--interval", "32", "--temp", "0", "-t", "1", "-n", "20",
-                       model=tiny_gguf)
+    proc = _chat_piped(
+        "hello\nagain\n", "--budget", "256", "--interval", "32", "--temp", "0", "-t", "1", "-n", "20", model=tiny_gguf
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(STATUS.findall(proc.stderr)) == 2, proc.stderr
 
 
 # --- startup errors: one line, non-zero exit -------------------------------------------------
 
-@pytest.mark.parametrize("flags, phrase, code", [
-    (["--budget", "0"], "the budget must be a positive number of tokens", 2),
-    (["--budget", "lots"], "--budget", 2),
-    (["--budget", "5000"], "above the model's trained context (4096)", 2),
-    (["--budget", "20"], "budget 20 is too small", 2),
-    (["--scorer", "nope"], "--scorer", 2),
-    (["--chat-template", "{% for %}"], "chat template (custom): syntax error", 1),
-    (["--chat-template", "no-such-file.jinja"], "neither a file nor template text", 2),
-    (["--chat-template", "{{ raise_exception('no chatting here') }}"], "no chatting here", 1),
-])
+
+@pytest.mark.parametrize(
+    "flags, phrase, code",
+    [
+        (["--budget", "0"], "the budget must be a positive number of tokens", 2),
+        (["--budget", "lots"], "--budget", 2),
+        (["--budget", "5000"], "above the model's trained context (4096)", 2),
+        (["--budget", "20"], "budget 20 is too small", 2),
+        (["--scorer", "nope"], "--scorer", 2),
+        (["--chat-template", "{% for %}"], "chat template (custom): syntax error", 1),
+        (["--chat-template", "no-such-file.jinja"], "neither a file nor template text", 2),
+        (["--chat-template", "{{ raise_exception('no chatting here') }}"], "no chatting here", 1),
+    ],
+)
 def test_chat_startup_errors(tiny_gguf: Path, flags: list[str], phrase: str, code: int) -> None:
     assert_one_line_error(run_cli("chat", str(tiny_gguf), *flags), phrase, code)
 

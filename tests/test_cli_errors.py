@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_gguf import write_not_gguf, write_truncated_gguf
 
 from amslocal.errors import ModelError
@@ -31,8 +30,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     # the subprocess must import this checkout even when the package is not installed
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "amslocal", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "amslocal", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=TIMEOUT_S,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, phrase: str, code: int | None = None) -> None:
@@ -49,6 +54,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, phrase: str, code: 
 
 
 # --- bad model files -------------------------------------------------------------------------
+
 
 def test_missing_model_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.gguf"
@@ -83,14 +89,16 @@ def test_missing_default_model(tmp_path: Path) -> None:
 
 # --- bad prompts and flags -------------------------------------------------------------------
 
+
 def test_missing_prompt_file(tmp_path: Path, tiny_gguf: Path) -> None:
     proc = run_cli("generate", str(tiny_gguf), "--prompt-file", str(tmp_path / "none.txt"))
     assert_one_line_error(proc, "cannot read prompt file")
 
 
 def test_prompt_file_is_a_directory(tmp_path: Path, tiny_gguf: Path) -> None:
-    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(tmp_path)),
-                          "cannot read prompt file")
+    assert_one_line_error(
+        run_cli("generate", str(tiny_gguf), "--prompt-file", str(tmp_path)), "cannot read prompt file"
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
@@ -98,8 +106,7 @@ def test_unreadable_prompt_file(tmp_path: Path, tiny_gguf: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("hi")
     secret.chmod(0)
-    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(secret)),
-                          "Permission denied")
+    assert_one_line_error(run_cli("generate", str(tiny_gguf), "--prompt-file", str(secret)), "Permission denied")
 
 
 def test_prompt_file_not_utf8(tmp_path: Path, tiny_gguf: Path) -> None:
@@ -130,6 +137,7 @@ def test_unknown_command() -> None:
 
 
 # --- the backend -----------------------------------------------------------------------------
+
 
 def test_help_without_backend(tmp_path: Path) -> None:
     # An empty library directory: nothing native can load, yet --help must work.
@@ -162,6 +170,7 @@ def test_stock_backend() -> None:
 
 # --- generation (needs the patched backend) --------------------------------------------------
 
+
 def test_prompt_longer_than_context(tiny_gguf: Path) -> None:
     # the tiny tokenizer gives one token per ASCII character, plus BOS
     proc = run_cli("generate", str(tiny_gguf), "-p", "a" * 300, "--ctx-size", "256", "--temp", "0")
@@ -169,8 +178,9 @@ def test_prompt_longer_than_context(tiny_gguf: Path) -> None:
 
 
 def test_generate_tiny(tiny_gguf: Path) -> None:
-    proc = run_cli("generate", str(tiny_gguf), "-p", "hello", "--max-tokens", "8", "--temp", "0",
-                   "--ignore-eos", "--verbose")
+    proc = run_cli(
+        "generate", str(tiny_gguf), "-p", "hello", "--max-tokens", "8", "--temp", "0", "--ignore-eos", "--verbose"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout, "eight tokens were generated, so some text must come out"
     assert "Traceback" not in proc.stderr
@@ -187,6 +197,7 @@ def test_generate_default_model() -> None:
 
 
 # --- the file checker, in-process ------------------------------------------------------------
+
 
 def test_validate_accepts_tiny_gguf(tiny_gguf: Path) -> None:
     validate_gguf(tiny_gguf)
@@ -241,17 +252,29 @@ def test_bad_budget(tiny_gguf: Path, budget: str, phrase: str) -> None:
 
 
 def test_unknown_scorer(tiny_gguf: Path) -> None:
-    assert_one_line_error(run_cli("generate", str(tiny_gguf), "-p", "hi", "--budget", "64", "--scorer", "nope"),
-                          "--scorer", 2)
+    assert_one_line_error(
+        run_cli("generate", str(tiny_gguf), "-p", "hi", "--budget", "64", "--scorer", "nope"), "--scorer", 2
+    )
 
 
 def test_budget_on_recurrent_model(tmp_path: Path) -> None:
     _need_wiring()
     from test_info import write_header_gguf
 
-    mamba = write_header_gguf(tmp_path / "mamba.gguf", "mamba", {
-        "context_length": 4096, "embedding_length": 64, "block_count": 2, "attention.head_count": 0,
-        "ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4})
+    mamba = write_header_gguf(
+        tmp_path / "mamba.gguf",
+        "mamba",
+        {
+            "context_length": 4096,
+            "embedding_length": 64,
+            "block_count": 2,
+            "attention.head_count": 0,
+            "ssm.conv_kernel": 4,
+            "ssm.inner_size": 128,
+            "ssm.state_size": 16,
+            "ssm.time_step_rank": 4,
+        },
+    )
     proc = run_cli("generate", str(mamba), "-p", "hi", "--budget", "256")
     assert_one_line_error(proc, "mamba.gguf cannot be compressed: recurrent state cannot be evicted per token", 2)
 
@@ -260,9 +283,18 @@ def test_compact_positions_on_mrope_model(tmp_path: Path) -> None:
     _need_wiring()
     from test_info import write_header_gguf
 
-    vl = write_header_gguf(tmp_path / "vl.gguf", "qwen2vl", {
-        "context_length": 4096, "embedding_length": 128, "block_count": 2, "attention.head_count": 4,
-        "attention.head_count_kv": 2, "rope.dimension_sections": [8, 12, 12, 0]})
+    vl = write_header_gguf(
+        tmp_path / "vl.gguf",
+        "qwen2vl",
+        {
+            "context_length": 4096,
+            "embedding_length": 128,
+            "block_count": 2,
+            "attention.head_count": 4,
+            "attention.head_count_kv": 2,
+            "rope.dimension_sections": [8, 12, 12, 0],
+        },
+    )
     proc = run_cli("generate", str(vl), "-p", "hi", "--budget", "256", "--positions", "compact")
     assert_one_line_error(proc, "--positions compact is not possible", 2)
 

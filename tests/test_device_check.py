@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,14 +16,22 @@ def test_device_check_runs_on_cpu(tmp_path):
     import llama_cpp
 
     env = {**os.environ, "PYTHON": sys.executable}
-    pack = subprocess.run(["bash", "native/device-check.sh", "--pack"], cwd=ROOT, env=env, capture_output=True, text=True)
+    pack = subprocess.run(
+        ["bash", "native/device-check.sh", "--pack"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert pack.returncode == 0, pack.stderr
     pack_bytes = sum(f.stat().st_size for f in (ROOT / ".devpack").rglob("*") if f.is_file())
     assert pack_bytes < 40e6, f"the carried tree is {pack_bytes / 1e6:.1f} MB"
     lib = Path(llama_cpp.__file__).parent / "lib"
     out = tmp_path / "out"
-    run = subprocess.run(["bash", "native/device-check.sh", "--cpu", "--quick", "--lib", str(lib), "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(
+        ["bash", "native/device-check.sh", "--cpu", "--quick", "--lib", str(lib), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((out / "device-check.json").read_text())
     assert result["pass"] and result["backend"] == "cpu"

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEFAULT_MODEL
 
 from amslocal.backend import ContextParams, Model, SamplerParams
 from amslocal.engine import Generator
 from amslocal.evidence import attention_per_query, attention_rows, attention_rows_ref
 from amslocal.session import CompressionConfig, Session
-from conftest import DEFAULT_MODEL
 
-TEXT = ("The lighthouse keeper wrote every evening: the wind, the ships, the colour of the sea. "
-        "Years later his daughter found the notebooks and counted four thousand ships. ") * 12
+TEXT = (
+    "The lighthouse keeper wrote every evening: the wind, the ships, the colour of the sea. "
+    "Years later his daughter found the notebooks and counted four thousand ships. "
+) * 12
 GEMMA3 = DEFAULT_MODEL.parent / "gemma-3-270m-q4_k_m.gguf"
 
 
@@ -47,7 +49,7 @@ def test_attention_per_query_groups_heads_like_llama():
     q = np.zeros((1, 4, 2), np.float32)
     q[0, 2:, 0] = 10.0  # heads 2, 3 (KV head 1) look along dimension 0
     k = np.zeros((3, 2, 2), np.float32)
-    k[1, 1, 0] = 1.0    # cell 1 stands out in KV head 1 only
+    k[1, 1, 0] = 1.0  # cell 1 stands out in KV head 1 only
     a = attention_per_query(q, k, np.array([2]), np.array([0, 1, 2]), 1.0)
     assert a.shape == (1, 2, 3)
     np.testing.assert_allclose(a[0, 0], [2 / 3] * 3)  # 2 heads, uniform
@@ -60,8 +62,11 @@ def test_attention_per_query_groups_heads_like_llama():
 def _pair(model, fa, kv, n_ctx=512):
     gens = {}
     for mode in ("step", "event"):
-        g = Generator(model, ContextParams(n_ctx=n_ctx, flash_attn=fa, type_k=kv, type_v=kv if fa == "on" else "f16"),
-                      SamplerParams(temp=0))
+        g = Generator(
+            model,
+            ContextParams(n_ctx=n_ctx, flash_attn=fa, type_k=kv, type_v=kv if fa == "on" else "f16"),
+            SamplerParams(temp=0),
+        )
         g.view.set_evidence_mode(mode)
         gens[mode] = g
     return gens
@@ -79,8 +84,13 @@ def _same_evidence(gens, layers, what):
             close(le[:, cells], la[:, cells], f"{what}: last decode, layer {il}")
 
 
-CASES = [("tiny", "off", "f16"), ("tiny", "on", "q8_0"),
-         ("smollm2", "off", "f16"), ("smollm2", "on", "f16"), ("smollm2", "on", "q8_0")]
+CASES = [
+    ("tiny", "off", "f16"),
+    ("tiny", "on", "q8_0"),
+    ("smollm2", "off", "f16"),
+    ("smollm2", "on", "f16"),
+    ("smollm2", "on", "q8_0"),
+]
 
 
 @pytest.mark.parametrize("which,fa,kv", CASES)
@@ -103,8 +113,11 @@ def test_event_equals_side_branch_prompt_steps_and_eviction(request, which, fa, 
     _same_evidence(gens, layers, "steps")
     for il in layers:
         cells, _ = gens["step"].view.occupied()
-        close(gens["event"].view.evidence_since(4, il, cells), gens["step"].view.evidence_since(4, il, cells),
-              f"since the mark, layer {il}")
+        close(
+            gens["event"].view.evidence_since(4, il, cells),
+            gens["step"].view.evidence_since(4, il, cells),
+            f"since the mark, layer {il}",
+        )
     for g in gens.values():  # evict scattered tokens, keep decoding into reused cells
         g.evict([p for p in range(4, 90) if p % 3 == 0])
         for t in tokens[114:150]:
@@ -169,8 +182,9 @@ def _run_session(model, mode, cfg, tokens, fa="auto", save_at=None, kv="f16"):
     cp = ContextParams(flash_attn=fa, type_k=kv, type_v=kv)
     s = Session(model, cfg, cp, SamplerParams(temp=0), evidence_mode=mode)
     seen = []
-    s.on_compress = lambda pos, kept, inp: seen.append((pos.copy(), np.asarray(kept).copy(),
-                                                        None if inp.attn is None else inp.attn.copy()))
+    s.on_compress = lambda pos, kept, inp: seen.append(
+        (pos.copy(), np.asarray(kept).copy(), None if inp.attn is None else inp.attn.copy())
+    )
     if save_at is None:
         s.feed(tokens)
     else:
@@ -178,21 +192,26 @@ def _run_session(model, mode, cfg, tokens, fa="auto", save_at=None, kv="f16"):
         meta, arrays, kv = s.export_state()
         s = Session(model, cfg, cp, SamplerParams(temp=0), evidence_mode=mode)
         s.import_state(meta, arrays, kv)
-        s.on_compress = lambda pos, kept, inp: seen.append((pos.copy(), np.asarray(kept).copy(),
-                                                            None if inp.attn is None else inp.attn.copy()))
+        s.on_compress = lambda pos, kept, inp: seen.append(
+            (pos.copy(), np.asarray(kept).copy(), None if inp.attn is None else inp.attn.copy())
+        )
         s.feed(tokens[save_at:])
     return s, seen
 
 
-@pytest.mark.parametrize("scorer,ams,granularity,positions", [
-    ("tova", True, "token", "keep"),
-    ("h2o", False, "token", "compact"),
-    ("rkv", True, "head", "keep"),
-    ("snapkv", True, "head", "compact"),
-])
+@pytest.mark.parametrize(
+    "scorer,ams,granularity,positions",
+    [
+        ("tova", True, "token", "keep"),
+        ("h2o", False, "token", "compact"),
+        ("rkv", True, "head", "keep"),
+        ("snapkv", True, "head", "compact"),
+    ],
+)
 def test_session_events_are_the_same_both_ways(smollm2_model, scorer, ams, granularity, positions):
-    cfg = CompressionConfig(budget=96, interval=32, scorer=scorer, ams=ams, granularity=granularity,
-                            positions=positions, keep_last=16)
+    cfg = CompressionConfig(
+        budget=96, interval=32, scorer=scorer, ams=ams, granularity=granularity, positions=positions, keep_last=16
+    )
     tokens = smollm2_model.tokenize(TEXT)[:400]
     runs = {m: _run_session(smollm2_model, m, cfg, tokens) for m in ("step", "event")}
     (s_step, ev_step), (s_event, ev_event) = runs["step"], runs["event"]
@@ -225,11 +244,13 @@ def test_save_and_load_in_the_middle_of_a_window(tiny_model):
     seen = {}
     for name, s in (("a", a), ("b", b)):
         s.on_compress = lambda pos, kept, inp, name=name: seen.setdefault(
-            name, (pos.copy(), kept.copy(), np.concatenate([inp.attn, inp.mass_attn])))
-    np.testing.assert_allclose(b.feed(tokens[cut:cut + 1], logits=True), a.feed(tokens[cut:cut + 1], logits=True),
-                               rtol=1e-5, atol=1e-4)
+            name, (pos.copy(), kept.copy(), np.concatenate([inp.attn, inp.mass_attn]))
+        )
+    np.testing.assert_allclose(
+        b.feed(tokens[cut : cut + 1], logits=True), a.feed(tokens[cut : cut + 1], logits=True), rtol=1e-5, atol=1e-4
+    )
     for s in (a, b):
-        s.feed(tokens[cut + 1:cut + 40])  # through the next event
+        s.feed(tokens[cut + 1 : cut + 40])  # through the next event
     (pa, ka, aa), (pb, kb, ab) = seen["a"], seen["b"]
     np.testing.assert_array_equal(pb, pa)
     np.testing.assert_array_equal(kb, ka)

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEFAULT_MODEL
 from reference import attention_mass
 
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
-from conftest import DEFAULT_MODEL
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches from a sunny windowsill."
 
 
 def make(model, fa: str, kv: str = "f16") -> Generator:
-    return Generator(model, ContextParams(n_ctx=512, flash_attn=fa, type_k=kv, type_v=kv if fa == "on" else "f16"),
-                     SamplerParams(temp=0))
+    return Generator(
+        model,
+        ContextParams(n_ctx=512, flash_attn=fa, type_k=kv, type_v=kv if fa == "on" else "f16"),
+        SamplerParams(temp=0),
+    )
 
 
 def check_against_numpy(g: Generator, layers) -> None:
     """Every layer's last-step evidence equals numpy attention over read-back Q and K."""
     v = g.view
     cells, pos = v.occupied()
-    q_pos = np.asarray(sorted(g.tokens_at))[-int(v.last_queries(layers[0]).shape[0]):]
+    q_pos = np.asarray(sorted(g.tokens_at))[-int(v.last_queries(layers[0]).shape[0]) :]
     for il in layers:
         attn = v.last_attn(il)
         q = v.last_queries(il)
@@ -39,8 +42,12 @@ def check_against_numpy(g: Generator, layers) -> None:
 
 
 CASES = [
-    ("tiny", "off", "f16"), ("tiny", "on", "f16"), ("tiny", "on", "q8_0"),
-    ("smollm2", "off", "f16"), ("smollm2", "on", "f16"), ("smollm2", "on", "q8_0"),
+    ("tiny", "off", "f16"),
+    ("tiny", "on", "f16"),
+    ("tiny", "on", "q8_0"),
+    ("smollm2", "off", "f16"),
+    ("smollm2", "on", "f16"),
+    ("smollm2", "on", "q8_0"),
 ]
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-
 from tiny_gguf import tiny_vocab, write_not_gguf, write_tiny_llama_gguf, write_truncated_gguf
 
 from amslocal.errors import AmsError, ModelError, UnsupportedModelError
@@ -36,6 +35,7 @@ from amslocal.models import (
     check_request,
     check_scorer,
     load_model,
+    locate_model,
     read_text_file,
 )
 
@@ -44,6 +44,7 @@ DEFAULT_MODEL = PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --- writers --------------------------------------------------------------------------------------
+
 
 def _add(w: gguf.GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
@@ -72,9 +73,20 @@ def write_header_gguf(path: Path, arch: str, kv: dict[str, Any]) -> Path:
     return path
 
 
-def write_tiny_model(path: Path, arch: str, *, n_layer: int, n_head: int, n_head_kv: int, head_dim: int,
-                     n_ff: int = 64, n_ctx_train: int = 2048, extra: dict[str, Any] | None = None,
-                     gemma_norms: bool = False, seed: int = 0) -> Path:
+def write_tiny_model(
+    path: Path,
+    arch: str,
+    *,
+    n_layer: int,
+    n_head: int,
+    n_head_kv: int,
+    head_dim: int,
+    n_ff: int = 64,
+    n_ctx_train: int = 2048,
+    extra: dict[str, Any] | None = None,
+    gemma_norms: bool = False,
+    seed: int = 0,
+) -> Path:
     """A loadable random-weight decoder (llama-like tensors; gemma3's extra norms with ``gemma_norms``)."""
     tokens, scores, types = tiny_vocab()
     n_embd = n_head * head_dim
@@ -87,11 +99,19 @@ def write_tiny_model(path: Path, arch: str, *, n_layer: int, n_head: int, n_head
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     w = gguf.GGUFWriter(str(path), arch)
-    for key, value in {"context_length": n_ctx_train, "embedding_length": n_embd, "block_count": n_layer,
-                       "feed_forward_length": n_ff, "attention.head_count": n_head,
-                       "attention.head_count_kv": n_head_kv, "attention.key_length": head_dim,
-                       "attention.value_length": head_dim, "attention.layer_norm_rms_epsilon": 1e-6,
-                       "rope.freq_base": 10000.0, **(extra or {})}.items():
+    for key, value in {
+        "context_length": n_ctx_train,
+        "embedding_length": n_embd,
+        "block_count": n_layer,
+        "feed_forward_length": n_ff,
+        "attention.head_count": n_head,
+        "attention.head_count_kv": n_head_kv,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "attention.layer_norm_rms_epsilon": 1e-6,
+        "rope.freq_base": 10000.0,
+        **(extra or {}),
+    }.items():
         _add(w, f"{arch}.{key}", value)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
@@ -142,18 +162,38 @@ def tiny_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gemma3_path(tmp_path_factory) -> Path:
     # 7 layers, gemma3's default pattern 6: layers 0-4 and 6 slide over 64 tokens, layer 5 is full
-    return write_tiny_model(tmp_path_factory.mktemp("info") / "gemma3.gguf", "gemma3", n_layer=7, n_head=4,
-                            n_head_kv=1, head_dim=32, extra={"attention.sliding_window": 64}, gemma_norms=True)
+    return write_tiny_model(
+        tmp_path_factory.mktemp("info") / "gemma3.gguf",
+        "gemma3",
+        n_layer=7,
+        n_head=4,
+        n_head_kv=1,
+        head_dim=32,
+        extra={"attention.sliding_window": 64},
+        gemma_norms=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def mamba_path(tmp_path_factory) -> Path:
-    return write_header_gguf(tmp_path_factory.mktemp("info") / "mamba.gguf", "mamba", {
-        "context_length": 1 << 20, "embedding_length": 64, "block_count": 2, "feed_forward_length": 0,
-        "attention.head_count": 0, "attention.head_count_kv": 0, "attention.layer_norm_rms_epsilon": 1e-5,
-        "ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4,
-        "general.file_type": 0,
-    })
+    return write_header_gguf(
+        tmp_path_factory.mktemp("info") / "mamba.gguf",
+        "mamba",
+        {
+            "context_length": 1 << 20,
+            "embedding_length": 64,
+            "block_count": 2,
+            "feed_forward_length": 0,
+            "attention.head_count": 0,
+            "attention.head_count_kv": 0,
+            "attention.layer_norm_rms_epsilon": 1e-5,
+            "ssm.conv_kernel": 4,
+            "ssm.inner_size": 128,
+            "ssm.state_size": 16,
+            "ssm.time_step_rank": 4,
+            "general.file_type": 0,
+        },
+    )
 
 
 def _backend():
@@ -165,6 +205,7 @@ def _backend():
 
 
 # --- the tiny llama: every number ---------------------------------------------------------------
+
 
 def test_tiny_llama_facts(tiny_path: Path) -> None:
     info = model_info(tiny_path)
@@ -202,7 +243,8 @@ def test_tiny_llama_facts(tiny_path: Path) -> None:
     assert kv_cache_bytes(info, 1000) == 768 * 1000
     assert kv_cache_bytes(info, 1000, "q8_0", "f16") == (204 + 384) * 1000  # K at q8_0, V at f16
     assert info["compression"] == {
-        "supported": True, "positions": ["keep", "compact"],
+        "supported": True,
+        "positions": ["keep", "compact"],
         "reason": "every one of the 3 attention layers keeps a per-token KV cache",
     }
     json.loads(json.dumps(info))  # JSON-serialisable, for `amslocal info --json`
@@ -213,14 +255,20 @@ def test_tiny_llama_text(tiny_path: Path) -> None:
     lines = text.splitlines()
     assert lines[0].startswith("model ") and "tiny.gguf" in lines[0]
     expect = {
-        "architecture": "llama", "layers": "3", "heads": "6 query, 2 KV (GQA, 3 query heads per KV head)",
-        "head dims": "key 32, value 32, rotary 32", "context": "2048 tokens (trained)",
-        "rope": "norm, base 500000", "sliding window": "none", "vocabulary": "354 tokens", "chat template": "no",
+        "architecture": "llama",
+        "layers": "3",
+        "heads": "6 query, 2 KV (GQA, 3 query heads per KV head)",
+        "head dims": "key 32, value 32, rotary 32",
+        "context": "2048 tokens (trained)",
+        "rope": "norm, base 500000",
+        "sliding window": "none",
+        "vocabulary": "354 tokens",
+        "chat template": "no",
         "parameters": "542.8K",
     }
     for label, value in expect.items():
         line = next(ln for ln in lines if ln.startswith(label + " "))
-        assert line[len(label):].strip() == value, line
+        assert line[len(label) :].strip() == value, line
     assert any(ln.split()[:2] == ["f16", "768"] for ln in lines), text
     assert any(ln.split()[:2] == ["q8_0", "408"] for ln in lines), text
     assert any(ln.split()[:2] == ["q4_0", "216"] for ln in lines), text
@@ -233,23 +281,30 @@ def test_tiny_llama_text(tiny_path: Path) -> None:
 def test_head_size_not_a_multiple_of_the_block(tmp_path: Path) -> None:
     path = write_tiny_llama_gguf(tmp_path / "d24.gguf", n_layer=2, n_head=2, n_head_kv=2, head_dim=24)
     info = model_info(path)
-    assert info["kv_bytes_per_token"] == {"f32": 2 * 2 * 2 * 24 * 4, "f16": 2 * 2 * 2 * 24 * 2,
-                                          "q8_0": None, "q4_0": None}
+    assert info["kv_bytes_per_token"] == {
+        "f32": 2 * 2 * 2 * 24 * 4,
+        "f16": 2 * 2 * 2 * 24 * 2,
+        "q8_0": None,
+        "q4_0": None,
+    }
     assert kv_cache_bytes(info, 10, "q8_0") is None
     assert "n/a" in format_info(info)
 
 
 # --- agreement with llama.cpp -------------------------------------------------------------------
 
+
 def _state_growth(path: Path, type_k: str, type_v: str) -> int:
     """Bytes by which llama.cpp's saved state of sequence 0 grows when one token is added."""
     backend = _backend()
-    from amslocal.engine import Generator
     from llama_cpp import llama_cpp as llama
 
+    from amslocal.engine import Generator
+
     model = backend.Model(path)
-    gen = Generator(model, backend.ContextParams(n_ctx=256, n_batch=64, n_ubatch=64, type_k=type_k, type_v=type_v,
-                                                 flash_attn="on"))
+    gen = Generator(
+        model, backend.ContextParams(n_ctx=256, n_batch=64, n_ubatch=64, type_k=type_k, type_v=type_v, flash_attn="on")
+    )
     gen.eval(list(range(40, 50)))
     before = llama.llama_state_seq_get_size(gen.ctx.ptr, 0)
     gen.eval([60])
@@ -271,16 +326,22 @@ def test_layer_facts_match_llama_cpp(tiny_path: Path, gemma3_path: Path) -> None
     for path in (tiny_path, gemma3_path):
         info = model_info(path)
         model = backend.Model(path)
-        assert (model.n_layer, model.n_ctx_train, model.n_vocab) == (info["n_layer"], info["n_ctx_train"],
-                                                                       info["vocab_size"])
+        assert (model.n_layer, model.n_ctx_train, model.n_vocab) == (
+            info["n_layer"],
+            info["n_ctx_train"],
+            info["vocab_size"],
+        )
         view = Generator(model, backend.ContextParams(n_ctx=256)).view
         swa = set(info["sliding_window_layers"] or [])
         rope = {"norm": 0, "neox": 2}[info["rope_type"]]
         for il, li in enumerate(view.layers):
             assert li.cache == (1 if il in swa else 0), (path.name, il)
             assert (li.n_head, li.n_head_kv) == (info["n_head"], info["n_head_kv"])
-            assert (li.n_embd_head_k, li.n_embd_head_v, li.n_rot) == (info["head_dim_k"], info["head_dim_v"],
-                                                                       info["n_rot"])
+            assert (li.n_embd_head_k, li.n_embd_head_v, li.n_rot) == (
+                info["head_dim_k"],
+                info["head_dim_v"],
+                info["n_rot"],
+            )
             assert li.rope_type == rope
             if il in swa:
                 assert li.n_swa == info["sliding_window"]
@@ -298,6 +359,7 @@ def test_head_size_check_matches_llama_cpp(tmp_path: Path) -> None:
 
 # --- interleaved sliding-window attention --------------------------------------------------------
 
+
 def test_gemma3_iswa(gemma3_path: Path) -> None:
     info = model_info(gemma3_path)
     assert info["architecture"] == "gemma3" and info["rope_type"] == "neox"
@@ -314,8 +376,10 @@ def test_gemma3_iswa(gemma3_path: Path) -> None:
     assert kv_cache_bytes(info, 10000, n_ubatch=512) == 128 * 10000 + 6 * 128 * 768
     comp = info["compression"]
     assert comp["supported"] and comp["positions"] == ["keep", "compact"]
-    assert comp["reason"] == ("interleaved sliding-window attention: the 1 full-attention layer is scored and "
-                              "evicted; the 6 sliding-window layers forget by themselves (at most 64 tokens)")
+    assert comp["reason"] == (
+        "interleaved sliding-window attention: the 1 full-attention layer is scored and "
+        "evicted; the 6 sliding-window layers forget by themselves (at most 64 tokens)"
+    )
     text = format_info(info)
     assert "64 tokens (sliding window) on 6 of 7 layers" in text
 
@@ -338,8 +402,15 @@ def test_gemma3_kv_bytes_match_llama_cpp(gemma3_path: Path) -> None:
     ],
 )
 def test_swa_patterns(tmp_path: Path, arch: str, kv: dict, swa_layers: list[int] | None) -> None:
-    base = {"context_length": 8192, "embedding_length": 64, "block_count": 7, "attention.head_count": 2,
-            "attention.head_count_kv": 1, "attention.key_length": 32, "attention.value_length": 32}
+    base = {
+        "context_length": 8192,
+        "embedding_length": 64,
+        "block_count": 7,
+        "attention.head_count": 2,
+        "attention.head_count_kv": 1,
+        "attention.key_length": 32,
+        "attention.value_length": 32,
+    }
     if arch != "gemma2":
         base["attention.sliding_window"] = 512
     info = model_info(write_header_gguf(tmp_path / "m.gguf", arch, {**base, **kv}))
@@ -353,15 +424,25 @@ def test_swa_patterns(tmp_path: Path, arch: str, kv: dict, swa_layers: list[int]
 
 
 def test_all_layers_sliding_is_refused(tmp_path: Path) -> None:
-    path = write_header_gguf(tmp_path / "m.gguf", "gemma4", {
-        "context_length": 8192, "embedding_length": 64, "block_count": 3, "attention.head_count": 2,
-        "attention.head_count_kv": 1, "attention.sliding_window": 512,
-        "attention.sliding_window_pattern": [True, True, True]})
+    path = write_header_gguf(
+        tmp_path / "m.gguf",
+        "gemma4",
+        {
+            "context_length": 8192,
+            "embedding_length": 64,
+            "block_count": 3,
+            "attention.head_count": 2,
+            "attention.head_count_kv": 1,
+            "attention.sliding_window": 512,
+            "attention.sliding_window_pattern": [True, True, True],
+        },
+    )
     comp = model_info(path)["compression"]
     assert not comp["supported"] and "every attention layer uses a sliding window of 512 tokens" in comp["reason"]
 
 
 # --- architectures that cannot be compressed ----------------------------------------------------
+
 
 def test_mamba_is_refused(mamba_path: Path) -> None:
     info = model_info(mamba_path)
@@ -373,8 +454,11 @@ def test_mamba_is_refused(mamba_path: Path) -> None:
     text = format_info(info)
     assert "not supported: recurrent state cannot be evicted per token" in text
     assert "fixed-size recurrent state" in text
-    with pytest.raises(UnsupportedModelError, match=r"^mamba.gguf cannot be compressed: recurrent state cannot be "
-                                                    r"evicted per token"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^mamba.gguf cannot be compressed: recurrent state cannot be "
+        r"evicted per token",
+    ):
         check_compressible(mamba_path)
     # a budget asked of it: refused from the header, before llama.cpp sees the file
     with pytest.raises(UnsupportedModelError, match="recurrent state cannot be evicted per token"):
@@ -398,15 +482,29 @@ def test_mamba_is_refused(mamba_path: Path) -> None:
         ("clip", {}, "multimodal projector"),
         ("t5", {}, "encoder-decoder"),
         ("frobnitz", {}, "architecture 'frobnitz' is unknown to the llama.cpp"),
-        ("deepseek2", {"attention.kv_lora_rank": 512, "attention.key_length_mla": 192,
-                       "attention.value_length_mla": 128, "attention.key_length": 576,
-                       "attention.value_length": 512, "attention.head_count_kv": 1, "rope.dimension_count": 64},
-         "MLA (DeepSeek-style) latent cache"),
+        (
+            "deepseek2",
+            {
+                "attention.kv_lora_rank": 512,
+                "attention.key_length_mla": 192,
+                "attention.value_length_mla": 128,
+                "attention.key_length": 576,
+                "attention.value_length": 512,
+                "attention.head_count_kv": 1,
+                "rope.dimension_count": 64,
+            },
+            "MLA (DeepSeek-style) latent cache",
+        ),
     ],
 )
 def test_uncompressible_architectures(tmp_path: Path, arch: str, kv: dict, phrase: str) -> None:
-    base = {"context_length": 4096, "embedding_length": 64, "block_count": 2, "attention.head_count": 4,
-            "attention.head_count_kv": 4}
+    base = {
+        "context_length": 4096,
+        "embedding_length": 64,
+        "block_count": 2,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 4,
+    }
     path = write_header_gguf(tmp_path / f"{arch}.gguf", arch, {**base, **kv})
     info = model_info(path)
     assert info["compression"]["supported"] is False
@@ -419,11 +517,23 @@ def test_uncompressible_architectures(tmp_path: Path, arch: str, kv: dict, phras
 def test_mla_latent_cache_bytes(tmp_path: Path) -> None:
     # DeepSeek-V2-Lite-like: the latent cache holds kv_lora_rank + rope dims (512 + 64) per token and
     # layer in K, and no V
-    path = write_header_gguf(tmp_path / "ds.gguf", "deepseek2", {
-        "context_length": 163840, "embedding_length": 2048, "block_count": 27, "attention.head_count": 16,
-        "attention.head_count_kv": 1, "attention.key_length": 576, "attention.value_length": 512,
-        "attention.key_length_mla": 192, "attention.value_length_mla": 128, "attention.kv_lora_rank": 512,
-        "rope.dimension_count": 64})
+    path = write_header_gguf(
+        tmp_path / "ds.gguf",
+        "deepseek2",
+        {
+            "context_length": 163840,
+            "embedding_length": 2048,
+            "block_count": 27,
+            "attention.head_count": 16,
+            "attention.head_count_kv": 1,
+            "attention.key_length": 576,
+            "attention.value_length": 512,
+            "attention.key_length_mla": 192,
+            "attention.value_length_mla": 128,
+            "attention.kv_lora_rank": 512,
+            "rope.dimension_count": 64,
+        },
+    )
     info = model_info(path)
     assert info["mla_latent_cache"] and info["kv_lora_rank"] == 512
     assert info["kv_bytes_per_token"]["f16"] == 27 * 576 * 2
@@ -433,19 +543,39 @@ def test_mla_latent_cache_bytes(tmp_path: Path) -> None:
 
 def test_mla_weights_with_per_head_cache_are_supported(tmp_path: Path) -> None:
     # an older DeepSeek-V2 conversion (no key_length_mla): llama.cpp decompresses K/V per head
-    path = write_header_gguf(tmp_path / "ds.gguf", "deepseek2", {
-        "context_length": 4096, "embedding_length": 256, "block_count": 2, "attention.head_count": 4,
-        "attention.head_count_kv": 4, "attention.key_length": 192, "attention.value_length": 128,
-        "attention.kv_lora_rank": 512, "rope.dimension_count": 64})
+    path = write_header_gguf(
+        tmp_path / "ds.gguf",
+        "deepseek2",
+        {
+            "context_length": 4096,
+            "embedding_length": 256,
+            "block_count": 2,
+            "attention.head_count": 4,
+            "attention.head_count_kv": 4,
+            "attention.key_length": 192,
+            "attention.value_length": 128,
+            "attention.kv_lora_rank": 512,
+            "rope.dimension_count": 64,
+        },
+    )
     info = model_info(path)
     assert not info["mla_latent_cache"] and info["compression"]["supported"]
     assert info["kv_bytes_per_token"]["f16"] == 2 * 4 * (192 + 128) * 2
 
 
 def test_mrope_keeps_positions(tmp_path: Path) -> None:
-    path = write_header_gguf(tmp_path / "vl.gguf", "qwen2vl", {
-        "context_length": 32768, "embedding_length": 128, "block_count": 2, "attention.head_count": 4,
-        "attention.head_count_kv": 2, "rope.dimension_sections": [8, 12, 12, 0]})
+    path = write_header_gguf(
+        tmp_path / "vl.gguf",
+        "qwen2vl",
+        {
+            "context_length": 32768,
+            "embedding_length": 128,
+            "block_count": 2,
+            "attention.head_count": 4,
+            "attention.head_count_kv": 2,
+            "rope.dimension_sections": [8, 12, 12, 0],
+        },
+    )
     info = model_info(path)
     assert info["rope_type"] == "mrope"
     comp = info["compression"]
@@ -463,9 +593,19 @@ def test_mrope_keeps_positions(tmp_path: Path) -> None:
 
 def test_per_layer_kv_heads(tmp_path: Path) -> None:
     # a per-layer head_count_kv array (OpenELM-style), with a layer that has no KV at all
-    path = write_header_gguf(tmp_path / "elm.gguf", "openelm", {
-        "context_length": 2048, "embedding_length": 128, "block_count": 3, "attention.head_count": [4, 4, 4],
-        "attention.head_count_kv": [1, 0, 2], "attention.key_length": 32, "attention.value_length": 32})
+    path = write_header_gguf(
+        tmp_path / "elm.gguf",
+        "openelm",
+        {
+            "context_length": 2048,
+            "embedding_length": 128,
+            "block_count": 3,
+            "attention.head_count": [4, 4, 4],
+            "attention.head_count_kv": [1, 0, 2],
+            "attention.key_length": 32,
+            "attention.value_length": 32,
+        },
+    )
     info = model_info(path)
     assert info["n_head_kv_per_layer"] == [1, 0, 2] and info["n_layer_kv"] == 2
     assert info["kv_bytes_per_token"]["f16"] == (1 + 2) * 64 * 2
@@ -474,10 +614,11 @@ def test_per_layer_kv_heads(tmp_path: Path) -> None:
 
 # --- the default model --------------------------------------------------------------------------
 
+
 def test_default_model() -> None:
     if not DEFAULT_MODEL.exists():
         pytest.skip(f"default model missing ({DEFAULT_MODEL}); fetch it with: python models/fetch.py")
-    info = model_info(None)
+    info = model_info(locate_model(None))  # model_info takes a resolved path; locate_model resolves the default
     assert Path(info["path"]) == DEFAULT_MODEL or os.environ.get("AMSLOCAL_MODEL")
     info = model_info(DEFAULT_MODEL)
     assert info["architecture"] == "llama" and info["file_type"] == "Q4_1" and info["size_label"] == "135M"
@@ -487,23 +628,31 @@ def test_default_model() -> None:
     assert info["rope_type"] == "norm" and info["rope_freq_base"] == 100000.0
     assert info["n_params"] == 134515008
     # 30 layers x 3 KV heads x 64 values, K and V
-    assert info["kv_bytes_per_token"] == {"f32": 30 * 2 * 192 * 4, "f16": 30 * 2 * 192 * 2,
-                                          "q8_0": 30 * 2 * 6 * 34, "q4_0": 30 * 2 * 6 * 18}
+    assert info["kv_bytes_per_token"] == {
+        "f32": 30 * 2 * 192 * 4,
+        "f16": 30 * 2 * 192 * 2,
+        "q8_0": 30 * 2 * 6 * 34,
+        "q4_0": 30 * 2 * 6 * 18,
+    }
     assert info["compression"]["supported"]
     assert _state_growth(DEFAULT_MODEL, "q8_0", "q8_0") == info["kv_bytes_per_token"]["q8_0"]
 
 
 def test_info_does_not_load_the_model(tiny_path: Path) -> None:
-    code = ("import sys; from amslocal.info import model_info; model_info(sys.argv[1]); "
-            "print('amslocal.backend' in sys.modules, 'llama_cpp' in sys.modules)")
+    code = (
+        "import sys; from amslocal.info import model_info; model_info(sys.argv[1]); "
+        "print('amslocal.backend' in sys.modules, 'llama_cpp' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    out = subprocess.run([sys.executable, "-c", code, str(tiny_path)], capture_output=True, text=True, env=env,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_path)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
 
 
 # --- bad files ----------------------------------------------------------------------------------
+
 
 def test_bad_files(tmp_path: Path, tiny_path: Path) -> None:
     noarch = tmp_path / "noarch.gguf"  # a valid GGUF without general.architecture
@@ -520,8 +669,9 @@ def test_bad_files(tmp_path: Path, tiny_path: Path) -> None:
         write_truncated_gguf(tiny_path, tmp_path / "cut.gguf"): "is damaged or truncated",
         noarch: "has no general.architecture key; it is not a model file",
         # a well-formed file whose values make no sense: a word where the layer count belongs
-        write_header_gguf(tmp_path / "words.gguf", "llama", {"block_count": "three"}):
-            "has inconsistent metadata (ValueError: invalid literal for int()",
+        write_header_gguf(
+            tmp_path / "words.gguf", "llama", {"block_count": "three"}
+        ): "has inconsistent metadata (ValueError: invalid literal for int()",
     }
     for path, phrase in cases.items():
         with pytest.raises(ModelError) as exc:
@@ -533,12 +683,16 @@ def test_bad_files(tmp_path: Path, tiny_path: Path) -> None:
 
 def test_missing_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMSLOCAL_MODEL", str(tmp_path / "gone.gguf"))
-    with pytest.raises(ModelError, match=r"default model not found at .*gone.gguf \(from \$AMSLOCAL_MODEL\); "
-                                         r"fetch it with: python models/fetch.py"):
-        model_info()
+    with pytest.raises(
+        ModelError,
+        match=r"default model not found at .*gone.gguf \(from \$AMSLOCAL_MODEL\); "
+        r"fetch it with: python models/fetch.py",
+    ):
+        model_info(locate_model(None))
 
 
 # --- budgets, scorers, text files ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "budget, n_ctx_train, message",
@@ -626,10 +780,12 @@ def test_unreadable_text_file(tmp_path: Path) -> None:
 
 # --- the command line (once `amslocal info` is wired into cli.py) --------------------------------
 
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "amslocal", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "amslocal", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -657,9 +813,11 @@ def test_cli_info_unsupported_is_not_an_error(info_command: None, mamba_path: Pa
 
 @pytest.mark.parametrize("which", ["missing", "noise", "cut"])
 def test_cli_info_bad_file(info_command: None, tmp_path: Path, tiny_path: Path, which: str) -> None:
-    path = {"missing": lambda: tmp_path / "missing.gguf",
-            "noise": lambda: write_not_gguf(tmp_path / "noise.gguf"),
-            "cut": lambda: write_truncated_gguf(tiny_path, tmp_path / "cut.gguf")}[which]()
+    path = {
+        "missing": lambda: tmp_path / "missing.gguf",
+        "noise": lambda: write_not_gguf(tmp_path / "noise.gguf"),
+        "cut": lambda: write_truncated_gguf(tiny_path, tmp_path / "cut.gguf"),
+    }[which]()
     proc = _run_cli("info", str(path))
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr

@@ -15,14 +15,16 @@ TEXT = "Keys and values, read back from the cache, must match the weights."
 @pytest.mark.parametrize(
     "fa,type_k,type_v,tol",
     [
-        ("off", "f16", "f16", 2e-3),   # V stored transposed
-        ("on", "f16", "f16", 2e-3),    # V stored by rows
+        ("off", "f16", "f16", 2e-3),  # V stored transposed
+        ("on", "f16", "f16", 2e-3),  # V stored by rows
         ("on", "q8_0", "q8_0", 2e-2),  # quantized and Hadamard-rotated (head size 64)
         ("on", "q4_0", "f16", 1.5e-1),
     ],
 )
 def test_layer0_kv_reads_match_weights(tiny_gguf, tiny_model, fa, type_k, type_v, tol):
-    g = Generator(tiny_model, ContextParams(n_ctx=256, flash_attn=fa, type_k=type_k, type_v=type_v), SamplerParams(temp=0))
+    g = Generator(
+        tiny_model, ContextParams(n_ctx=256, flash_attn=fa, type_k=type_k, type_v=type_v), SamplerParams(temp=0)
+    )
     tokens = tiny_model.tokenize(TEXT)
     g.eval(tokens)
     cells, pos = g.view.occupied()
@@ -40,7 +42,9 @@ def test_layer0_kv_reads_match_weights(tiny_gguf, tiny_model, fa, type_k, type_v
 def test_q8_0_reads_agree_with_f16_on_a_real_model(smollm2_model):
     reads = {}
     for kv in ("f16", "q8_0"):
-        g = Generator(smollm2_model, ContextParams(n_ctx=256, flash_attn="on", type_k=kv, type_v=kv), SamplerParams(temp=0))
+        g = Generator(
+            smollm2_model, ContextParams(n_ctx=256, flash_attn="on", type_k=kv, type_v=kv), SamplerParams(temp=0)
+        )
         g.eval(smollm2_model.tokenize(TEXT))
         cells, _ = g.view.occupied()
         reads[kv] = (g.view.read_k(0, cells), g.view.read_v(0, cells))

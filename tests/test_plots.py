@@ -35,7 +35,12 @@ def make_summary(budgets=(64, 96, 160)):
         for budget in budgets:
             acc = float(rng.uniform(0.05, 0.3))
             results.append({"method": method, "budget": budget, "n": 180, "accuracy": acc, "passkey": acc})
-    return {"task": "gsm8k", "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "budget_base": "prompt", "results": results}
+    return {
+        "task": "gsm8k",
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "budget_base": "prompt",
+        "results": results,
+    }
 
 
 def make_record(n_positions=40, prompt_tokens=10, n_events=3, budget=16, evict=None):
@@ -48,9 +53,16 @@ def make_record(n_positions=40, prompt_tokens=10, n_events=3, budget=16, evict=N
         kept = [p not in gone for p in held]
         mass = np.linspace(1, 2, len(held))
         bounds = [0, len(held) // 3, 2 * len(held) // 3, len(held)]
-        events.append({"positions": list(held), "kept": kept, "mass": list(mass / mass.sum()), "bounds": bounds, "step": step})
+        events.append(
+            {"positions": list(held), "kept": kept, "mass": list(mass / mass.sum()), "bounds": bounds, "step": step}
+        )
         held = [p for p in held if p not in gone] + list(range(step, min(step + 6, n_positions)))
-    return {"title": "ams-tova @ budget 16, synthetic", "n_positions": n_positions, "prompt_tokens": prompt_tokens, "events": events}
+    return {
+        "title": "ams-tova @ budget 16, synthetic",
+        "n_positions": n_positions,
+        "prompt_tokens": prompt_tokens,
+        "events": events,
+    }
 
 
 def test_plot_accuracy_writes_png(tmp_path):
@@ -72,8 +84,20 @@ def test_eviction_states_known_eviction():
         "n_positions": 7,
         "prompt_tokens": 4,
         "events": [
-            {"positions": [0, 1, 2, 3, 4], "kept": [True, True, False, True, True], "mass": None, "bounds": None, "step": 5},
-            {"positions": [0, 1, 3, 4, 5], "kept": [True, False, True, True, True], "mass": None, "bounds": None, "step": 6},
+            {
+                "positions": [0, 1, 2, 3, 4],
+                "kept": [True, True, False, True, True],
+                "mass": None,
+                "bounds": None,
+                "step": 5,
+            },
+            {
+                "positions": [0, 1, 3, 4, 5],
+                "kept": [True, False, True, True, True],
+                "mass": None,
+                "bounds": None,
+                "step": 6,
+            },
         ],
     }
     states = plots.eviction_states(record)
@@ -152,10 +176,17 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 def test_pairs_plot_one_panel_per_budget(tmp_path):
     from amslocal.bench.plots import plot_pairs
 
-    summary = {"task": "fidelity", "model": "m.gguf", "budget_base": "absolute", "results": [
-        {"method": "context-shift", "budget": 128, "n": 3, "kl": 0.4},
-        {"method": "tova", "budget": 128, "n": 3, "kl": 0.2}, {"method": "ams-tova", "budget": 128, "n": 3, "kl": 0.18},
-        {"method": "tova", "budget": 256, "n": 3, "kl": 0.1}, {"method": "ams-tova", "budget": 256, "n": 3, "kl": 0.09},
-    ]}
+    summary = {
+        "task": "fidelity",
+        "model": "m.gguf",
+        "budget_base": "absolute",
+        "results": [
+            {"method": "context-shift", "budget": 128, "n": 3, "kl": 0.4},
+            {"method": "tova", "budget": 128, "n": 3, "kl": 0.2},
+            {"method": "ams-tova", "budget": 128, "n": 3, "kl": 0.18},
+            {"method": "tova", "budget": 256, "n": 3, "kl": 0.1},
+            {"method": "ams-tova", "budget": 256, "n": 3, "kl": 0.09},
+        ],
+    }
     path = plot_pairs(summary, tmp_path / "pairs.png", metric="kl")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,12 +9,20 @@ from amslocal.backend import ContextParams
 from amslocal.session import CompressionConfig, Session
 
 BUDGET, INTERVAL = 64, 32
-TEXT = "The grass is green. The sky is blue. " * 30 + "The pass key is 48213. " + "Here we go. " * 20 + "What is the pass key?"
+TEXT = (
+    "The grass is green. The sky is blue. " * 30
+    + "The pass key is 48213. "
+    + "Here we go. " * 20
+    + "What is the pass key?"
+)
 
 
 def _prefill(model, question_aware: bool, scorer: str = "expected-attention"):
-    s = Session(model, CompressionConfig(budget=BUDGET, interval=INTERVAL, scorer=scorer,
-                                         question_aware=question_aware), ContextParams(n_threads=2))
+    s = Session(
+        model,
+        CompressionConfig(budget=BUDGET, interval=INTERVAL, scorer=scorer, question_aware=question_aware),
+        ContextParams(n_threads=2),
+    )
     events, peak = [], [0]
     s.on_compress = lambda pos, kept, inp: events.append((pos.copy(), inp.query_positions.copy()))
     collect = s.view.collect
@@ -59,13 +67,14 @@ def test_observers_that_do_not_all_fit_still_end_the_window(smollm2_model, ams):
     """A prompt arriving when the cache holds more than capacity - observers (a reply ended
     there): the event takes as many observers as fit, so its last query is observed. Before, it
     compressed on the unobserved cache and TOVA had no last query to score by."""
-    s = Session(smollm2_model, CompressionConfig(budget=64, interval=128, scorer="tova", ams=ams),
-                ContextParams(n_threads=2))
+    s = Session(
+        smollm2_model, CompressionConfig(budget=64, interval=128, scorer="tova", ams=ams), ContextParams(n_threads=2)
+    )
     tokens = smollm2_model.tokenize(TEXT)
-    s.prefill(tokens[:192 - 40], observers=())   # 40 cells free, outside every window
+    s.prefill(tokens[: 192 - 40], observers=())  # 40 cells free, outside every window
     seen = []
     s.on_compress = lambda pos, kept, inp: seen.append((pos.max(), inp.attn_last is not None))
-    s.prefill(tokens[192 - 40:])                  # wants 64 observers; 40 fit
+    s.prefill(tokens[192 - 40 :])  # wants 64 observers; 40 fit
     assert seen and seen[0] == (192 - 40 - 1, True)
     assert sorted(s.gen.tokens_at) == s.view.occupied(0)[1].tolist() and s.gen.next_pos == len(tokens)
 
@@ -102,8 +111,12 @@ def test_chat_message_is_question_aware_and_leaves_no_observer(smollm2_model):
     assert positions.max() == s.gen.next_pos - 1
     assert isinstance(reply, str)
     # events took more than the bare count: the message's last tokens observed each prompt event
-    plain = ChatSession(smollm2_model, CompressionConfig(budget=BUDGET, interval=INTERVAL, scorer="tova",
-                                                         question_aware=False),
-                        ContextParams(n_threads=2), template="chatml", max_tokens=4)
+    plain = ChatSession(
+        smollm2_model,
+        CompressionConfig(budget=BUDGET, interval=INTERVAL, scorer="tova", question_aware=False),
+        ContextParams(n_threads=2),
+        template="chatml",
+        max_tokens=4,
+    )
     "".join(plain.chat(TEXT))
     assert s.stats.compressions > plain.session.stats.compressions

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
@@ -14,18 +15,26 @@ from amslocal.scorers.rope import rope_rotate
 from amslocal.select.kernels import row_keep, row_keep_ref
 from amslocal.select.rows import RowAMSSelector, RowTopKSelector, place_rows
 from amslocal.session import CompressionConfig, Session
-from conftest import ROOT
 
 TEXT = "Per-head token sets: every row keeps what it attends to. " * 3
 
 
 def _gen(model, fa="on", tk="f16", tv="f16") -> Generator:
-    return Generator(model, ContextParams(n_ctx=256, flash_attn=fa, type_k=tk, type_v=tv, n_threads=1),
-                     SamplerParams(temp=0))
+    return Generator(
+        model, ContextParams(n_ctx=256, flash_attn=fa, type_k=tk, type_v=tv, n_threads=1), SamplerParams(temp=0)
+    )
 
 
-@pytest.mark.parametrize("fa,tk,tv", [("on", "f16", "f16"), ("off", "f16", "f16"), ("on", "q8_0", "q8_0"),
-                                      ("on", "q4_0", "q4_0"), ("off", "q8_0", "f32")])
+@pytest.mark.parametrize(
+    "fa,tk,tv",
+    [
+        ("on", "f16", "f16"),
+        ("off", "f16", "f16"),
+        ("on", "q8_0", "q8_0"),
+        ("on", "q4_0", "q4_0"),
+        ("off", "q8_0", "f32"),
+    ],
+)
 def test_move_rows_copies_each_row_exactly(tiny_model, fa, tk, tv):
     """After a move every (layer, KV head) row of a destination cell equals its source row exactly
     (quantized K is read through the Hadamard un-rotation; V transposed when flash attention is off);
@@ -182,9 +191,12 @@ def test_per_row_compaction_logits_equal_numpy(tiny_gguf, tiny_model, fa, tk):
     re-rotated to the ranks of its own tokens (patch 0002's per-row shift, after the label shift).
     The next token, at position B, gives the logits of a numpy pass with exactly those key positions,
     and not those of the uncompacted positions."""
-    cfg = CompressionConfig(budget=20, interval=28, scorer="tova", ams=False, granularity="head", positions="compact",
-                            n_sink=2, keep_last=4)
-    s = Session(tiny_model, cfg, ContextParams(flash_attn=fa, type_k=tk, type_v="f32", n_threads=1), SamplerParams(temp=0))
+    cfg = CompressionConfig(
+        budget=20, interval=28, scorer="tova", ams=False, granularity="head", positions="compact", n_sink=2, keep_last=4
+    )
+    s = Session(
+        tiny_model, cfg, ContextParams(flash_attn=fa, type_k=tk, type_v="f32", n_threads=1), SamplerParams(temp=0)
+    )
     toks = tiny_model.tokenize(TEXT, add_special=False)[:48]
     s.gen.eval(toks)
     v, layers = s.view, s.layers
@@ -268,11 +280,14 @@ def test_place_rows_keeps_every_row_set():
 # --- the session ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("granularity,ams,positions", [("head", False, "keep"), ("head", True, "keep"),
-                                                       ("layer", True, "keep"), ("head", True, "compact")])
+@pytest.mark.parametrize(
+    "granularity,ams,positions",
+    [("head", False, "keep"), ("head", True, "keep"), ("layer", True, "keep"), ("head", True, "compact")],
+)
 def test_session_rows_stay_in_budget(smollm2_model, granularity, ams, positions):
-    cfg = CompressionConfig(budget=48, interval=16, scorer="tova", ams=ams, granularity=granularity,
-                            positions=positions)
+    cfg = CompressionConfig(
+        budget=48, interval=16, scorer="tova", ams=ams, granularity=granularity, positions=positions
+    )
     s = Session(smollm2_model, cfg, ContextParams(n_threads=1), SamplerParams(temp=0))
     out = list(s.generate(smollm2_model.tokenize(TEXT * 2), 40, ignore_eos=True))
     assert len(out) == 40 and s.stats.compressions >= 3
@@ -313,8 +328,9 @@ def test_session_rows_save_load_same_logits(smollm2_model):
     assert a.n_occupied > cfg.budget
     a.compress()
     b.compress()
-    np.testing.assert_array_equal(b.view.row_positions(b.layers, b.view.occupied()[0]),
-                                  a.view.row_positions(a.layers, a.view.occupied()[0]))
+    np.testing.assert_array_equal(
+        b.view.row_positions(b.layers, b.view.occupied()[0]), a.view.row_positions(a.layers, a.view.occupied()[0])
+    )
     nxt = smollm2_model.tokenize(" and", add_special=False)
     np.testing.assert_allclose(a.feed(nxt, logits=True), b.feed(nxt, logits=True), rtol=1e-5, atol=1e-4)
 
@@ -330,6 +346,6 @@ def test_session_refuses_what_rows_cannot_do(smollm2_model):
     gemma = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
     if gemma.exists():
         from amslocal.backend import Model
+
         with pytest.raises(AmsError, match="sliding-window"):
             Session(Model(gemma), CompressionConfig(budget=48, interval=16, granularity="head"))
-

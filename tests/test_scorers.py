@@ -9,22 +9,22 @@ import pytest
 
 from amslocal.layers import LayerInfo
 from amslocal.scorers import (
-    SCORERS,
-    ExpectedAttention,
     H2O,
-    KeyDiff,
     RKV,
+    SCORERS,
+    TOVA,
+    ExpectedAttention,
+    KeyDiff,
     ScoreInput,
     SnapKV,
     StreamingLLM,
-    TOVA,
     TriAttention,
     calibration_stats,
+    kernels,
     load_calibration,
     make_scorer,
     save_calibration,
 )
-from amslocal.scorers import kernels
 from amslocal.scorers.rope import rope_mean_matrix, rope_rotate
 from amslocal.scorers.triattention import check_calibration, merge_calibration
 
@@ -36,8 +36,11 @@ def layer(n_head=2, n_head_kv=1, d=8, n_rot=None, rope_type=0, base=10000.0, sca
 def inp(T, layers, group, **kw) -> ScoreInput:
     return ScoreInput(
         positions=kw.pop("positions", np.arange(T, dtype=np.int64)),
-        cells=np.arange(T, dtype=np.int32), layers=layers, group=group,
-        next_position=kw.pop("next_position", T), **kw,
+        cells=np.arange(T, dtype=np.int32),
+        layers=layers,
+        group=group,
+        next_position=kw.pop("next_position", T),
+        **kw,
     )
 
 
@@ -88,7 +91,7 @@ def test_rope_rejects_unknown_type():
 
 def test_tova_keeps_what_the_last_query_attends_to():
     last = np.zeros((1, 2, 6))
-    last[0, 0] = [0.0, 0.1, 1.5, 0.1, 0.3, 0.0]   # summed over a group of 2 heads
+    last[0, 0] = [0.0, 0.1, 1.5, 0.1, 0.3, 0.0]  # summed over a group of 2 heads
     last[0, 1] = [0.2, 0.2, 0.2, 0.2, 0.6, 0.6]
     s = TOVA().score(inp(6, [layer(n_head=4, n_head_kv=2)], 2, attn_last=last))
     np.testing.assert_allclose(s, last / 2)
@@ -97,13 +100,13 @@ def test_tova_keeps_what_the_last_query_attends_to():
 
 def test_snapkv_averages_and_pools():
     attn = np.zeros((1, 1, 9))
-    attn[0, 0, 4] = 20.0            # 2 queries x 2 heads -> mean probability 5.0
+    attn[0, 0, 4] = 20.0  # 2 queries x 2 heads -> mean probability 5.0
     s = SnapKV(window=2).score(inp(9, [layer()], 2, attn=attn, n_queries=2))
     expected = np.zeros(9)
-    expected[2:7] = 5.0 / 5         # kernel 5, centred, divided by 5
+    expected[2:7] = 5.0 / 5  # kernel 5, centred, divided by 5
     np.testing.assert_allclose(s[0, 0], expected)
     edge = np.zeros((1, 1, 9))
-    edge[0, 0, 0] = 4.0             # zero-padded edge: still divided by 5
+    edge[0, 0, 0] = 4.0  # zero-padded edge: still divided by 5
     s = SnapKV().score(inp(9, [layer()], 1, attn=edge, n_queries=1))
     np.testing.assert_allclose(s[0, 0, :3], [0.8, 0.8, 0.8])
     assert s[0, 0, 3] == 0.0
@@ -131,7 +134,7 @@ def test_rkv_duplicate_scores_below_distinct_with_equal_attention():
     rng = np.random.default_rng(1)
     T, d = 12, 16
     k = rng.normal(size=(T, 1, d))
-    k[7] = k[3] * 2.0               # 3 and 7 are the same direction; 5 is distinct
+    k[7] = k[3] * 2.0  # 3 and 7 are the same direction; 5 is distinct
     attn = np.full((1, 1, T), 0.5)
     s = RKV(window=1).score(inp(T, [layer(n_head=1, d=d)], 1, attn=attn, n_queries=1, keys=lambda l: k))
     assert s[0, 0, 3] < s[0, 0, 5] and s[0, 0, 7] < s[0, 0, 5]
@@ -144,7 +147,7 @@ def test_rkv_duplicate_scores_below_distinct_with_equal_attention():
     np.testing.assert_allclose(s[0, 0], 0.1 * 0.5 - 0.9 * r)
     # attention: mean over queries and the group, max-pooled over 7 tokens
     spike = np.zeros((1, 1, T))
-    spike[0, 0, 5] = 8.0          # 2 queries x 2 heads -> mean 2.0, reaches tokens 2..8
+    spike[0, 0, 5] = 8.0  # 2 queries x 2 heads -> mean 2.0, reaches tokens 2..8
     s = RKV(mix_lambda=1.0).score(inp(T, [layer(n_head=2, d=d)], 2, attn=spike, n_queries=2, keys=lambda l: k))
     np.testing.assert_allclose(s[0, 0], np.where((np.arange(T) >= 2) & (np.arange(T) <= 8), 2.0, 0.0))
 
@@ -195,24 +198,44 @@ def test_expected_attention_ranks_the_aligned_key_first(rope_type):
     qpos = np.arange(nxt - 4, nxt)
     rng = np.random.default_rng(4)
     q = np.stack([[vec(a0 + w * p) + 0.01 * rng.normal(size=4) for _ in range(2)] for p in qpos])
-    target = a0 + w * (nxt + (n_future - 1) / 2)           # where the future queries point
+    target = a0 + w * (nxt + (n_future - 1) / 2)  # where the future queries point
     angles = [target + 1, a0, a0 + w * (2 * nxt), target, target - 1.5, target + 2.5, target - 3]
     aligned = 3
     k = np.stack([vec(a, 2.0) for a in angles])[:, None, :]  # post-RoPE keys as stored
     T = k.shape[0]
     v = np.ones((T, 1, 4))
-    s = ExpectedAttention(n_sink=1, n_future_positions=n_future).score(inp(
-        T, [li], 2, next_position=nxt, positions=np.arange(T) * 50,
-        queries=[q], query_positions=qpos, keys=lambda l: k, values=lambda l: v))
+    s = ExpectedAttention(n_sink=1, n_future_positions=n_future).score(
+        inp(
+            T,
+            [li],
+            2,
+            next_position=nxt,
+            positions=np.arange(T) * 50,
+            queries=[q],
+            query_positions=qpos,
+            keys=lambda l: k,
+            values=lambda l: v,
+        )
+    )
     assert s.shape == (1, 1, T)
     assert np.argmax(s[0, 0, 1:]) + 1 == aligned
     np.testing.assert_allclose(s[0, 0, 0], s[0, 0, 1:].max())
     # values scale the score by their norm
     v2 = v.copy()
     v2[5] *= 3
-    s2 = ExpectedAttention(n_sink=1, n_future_positions=n_future).score(inp(
-        T, [li], 2, next_position=nxt, positions=np.arange(T) * 50,
-        queries=[q], query_positions=qpos, keys=lambda l: k, values=lambda l: v2))
+    s2 = ExpectedAttention(n_sink=1, n_future_positions=n_future).score(
+        inp(
+            T,
+            [li],
+            2,
+            next_position=nxt,
+            positions=np.arange(T) * 50,
+            queries=[q],
+            query_positions=qpos,
+            keys=lambda l: k,
+            values=lambda l: v2,
+        )
+    )
     np.testing.assert_allclose(s2[0, 0, 5], 3 * s[0, 0, 5])
 
 
@@ -225,20 +248,22 @@ def test_expected_attention_equals_direct_formula(W):
     q = rng.normal(size=(W, 4, 6))
     k = rng.normal(size=(T, 2, 6))
     v = rng.normal(size=(T, 2, 6))
-    s = ExpectedAttention(window=W, n_future_positions=n_future, n_sink=n_sink).score(inp(
-        T, [li], 2, next_position=nxt, queries=[q], query_positions=qpos,
-        keys=lambda l: k, values=lambda l: v))[0]
+    s = ExpectedAttention(window=W, n_future_positions=n_future, n_sink=n_sink).score(
+        inp(T, [li], 2, next_position=nxt, queries=[q], query_positions=qpos, keys=lambda l: k, values=lambda l: v)
+    )[0]
     # direct: un-rotate each query, mean/cov, R = mean of rotation matrices (columns = rotated e_i)
-    R = np.mean([np.stack([direct_rope(e, p, li) for e in np.eye(6)], axis=1)
-                 for p in range(nxt, nxt + n_future)], axis=0)
+    R = np.mean(
+        [np.stack([direct_rope(e, p, li) for e in np.eye(6)], axis=1) for p in range(nxt, nxt + n_future)], axis=0
+    )
     want = np.zeros((2, T))
     for h in range(4):
         pre = np.stack([direct_rope(q[t, h], qpos[t], li, inverse=True) for t in range(W)])
         mu = pre.mean(0)
         cov = (pre - mu).T @ (pre - mu) / W
         mu, cov = R @ mu, R @ cov @ R.T
-        logits = np.array([k[j, h // 2] @ mu / np.sqrt(6) + k[j, h // 2] @ cov @ k[j, h // 2] / 12
-                           for j in range(n_sink, T)])
+        logits = np.array(
+            [k[j, h // 2] @ mu / np.sqrt(6) + k[j, h // 2] @ cov @ k[j, h // 2] / 12 for j in range(n_sink, T)]
+        )
         p = np.exp(logits - logits.max())
         want[h // 2, n_sink:] += p / p.sum() / 2
     want = (want + 1e-2) * np.linalg.norm(v, axis=-1).T  # the reference evaluation's epsilon
@@ -264,7 +289,7 @@ def direct_triattention(k_post, pos, next_pos, li, q_mean, q_abs, group, offset_
             kp = direct_rope(k_post[j, h // group], pos[j], li, inverse=True)
             total = 0.0
             for o in offsets:
-                dist = next_pos + o - pos[j]    # query position minus key position
+                dist = next_pos + o - pos[j]  # query position minus key position
                 for f in range(F):
                     a, b = (2 * f, 2 * f + 1) if li.rope_type == 0 else (f, f + F)
                     kf = complex(kp[a], kp[b])
@@ -286,7 +311,8 @@ def test_triattention_equals_direct_series(rope_type):
     pos = np.array([0, 3, 4, 10, 11, 30], dtype=np.int64)
     k = rng.normal(size=(6, 2, 8))
     s = TriAttention(offset_max_length=64).score(
-        inp(6, [li], 2, positions=pos, next_position=37, keys=lambda l: k, calibration=stats))
+        inp(6, [li], 2, positions=pos, next_position=37, keys=lambda l: k, calibration=stats)
+    )
     want = direct_triattention(k, pos, 37, li, stats["q_mean"][0], stats["q_abs_mean"][0], 2, 64)
     np.testing.assert_allclose(s[0], want, atol=1e-9)
 
@@ -300,12 +326,13 @@ def test_triattention_with_one_query_is_its_future_logit(rope_type):
     q_pre = rng.normal(size=(1, 2, 8))
     stats = calibration_stats([q_pre], [li])
     pos = np.array([2, 5, 9, 20], dtype=np.int64)
-    k = rng.normal(size=(4, 1, 8))                     # post-RoPE, as cached
+    k = rng.normal(size=(4, 1, 8))  # post-RoPE, as cached
     nxt = 33
     s = TriAttention(offset_max_length=1, normalize=False, group_reduce="max").score(
-        inp(4, [li], 2, positions=pos, next_position=nxt, keys=lambda l: k, calibration=stats))
-    q_future = rope_rotate(q_pre[0], nxt + 1, li)      # [2, 8]
-    logits = k[:, 0, :] @ q_future.T                   # [T, n_head]
+        inp(4, [li], 2, positions=pos, next_position=nxt, keys=lambda l: k, calibration=stats)
+    )
+    q_future = rope_rotate(q_pre[0], nxt + 1, li)  # [2, 8]
+    logits = k[:, 0, :] @ q_future.T  # [T, n_head]
     np.testing.assert_allclose(s[0, 0], logits.max(axis=1), atol=1e-12)
 
 
@@ -354,13 +381,23 @@ def test_kernels_equal_references(seed):
     np.testing.assert_allclose(kernels.cos_to_mean_direction(keys), kernels.cos_to_mean_direction_ref(keys), atol=1e-12)
     for retain in (False, True):
         for thr in (0.0, 0.5):
-            np.testing.assert_allclose(kernels.mean_cos_redundancy(keys, retain, thr),
-                                       kernels.mean_cos_redundancy_ref(keys, retain, thr), atol=1e-12)
+            np.testing.assert_allclose(
+                kernels.mean_cos_redundancy(keys, retain, thr),
+                kernels.mean_cos_redundancy_ref(keys, retain, thr),
+                atol=1e-12,
+            )
     F, n_head, group = 4, 4, 2
-    args = (rng.normal(size=(T, 2, F)), rng.normal(size=(T, 2, F)), rng.normal(size=(n_head, F)),
-            rng.normal(size=(n_head, F)), rng.uniform(1, 2, size=(n_head, F)),
-            10000.0 ** (-np.arange(F) / F), rng.integers(1, 5000, size=T).astype(np.float64),
-            2.0 ** np.arange(17), group)
+    args = (
+        rng.normal(size=(T, 2, F)),
+        rng.normal(size=(T, 2, F)),
+        rng.normal(size=(n_head, F)),
+        rng.normal(size=(n_head, F)),
+        rng.uniform(1, 2, size=(n_head, F)),
+        10000.0 ** (-np.arange(F) / F),
+        rng.integers(1, 5000, size=T).astype(np.float64),
+        2.0 ** np.arange(17),
+        group,
+    )
     np.testing.assert_allclose(kernels.tri_series(*args), kernels.tri_series_ref(*args), rtol=1e-9, atol=1e-9)
 
 
@@ -376,10 +413,20 @@ def random_input(rng, rope_type=0) -> ScoreInput:
     pos = np.sort(rng.choice(200, size=T, replace=False)).astype(np.int64)
     cal = calibration_stats([rng.normal(size=(30, n_head, d)) for _ in range(L)], layers)
     return ScoreInput(
-        positions=pos, cells=rng.permutation(T).astype(np.int32), layers=layers, group=n_head // Hkv,
-        next_position=int(pos[-1]) + 1, attn=attn * W * 2, n_queries=W, attn_last=attn * 2,
-        attn_total=attn * 50, queries=[rng.normal(size=(W, n_head, d)).astype(np.float32) for _ in range(L)],
-        query_positions=pos[-W:], keys=lambda l: keys[l], values=lambda l: values[l], calibration=cal,
+        positions=pos,
+        cells=rng.permutation(T).astype(np.int32),
+        layers=layers,
+        group=n_head // Hkv,
+        next_position=int(pos[-1]) + 1,
+        attn=attn * W * 2,
+        n_queries=W,
+        attn_last=attn * 2,
+        attn_total=attn * 50,
+        queries=[rng.normal(size=(W, n_head, d)).astype(np.float32) for _ in range(L)],
+        query_positions=pos[-W:],
+        keys=lambda l: keys[l],
+        values=lambda l: values[l],
+        calibration=cal,
     )
 
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from amslocal.select import (
-    AMSParams, AMSSelector, CreditState, TopKSelector, aggregate, evidence_mass, make_selector,
+    AMSParams,
+    AMSSelector,
+    CreditState,
+    TopKSelector,
+    aggregate,
+    evidence_mass,
+    make_selector,
 )
 from amslocal.select import kernels as K
 
@@ -30,7 +36,7 @@ def random_mass(rng: np.random.Generator, T: int) -> np.ndarray:
         m = np.full(T, 1e-6)
         for _ in range(3):
             a = rng.integers(T)
-            m[a:a + rng.integers(1, 40)] += rng.exponential()
+            m[a : a + rng.integers(1, 40)] += rng.exponential()
         return m
     return np.full(T, 1.0 / T)
 
@@ -38,7 +44,7 @@ def random_mass(rng: np.random.Generator, T: int) -> np.ndarray:
 def protected_mask(T: int, n_sink: int = 4, n_last: int = 32) -> np.ndarray:
     p = np.zeros(T, dtype=bool)
     p[:n_sink] = True
-    p[max(0, T - n_last):] = True
+    p[max(0, T - n_last) :] = True
     return p
 
 
@@ -50,8 +56,7 @@ def test_moving_average_matches_reference():
     for _ in range(200):
         R, T, w = int(rng.integers(0, 4)), int(rng.integers(0, 40)), int(rng.integers(1, 8))
         x = rng.normal(size=(R, T))
-        np.testing.assert_allclose(K.moving_average_rows(x, w), K.moving_average_rows_ref(x, w),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(K.moving_average_rows(x, w), K.moving_average_rows_ref(x, w), rtol=1e-12, atol=1e-14)
 
 
 def test_moving_average_edges_average_available_neighbours():
@@ -69,8 +74,9 @@ def test_window_evidence_matches_reference():
         win = rng.random(T) < rng.choice([0.0, 0.2, 1.0])
         if rng.random() < 0.5:  # the usual case: the window is the tail
             win = np.arange(T) >= T - int(rng.integers(0, T + 1))
-        np.testing.assert_allclose(K.window_evidence(rows, win, w), K.window_evidence_ref(rows, win, w),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            K.window_evidence(rows, win, w), K.window_evidence_ref(rows, win, w), rtol=1e-12, atol=1e-14
+        )
 
 
 def test_segment_bounds_matches_reference_and_guards_lengths():

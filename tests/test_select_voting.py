@@ -8,8 +8,16 @@ import pytest
 from test_select import protected_mask, random_mass
 
 from amslocal.select import (
-    AMSParams, AMSSelector, CreditState, RowCreditState, TopKSelector, VotingAMSSelector, aggregate,
-    evidence_mass, make_selector, row_evidence_mass,
+    AMSParams,
+    AMSSelector,
+    CreditState,
+    RowCreditState,
+    TopKSelector,
+    VotingAMSSelector,
+    aggregate,
+    evidence_mass,
+    make_selector,
+    row_evidence_mass,
 )
 from amslocal.select import kernels as K
 
@@ -18,9 +26,12 @@ from amslocal.select import kernels as K
 
 def random_params(rng: np.random.Generator) -> AMSParams:
     lo = int(rng.integers(1, 40))
-    return AMSParams(segment_mass=float(rng.choice([0.02, 0.05, 0.1, 0.3, 1.0, 0.013])),
-                     min_seg_len=lo, max_seg_len=int(rng.integers(lo, 200)),
-                     min_keep_per_segment=int(rng.integers(0, 12)))
+    return AMSParams(
+        segment_mass=float(rng.choice([0.02, 0.05, 0.1, 0.3, 1.0, 0.013])),
+        min_seg_len=lo,
+        max_seg_len=int(rng.integers(lo, 200)),
+        min_keep_per_segment=int(rng.integers(0, 12)),
+    )
 
 
 def random_protected(rng: np.random.Generator, T: int) -> np.ndarray:
@@ -51,7 +62,7 @@ def vote_ranking(votes: np.ndarray, scores: np.ndarray, prot: np.ndarray, keep: 
     """What the final pick must be, spelled out with Python's sort on (votes, score, position)."""
     s = np.where(np.isnan(scores), -np.inf, scores)
     free = sorted(np.flatnonzero(~prot), key=lambda i: (-votes[i], -s[i], i))
-    return np.sort(np.r_[np.flatnonzero(prot), free[:keep - int(prot.sum())]]).astype(np.int64)
+    return np.sort(np.r_[np.flatnonzero(prot), free[: keep - int(prot.sum())]]).astype(np.int64)
 
 
 # --- kernel vs reference -------------------------------------------------------------------
@@ -81,10 +92,17 @@ def test_row_votes_one_row_is_ams():
         keep = int(rng.integers(int(prot.sum()), T + 1))
         s = rng.normal(size=T)
         p = random_params(rng)
-        votes = K.row_votes(s[None], np.full((1, T), 1.0 / T), prot, keep, p.segment_mass,
-                            p.min_seg_len, p.max_seg_len, p.min_keep_per_segment)
-        np.testing.assert_array_equal(np.flatnonzero(votes),
-                                      AMSSelector(p).select(s, keep, prot, np.arange(T)))
+        votes = K.row_votes(
+            s[None],
+            np.full((1, T), 1.0 / T),
+            prot,
+            keep,
+            p.segment_mass,
+            p.min_seg_len,
+            p.max_seg_len,
+            p.min_keep_per_segment,
+        )
+        np.testing.assert_array_equal(np.flatnonzero(votes), AMSSelector(p).select(s, keep, prot, np.arange(T)))
 
 
 # --- per-row mass --------------------------------------------------------------------------
@@ -111,8 +129,8 @@ def test_row_evidence_mass_rows_sum_to_one_and_match_evidence_mass():
 def test_row_evidence_mass_keeps_rows_apart_and_falls_back_to_uniform():
     T = 10
     attn = np.zeros((1, 3, T))
-    attn[0, 0, 1] = 4.0   # row 0 attends token 1
-    attn[0, 1, 8] = 4.0   # row 1 attends token 8
+    attn[0, 0, 1] = 4.0  # row 0 attends token 1
+    attn[0, 1, 8] = 4.0  # row 1 attends token 8
     rm = row_evidence_mass(attn, 2, 2, None, 1)
     assert rm[0].argmax() == 1 and rm[1].argmax() == 8
     np.testing.assert_allclose(rm[2], np.full(T, 1 / T))  # no evidence: uniform
@@ -148,9 +166,19 @@ def test_voting_invariants_random():
         # the final pick is exactly the (votes, aggregated score, position) ranking of the tally
         np.testing.assert_array_equal(kept, vote_ranking(sel.last_votes, scores, prot, len(kept)))
         # the tally is the kernel's on the mass the rows were segmented by
-        np.testing.assert_array_equal(sel.last_votes, K.row_votes_ref(
-            np.where(np.isnan(row_scores), -np.inf, row_scores), sel.last_mass, prot, len(kept),
-            p.segment_mass, p.min_seg_len, p.max_seg_len, p.min_keep_per_segment))
+        np.testing.assert_array_equal(
+            sel.last_votes,
+            K.row_votes_ref(
+                np.where(np.isnan(row_scores), -np.inf, row_scores),
+                sel.last_mass,
+                prot,
+                len(kept),
+                p.segment_mass,
+                p.min_seg_len,
+                p.max_seg_len,
+                p.min_keep_per_segment,
+            ),
+        )
         # fresh state, same input -> same answer
         again = VotingAMSSelector(p).select_rows(row_scores, scores, budget, prot, pos, row_mass)
         np.testing.assert_array_equal(kept, again)
@@ -168,8 +196,7 @@ def test_voting_one_row_uniform_equals_ams():
         p = random_params(rng)
         ams = AMSSelector(p).select(s, budget, prot, np.arange(T))
         np.testing.assert_array_equal(VotingAMSSelector(p).select(s, budget, prot, np.arange(T)), ams)
-        np.testing.assert_array_equal(
-            VotingAMSSelector(p).select_rows(s[None], s, budget, prot, np.arange(T)), ams)
+        np.testing.assert_array_equal(VotingAMSSelector(p).select_rows(s[None], s, budget, prot, np.arange(T)), ams)
 
 
 def test_voting_one_row_with_mass_and_credit_equals_ams_over_events():
@@ -215,9 +242,9 @@ def test_voting_keeps_each_rows_favourites_where_one_curve_ams_does_not():
     row_scores = rng.normal(size=(3, T))
     row_mass = np.full((3, T), 1e-6)
     for r in range(2):
-        row_scores[r, fav[r]] = 10.0       # row r's favourites ...
+        row_scores[r, fav[r]] = 10.0  # row r's favourites ...
         row_scores[1 - r, fav[r]] = -30.0  # ... which the other row dislikes
-        row_mass[r, fav[r]] = 1.0          # and row r's attention sits on them
+        row_mass[r, fav[r]] = 1.0  # and row r's attention sits on them
     row_scores[2, both] = 6.0
     row_mass[2, both] = 1.0
     scores = aggregate(row_scores[None], "mean")
@@ -266,8 +293,9 @@ def test_voting_broadcasts_one_row_and_checks_shapes():
     a = VotingAMSSelector().select_rows(s[None], s, 100, prot, np.arange(T), masses)
     b = VotingAMSSelector().select_rows(np.tile(s, (3, 1)), s, 100, prot, np.arange(T), masses)
     np.testing.assert_array_equal(a, b)
-    lh = VotingAMSSelector().select_rows(np.tile(s, (3, 1)).reshape(1, 3, T), s, 100, prot,
-                                         np.arange(T), masses.reshape(3, 1, T))
+    lh = VotingAMSSelector().select_rows(
+        np.tile(s, (3, 1)).reshape(1, 3, T), s, 100, prot, np.arange(T), masses.reshape(3, 1, T)
+    )
     np.testing.assert_array_equal(lh, b)
     with pytest.raises(ValueError):
         VotingAMSSelector().select_rows(np.zeros((2, T)), s, 100, prot, np.arange(T), masses)
@@ -314,8 +342,7 @@ def test_voting_credit_follows_kept_remaps_and_resets():
     sel = VotingAMSSelector(p)
     pos = np.arange(T) + 1000
     masses = np.stack([random_mass(rng, T) for _ in range(R)])
-    kept = sel.select_rows(rng.normal(size=(R, T)), rng.normal(size=T), 80, protected_mask(T), pos,
-                           masses)
+    kept = sel.select_rows(rng.normal(size=(R, T)), rng.normal(size=T), 80, protected_mask(T), pos, masses)
     np.testing.assert_array_equal(sel.credit.positions, pos[kept])
     assert sel.credit.credit.shape == (R, 80) and (sel.credit.credit > 0).all()
     # each row's credit is that row's own mass: 0.2 * normalised mass, at the kept tokens
@@ -343,9 +370,21 @@ def test_voting_credit_follows_kept_remaps_and_resets():
     sel.reset()
     assert sel.credit.positions.size == 0 and sel.credit.credit.shape == (0, 0)
     # after a reset the row count may change (a different model); while held it may not
-    sel.select_rows(rng.normal(size=(2, 50)), rng.normal(size=50), 30, protected_mask(50, 2, 8),
-                    np.arange(50), rng.exponential(size=(2, 50)))
+    sel.select_rows(
+        rng.normal(size=(2, 50)),
+        rng.normal(size=50),
+        30,
+        protected_mask(50, 2, 8),
+        np.arange(50),
+        rng.exponential(size=(2, 50)),
+    )
     assert sel.credit.credit.shape == (2, 30)
     with pytest.raises(ValueError):
-        sel.select_rows(rng.normal(size=(5, 50)), rng.normal(size=50), 30, protected_mask(50, 2, 8),
-                        np.arange(50), rng.exponential(size=(5, 50)))
+        sel.select_rows(
+            rng.normal(size=(5, 50)),
+            rng.normal(size=50),
+            30,
+            protected_mask(50, 2, 8),
+            np.arange(50),
+            rng.exponential(size=(5, 50)),
+        )

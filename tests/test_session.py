@@ -14,8 +14,10 @@ from amslocal.backend import ContextParams, SamplerParams
 from amslocal.scorers import SCORERS
 from amslocal.session import BudgetError, CompressionConfig, Session
 
-TEXT = ("In the beginning the archive held every letter ever written in the valley, and the keeper "
-        "read them aloud each evening so that nobody would forget what had been said. ")
+TEXT = (
+    "In the beginning the archive held every letter ever written in the valley, and the keeper "
+    "read them aloud each evening so that nobody would forget what had been said. "
+)
 
 
 def test_smollm2_budget_128_interval_64_for_2000_tokens(smollm2_model):
@@ -109,13 +111,46 @@ def test_cli_stats_json(tmp_path):
         pytest.skip("default model missing")
     stats = tmp_path / "stats.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "amslocal", "generate", "-p", TEXT * 8, "--budget", "128", "--interval", "64",
-         "--max-tokens", "100", "--ignore-eos", "--temp", "0", "--scorer", "keydiff", "--stats-json", str(stats)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "amslocal",
+            "generate",
+            "-p",
+            TEXT * 8,
+            "--budget",
+            "128",
+            "--interval",
+            "64",
+            "--max-tokens",
+            "100",
+            "--ignore-eos",
+            "--temp",
+            "0",
+            "--scorer",
+            "keydiff",
+            "--stats-json",
+            str(stats),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     st = json.loads(stats.read_text())
-    for key in ("prompt_tokens", "generated_tokens", "kv_budget", "kv_cells_peak", "compressions",
-                "prefill_tok_per_s", "decode_tok_per_s", "compress_ms_total", "scorer", "ams"):
+    for key in (
+        "prompt_tokens",
+        "generated_tokens",
+        "kv_budget",
+        "kv_cells_peak",
+        "compressions",
+        "prefill_tok_per_s",
+        "decode_tok_per_s",
+        "compress_ms_total",
+        "scorer",
+        "ams",
+    ):
         assert key in st
     assert st["kv_budget"] == 128 and st["kv_cells_peak"] <= 192 and st["generated_tokens"] == 100
     assert st["compressions"] > 0 and st["scorer"] == "keydiff" and st["ams"] is True
@@ -124,18 +159,43 @@ def test_cli_stats_json(tmp_path):
 
 def test_triattention_needs_and_finds_its_calibration(tmp_path, tiny_gguf):
     env = {**__import__("os").environ, "AMSLOCAL_CACHE_DIR": str(tmp_path / "cache")}
-    gen = [sys.executable, "-m", "amslocal", "generate", str(tiny_gguf), "-p", "a" * 90, "--budget", "48",
-           "--interval", "16", "--max-tokens", "40", "--ignore-eos", "--temp", "0", "--scorer", "triattention"]
+    gen = [
+        sys.executable,
+        "-m",
+        "amslocal",
+        "generate",
+        str(tiny_gguf),
+        "-p",
+        "a" * 90,
+        "--budget",
+        "48",
+        "--interval",
+        "16",
+        "--max-tokens",
+        "40",
+        "--ignore-eos",
+        "--temp",
+        "0",
+        "--scorer",
+        "triattention",
+    ]
     missing = subprocess.run(gen, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert missing.returncode != 0 and "amslocal calibrate" in missing.stderr and "Traceback" not in missing.stderr
     text = tmp_path / "calib.txt"
     text.write_text("The calibration text walks through several ordinary sentences. " * 20)
-    cal = subprocess.run([sys.executable, "-m", "amslocal", "calibrate", str(tiny_gguf), "--text", str(text)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    cal = subprocess.run(
+        [sys.executable, "-m", "amslocal", "calibrate", str(tiny_gguf), "--text", str(text)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert cal.returncode == 0, cal.stderr
     assert list((tmp_path / "cache" / "calibration").glob("*.npz"))
-    ok = subprocess.run(gen + ["--stats-json", str(tmp_path / "s.json")], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=300)
+    ok = subprocess.run(
+        gen + ["--stats-json", str(tmp_path / "s.json")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert ok.returncode == 0, ok.stderr
     st = json.loads((tmp_path / "s.json").read_text())
     assert st["compressions"] > 0 and st["kv_cells_peak"] <= 64

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ..config import ContextParams, SamplerParams
 from ..errors import DecodeError, ModelError
 from . import _ams_raw as ams
 from ._ams_raw import _llama as llama
@@ -149,19 +149,6 @@ class Model:
         self.close()
 
 
-@dataclass(frozen=True)
-class ContextParams:
-    """What a context is made with. ``n_ctx`` is rounded up by llama.cpp to a multiple of 256."""
-
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int = 0  # 0 = all cores
-    flash_attn: str = "auto"  # auto | on | off
-    type_k: str = "f16"
-    type_v: str = "f16"
-
-
 class Context:
     """A llama.cpp context with one sequence (seq_id 0) and its KV cache."""
 
@@ -208,8 +195,13 @@ class Context:
         self.version += 1
         rc = llama.llama_decode(self.ptr, batch.native)
         if rc != 0:
-            what = {1: "no free KV cells for the batch", 2: "aborted", -1: "invalid batch",
-                    -2: "compute buffer allocation failed", -3: "graph compute failed"}.get(rc, f"error {rc}")
+            what = {
+                1: "no free KV cells for the batch",
+                2: "aborted",
+                -1: "invalid batch",
+                -2: "compute buffer allocation failed",
+                -3: "graph compute failed",
+            }.get(rc, f"error {rc}")
             raise DecodeError(f"llama_decode failed: {what}")
 
     def logits(self, i: int = -1) -> np.ndarray:
@@ -299,8 +291,9 @@ class Batch:
         self.native = llama.llama_batch_init(capacity, 0, 1)
         self.n_tokens = 0
 
-    def set(self, tokens: Sequence[int], positions: Sequence[int], logits_last: bool = True,
-            logits_all: bool = False) -> None:
+    def set(
+        self, tokens: Sequence[int], positions: Sequence[int], logits_last: bool = True, logits_all: bool = False
+    ) -> None:
         n = len(tokens)
         if n > self.capacity or n != len(positions):
             raise ValueError(f"batch of {n} tokens does not fit capacity {self.capacity}")
@@ -323,17 +316,6 @@ class Batch:
 
     def __del__(self):
         self.close()
-
-
-@dataclass(frozen=True)
-class SamplerParams:
-    """Sampling settings; ``temp <= 0`` means greedy."""
-
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
 
 
 class Sampler:

@@ -47,24 +47,49 @@ from .wipeout import WipeoutRecorder
 if TYPE_CHECKING:  # quality imports this module lazily; no import cycle at run time
     from .quality import QualityRun
 
-CHAT_SEED = 20_250_601           # the facts of every conversation derive from it and the index
-NAMES = ("Ada", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lena",
-         "Marek", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tomoko", "Ugo", "Vera", "Wanda", "Yusuf")
+CHAT_SEED = 20_250_601  # the facts of every conversation derive from it and the index
+NAMES = (
+    "Ada",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kemal",
+    "Lena",
+    "Marek",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sven",
+    "Tomoko",
+    "Ugo",
+    "Vera",
+    "Wanda",
+    "Yusuf",
+)
 RECALL_QUESTION = "What is my locker code? Answer with the number only."
-RECALL_MAX_TOKENS = 32           # the recall reply's length cap (a number, maybe a short sentence)
+RECALL_MAX_TOKENS = 32  # the recall reply's length cap (a number, maybe a short sentence)
 
 
 @dataclass
 class Conversation:
-    id: str                      # chat-<k>
-    questions: list[str]         # the user messages; the fact leads the first
-    references: list[str]        # GSM8K's final numbers, one per question
-    rows: list[int]              # the GSM8K rows asked
+    id: str  # chat-<k>
+    questions: list[str]  # the user messages; the fact leads the first
+    references: list[str]  # GSM8K's final numbers, one per question
+    rows: list[int]  # the GSM8K rows asked
     name: str
-    code: str                    # 4 digits, never 0 first
+    code: str  # 4 digits, never 0 first
 
 
 # --- items ---------------------------------------------------------------------------------------
+
 
 def personal_fact(k: int, avoid: Sequence[str] = ()) -> tuple[str, str]:
     """(name, 4-digit code) of conversation ``k``, from a fixed seed: the same on every run. The
@@ -99,18 +124,27 @@ def load_conversations(n: Optional[int], turns: int, data_dir: Optional[Path] = 
     out = []
     try:
         for k in range(count):
-            chunk = rows[k * turns:(k + 1) * turns]
+            chunk = rows[k * turns : (k + 1) * turns]
             qs = [f"{r['question'].strip()}\n{MATH_INSTRUCTION}" for r in chunk]
             name, code = personal_fact(k, qs)
             qs[0] = fact_sentence(name, code) + qs[0]
-            out.append(Conversation(f"chat-{k}", qs, [gsm8k_reference(r["answer"]) for r in chunk],
-                                    list(range(k * turns, (k + 1) * turns)), name, code))
+            out.append(
+                Conversation(
+                    f"chat-{k}",
+                    qs,
+                    [gsm8k_reference(r["answer"]) for r in chunk],
+                    list(range(k * turns, (k + 1) * turns)),
+                    name,
+                    code,
+                )
+            )
     except KeyError as exc:
         raise InputError(f"gsm8k data lacks the field {exc}") from None
     return out
 
 
 # --- checks --------------------------------------------------------------------------------------
+
 
 def check_chat_run(run: "QualityRun") -> None:
     """Refuse what a chat run cannot do, before anything is written."""
@@ -128,11 +162,14 @@ def check_chat_run(run: "QualityRun") -> None:
     if any(m.compresses for m in run.methods):
         for b in run.budgets:
             if b <= N_SINK_KEEP_LAST:
-                raise BudgetError(f"budget {b} must be more than {N_SINK_KEEP_LAST} cells "
-                                  "(4 sink tokens + the 32 last tokens are always kept)")
+                raise BudgetError(
+                    f"budget {b} must be more than {N_SINK_KEEP_LAST} cells "
+                    "(4 sink tokens + the 32 last tokens are always kept)"
+                )
 
 
 # --- one conversation ----------------------------------------------------------------------------
+
 
 def _full_context(model: Model, template: ChatTemplate, conv: Conversation, max_new: int) -> int:
     """Cells a full cache needs for the whole conversation: its messages with empty replies, plus
@@ -144,8 +181,10 @@ def _full_context(model: Model, template: ChatTemplate, conv: Conversation, max_
     n = len(model.tokenize(template.render(msgs, add_generation_prompt=True), add_special=True, parse_special=True))
     need = n + len(conv.questions) * (max_new + 8) + RECALL_MAX_TOKENS + 64
     if need > model.n_ctx_train:
-        raise BudgetError(f"a {len(conv.questions)}-turn conversation needs up to {need} cells, more than the model's "
-                          f"trained context ({model.n_ctx_train}); use fewer --turns or --max-tokens")
+        raise BudgetError(
+            f"a {len(conv.questions)}-turn conversation needs up to {need} cells, more than the model's "
+            f"trained context ({model.n_ctx_train}); use fewer --turns or --max-tokens"
+        )
     return need
 
 
@@ -173,8 +212,9 @@ def _wipeout_summary(recorders: list[WipeoutRecorder]) -> Optional[dict]:
     return merged.summary()
 
 
-def run_conversation(model: Model, template: ChatTemplate, conv: Conversation, method: Method, budget: Optional[int],
-                     run: "QualityRun") -> dict:
+def run_conversation(
+    model: Model, template: ChatTemplate, conv: Conversation, method: Method, budget: Optional[int], run: "QualityRun"
+) -> dict:
     """Hold the whole conversation under ``method`` and ``budget``; returns its JSONL record."""
     from .quality import grade_item
 
@@ -184,14 +224,17 @@ def run_conversation(model: Model, template: ChatTemplate, conv: Conversation, m
         cfg = CompressionConfig(budget=None)
         ctx = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_ubatch=min(512, n_ctx), n_threads=s.n_threads)
     elif method.kind == "session":
-        cfg = CompressionConfig(budget=budget, interval=s.interval, **method.config,
-                                calibration=s.calibration if method.scorer == "triattention" else None)
+        cfg = CompressionConfig(
+            budget=budget,
+            interval=s.interval,
+            **method.config,
+            calibration=s.calibration if method.scorer == "triattention" else None,
+        )
         ctx = ContextParams(n_threads=s.n_threads)
     else:
         raise OptionError(f"{method.name} is not a chat session; leave it out of --methods for --task chat")
     t0 = time.perf_counter()
-    chat = ChatSession(model, cfg, ctx, _sampler(s, 0), template=template, max_tokens=s.max_new,
-                       observe_attention=True)
+    chat = ChatSession(model, cfg, ctx, _sampler(s, 0), template=template, max_tokens=s.max_new, observe_attention=True)
     recorders: list[WipeoutRecorder] = []
     turns = []
     try:
@@ -201,9 +244,20 @@ def run_conversation(model: Model, template: ChatTemplate, conv: Conversation, m
             pred, ok = grade_item("gsm8k", text, ref)
             t = chat.last_turn
             st = chat.stats
-            turns.append({"row": conv.rows[i], "reference": ref, "pred": pred, "correct": bool(ok), "text": text,
-                          "prompt_tokens": t.prompt_tokens, "generated_tokens": t.reply_tokens, "stop": t.stop,
-                          "compressions": st.compressions, "kv_cells": chat.cells_used})
+            turns.append(
+                {
+                    "row": conv.rows[i],
+                    "reference": ref,
+                    "pred": pred,
+                    "correct": bool(ok),
+                    "text": text,
+                    "prompt_tokens": t.prompt_tokens,
+                    "generated_tokens": t.reply_tokens,
+                    "stop": t.stop,
+                    "compressions": st.compressions,
+                    "kv_cells": chat.cells_used,
+                }
+            )
         _hook(chat, recorders)
         recall_text = chat.chat(RECALL_QUESTION, stream=False, max_tokens=RECALL_MAX_TOKENS)
         rt = chat.last_turn
@@ -212,18 +266,34 @@ def run_conversation(model: Model, template: ChatTemplate, conv: Conversation, m
         if first is None and st.compressions > 0:
             first = len(turns)  # the recall turn
         return {
-            "id": conv.id, "method": method.name, "budget": budget, "kv_budget": budget,
-            "kv_capacity": cfg.capacity, "name": conv.name, "code": conv.code, "turns": turns,
-            "n_turns": len(turns), "correct_turns": sum(t["correct"] for t in turns),
-            "recall": {"text": recall_text, "correct": recall_correct(recall_text, conv.code),
-                       "prompt_tokens": rt.prompt_tokens, "generated_tokens": rt.reply_tokens, "stop": rt.stop,
-                       "compressions": st.compressions, "kv_cells": chat.cells_used},
+            "id": conv.id,
+            "method": method.name,
+            "budget": budget,
+            "kv_budget": budget,
+            "kv_capacity": cfg.capacity,
+            "name": conv.name,
+            "code": conv.code,
+            "turns": turns,
+            "n_turns": len(turns),
+            "correct_turns": sum(t["correct"] for t in turns),
+            "recall": {
+                "text": recall_text,
+                "correct": recall_correct(recall_text, conv.code),
+                "prompt_tokens": rt.prompt_tokens,
+                "generated_tokens": rt.reply_tokens,
+                "stop": rt.stop,
+                "compressions": st.compressions,
+                "kv_cells": chat.cells_used,
+            },
             "recall_correct": recall_correct(recall_text, conv.code),
             "first_compressed_turn": first,
             "prompt_tokens": sum(t["prompt_tokens"] for t in turns) + rt.prompt_tokens,
             "generated_tokens": sum(t["generated_tokens"] for t in turns) + rt.reply_tokens,
-            "compressions": st.compressions, "evicted": st.evicted_tokens, "kv_peak": st.kv_cells_peak,
-            "refeeds": chat.refeeds, "seconds": round(time.perf_counter() - t0, 3),
+            "compressions": st.compressions,
+            "evicted": st.evicted_tokens,
+            "kv_peak": st.kv_cells_peak,
+            "refeeds": chat.refeeds,
+            "seconds": round(time.perf_counter() - t0, 3),
             "wipeout": _wipeout_summary(recorders),
         }
     finally:
@@ -231,6 +301,7 @@ def run_conversation(model: Model, template: ChatTemplate, conv: Conversation, m
 
 
 # --- the run -------------------------------------------------------------------------------------
+
 
 def run_chat(run: "QualityRun", model: Model, items: list[Conversation], template: ChatTemplate) -> None:
     """Every (conversation, method, budget) not yet in ``run.out_dir``, appended as it finishes."""
@@ -257,6 +328,7 @@ def run_chat(run: "QualityRun", model: Model, items: list[Conversation], templat
 
 # --- summary -------------------------------------------------------------------------------------
 
+
 def summarise_chat(run: "QualityRun", items: list[Conversation]) -> dict:
     """Per (method, budget), over the conversations every listed (method, budget) finished: turn
     accuracy, recall, accuracy on the turns after the first compression next to the full cache's
@@ -277,8 +349,13 @@ def summarise_chat(run: "QualityRun", items: list[Conversation]) -> dict:
     for m, b in keys:
         rs = [rows[_key(m.name, b)][i] for i in common]
         turns = [t for r in rs for t in r["turns"]]
-        res: dict = {"method": m.name, "budget": b, "n": len(rs), "turns": len(turns),
-                     "correct_turns": int(sum(t["correct"] for t in turns))}
+        res: dict = {
+            "method": m.name,
+            "budget": b,
+            "n": len(rs),
+            "turns": len(turns),
+            "correct_turns": int(sum(t["correct"] for t in turns)),
+        }
         res["accuracy"] = res["correct_turns"] / len(turns) if turns else None  # turn accuracy (plots read it)
         res["recall"] = _mean([float(r["recall_correct"]) for r in rs])
         # the turns that ended with the cache compressed at least once, and the full cache on them
@@ -286,12 +363,18 @@ def summarise_chat(run: "QualityRun", items: list[Conversation]) -> dict:
         res["compressed_turns"] = len(pairs)
         res["accuracy_compressed"] = _mean([float(t["correct"]) for _, _, t in pairs])
         if full_rows and m.kind != "full":
-            res["full_accuracy_compressed"] = _mean([float(full_rows[i]["turns"][j]["correct"]) for i, j, _ in pairs
-                                                     if j < len(full_rows[i]["turns"])])
+            res["full_accuracy_compressed"] = _mean(
+                [float(full_rows[i]["turns"][j]["correct"]) for i, j, _ in pairs if j < len(full_rows[i]["turns"])]
+            )
             res["full_recall"] = _mean([float(full_rows[r["id"]]["recall_correct"]) for r in rs])
-            res["same_answer_as_full"] = _mean([float(t["pred"] == full_rows[r["id"]]["turns"][j]["pred"])
-                                                for r in rs for j, t in enumerate(r["turns"])
-                                                if j < len(full_rows[r["id"]]["turns"])])
+            res["same_answer_as_full"] = _mean(
+                [
+                    float(t["pred"] == full_rows[r["id"]]["turns"][j]["pred"])
+                    for r in rs
+                    for j, t in enumerate(r["turns"])
+                    if j < len(full_rows[r["id"]]["turns"])
+                ]
+            )
         res["compressions"] = _mean([r["compressions"] for r in rs])
         res["evicted"] = _mean([r["evicted"] for r in rs])
         res["kv_peak_max"] = max((r["kv_peak"] for r in rs), default=None)
@@ -302,32 +385,48 @@ def summarise_chat(run: "QualityRun", items: list[Conversation]) -> dict:
         res["wipeout"] = _wipeout(rs)
         results.append(res)
     manifest = json.loads((out / "run.json").read_text())
-    return {"task": run.task, "model": run.model_path.name, "budget_base": run.budget_base, "n_common": len(common),
-            "turns": run.turns, "settings": manifest, "results": results}
+    return {
+        "task": run.task,
+        "model": run.model_path.name,
+        "budget_base": run.budget_base,
+        "n_common": len(common),
+        "turns": run.turns,
+        "settings": manifest,
+        "results": results,
+    }
 
 
 def markdown_chat(summary: dict) -> str:
     from .quality import _fmt, _wipe_cells
 
     s = summary["settings"]
-    lines = [f"# {summary['task']} — {summary['model']}", "",
-             f"{summary['n_common']} conversations common to every row, {summary['turns']} GSM8K questions each, "
-             f"then a recall of a fact from the first message; budget = KV cells (memory = budget + interval "
-             f"{s['interval']}); replies up to {s['max_new']} tokens.", "",
-             "| method | budget | KV peak / cap | conv. | turn accuracy | recall | compressed turns | "
-             "acc. after first compression (full) | same answer as full | events/conv. | wiped segments | "
-             "events with wipe-out | longest evicted run (mean/max) | tokens fed/conv. | generated/conv. | s/conv. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {summary['task']} — {summary['model']}",
+        "",
+        f"{summary['n_common']} conversations common to every row, {summary['turns']} GSM8K questions each, "
+        f"then a recall of a fact from the first message; budget = KV cells (memory = budget + interval "
+        f"{s['interval']}); replies up to {s['max_new']} tokens.",
+        "",
+        "| method | budget | KV peak / cap | conv. | turn accuracy | recall | compressed turns | "
+        "acc. after first compression (full) | same answer as full | events/conv. | wiped segments | "
+        "events with wipe-out | longest evicted run (mean/max) | tokens fed/conv. | generated/conv. | s/conv. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["results"]:
         full = r["method"] == "full"
         cap = "–" if r["kv_capacity"] is None else r["kv_capacity"]
         acc = f"{_fmt(r['accuracy'])} ({r['correct_turns']}/{r['turns']})"
         rec = _fmt(r["recall"]) + ("" if full or r.get("full_recall") is None else f" ({_fmt(r['full_recall'])})")
         acc_c = "–" if full else f"{_fmt(r['accuracy_compressed'])} ({_fmt(r.get('full_accuracy_compressed'))})"
-        lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['kv_peak_max']} / {cap} | "
-                     f"{r['n']} | {acc} | {rec} | {r['compressed_turns']} | {acc_c} | {_fmt(r.get('same_answer_as_full'))} | "
-                     f"{_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | {_fmt(r['prompt_tokens'], '.0f')} | "
-                     f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |")
-    lines += ["", "recall: the code from the first message found in the answer to the last "
-              "(in brackets: the full cache on the same conversations)."]
+        lines.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['kv_peak_max']} / {cap} | "
+            f"{r['n']} | {acc} | {rec} | {r['compressed_turns']} | {acc_c} | {_fmt(r.get('same_answer_as_full'))} | "
+            f"{_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | {_fmt(r['prompt_tokens'], '.0f')} | "
+            f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |"
+        )
+    lines += [
+        "",
+        "recall: the code from the first message found in the answer to the last "
+        "(in brackets: the full cache on the same conversations).",
+    ]
     return "\n".join(lines) + "\n"

@@ -22,20 +22,34 @@ from ..errors import AmsError
 class ContextShiftSession:
     """One sequence in at most ``n_ctx`` cells, shifted the way llama.cpp shifts a full context."""
 
-    def __init__(self, model: Model, n_ctx: int, n_keep: int = 0,
-                 ctx_params: ContextParams = ContextParams(), sampler_params: SamplerParams = SamplerParams()):
+    def __init__(
+        self,
+        model: Model,
+        n_ctx: int,
+        n_keep: int = 0,
+        ctx_params: ContextParams = ContextParams(),
+        sampler_params: SamplerParams = SamplerParams(),
+    ):
         if n_ctx < 2:
             raise AmsError(f"context shift needs at least 2 cells (got {n_ctx})")
         # llama-cli keeps the BOS token on top of n_keep when the model adds one
         self.n_keep = min(max(0, n_keep) + int(model.add_bos), n_ctx - 1)
         self.n_ctx = n_ctx
         self.model = model
-        params = ContextParams(**{**ctx_params.__dict__, "n_ctx": n_ctx,
-                                  "n_batch": min(ctx_params.n_batch, n_ctx), "n_ubatch": min(ctx_params.n_ubatch, n_ctx)})
+        params = ContextParams(
+            **{
+                **ctx_params.__dict__,
+                "n_ctx": n_ctx,
+                "n_batch": min(ctx_params.n_batch, n_ctx),
+                "n_ubatch": min(ctx_params.n_ubatch, n_ctx),
+            }
+        )
         self.gen = Generator(model, params, sampler_params)
         if not self.gen.ctx.can_shift():
-            raise AmsError(f"{model.arch}: this model's cache cannot shift positions, so llama.cpp's context shift "
-                           "cannot run on it")
+            raise AmsError(
+                f"{model.arch}: this model's cache cannot shift positions, so llama.cpp's context shift "
+                "cannot run on it"
+            )
         self.shifts = 0
         self.evicted_tokens = 0
         self.decode_s = 0.0
@@ -49,7 +63,7 @@ class ContextShiftSession:
         pos, _ = self.gen.kept_tokens()
         n_left = len(pos) - self.n_keep
         n_discard = max(1, n_left // 2)
-        gone = pos[self.n_keep:self.n_keep + n_discard]
+        gone = pos[self.n_keep : self.n_keep + n_discard]
         self.gen.evict(gone)
         self.gen.compact()
         self.shifts += 1
@@ -67,7 +81,7 @@ class ContextShiftSession:
                 self.shift()
                 continue
             n = min(room, self.gen.batch.capacity, len(tokens) - i)
-            rows.append(self.gen.eval(tokens[i:i + n], logits_all=logits))
+            rows.append(self.gen.eval(tokens[i : i + n], logits_all=logits))
             i += n
         if not logits:
             return None

@@ -45,8 +45,8 @@ DOCUMENTS: tuple[tuple[str, str, str, float], ...] = (
 @dataclass
 class Document:
     id: str
-    kind: str            # prose | code | dialogue
-    source: str          # where the text comes from, for the record
+    kind: str  # prose | code | dialogue
+    source: str  # where the text comes from, for the record
     text: str
 
     @property
@@ -58,7 +58,7 @@ def _gutenberg_body(text: str) -> str:
     """The book without Project Gutenberg's header and licence (when they are there)."""
     start = text.find("*** START OF")
     if start >= 0:
-        text = text[text.find("\n", start) + 1:]
+        text = text[text.find("\n", start) + 1 :]
     end = text.find("*** END OF")
     if end >= 0:
         text = text[:end]
@@ -70,7 +70,7 @@ def _window(text: str, frac: float, n_chars: int, boundary: str) -> str:
     at = int(len(text) * frac)
     nxt = text.find(boundary, at)
     at = nxt + len(boundary) if nxt >= 0 else at
-    return text[at:at + n_chars]
+    return text[at : at + n_chars]
 
 
 def _read_text(path: Path) -> str:

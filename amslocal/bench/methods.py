@@ -25,11 +25,11 @@ GRANULARITY_SUFFIXES = ("token", "layer", "head")
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str                      # "full" | "context-shift" | "session"
+    kind: str  # "full" | "context-shift" | "session"
     scorer: Optional[str] = None
     ams: bool = False
-    variant: str = "mean"          # AMS variant: mean | peaked | vote
-    granularity: str = "token"     # token | layer | head
+    variant: str = "mean"  # AMS variant: mean | peaked | vote
+    granularity: str = "token"  # token | layer | head
 
     @property
     def compresses(self) -> bool:
@@ -55,14 +55,17 @@ def parse_method(name: str) -> Method:
         return Method(name, name)
     name, at, granularity = name.partition("@")
     if at and granularity not in GRANULARITY_SUFFIXES:
-        raise OptionError(f"unknown granularity '@{granularity}' in method '{full_name}' "
-                          f"(known: {', '.join('@' + g for g in GRANULARITY_SUFFIXES)})")
+        raise OptionError(
+            f"unknown granularity '@{granularity}' in method '{full_name}' "
+            f"(known: {', '.join('@' + g for g in GRANULARITY_SUFFIXES)})"
+        )
     granularity = granularity or "token"
     if granularity == "token":
         full_name = name
     elif name.partition("-")[0] in ("peak", "vote"):
-        raise OptionError(f"method '{full_name}': with one token set per row, AMS runs per row already; "
-                          f"use ams-S@{granularity}")
+        raise OptionError(
+            f"method '{full_name}': with one token set per row, AMS runs per row already; use ams-S@{granularity}"
+        )
     prefix, _, rest = name.partition("-")
     variant = VARIANT_PREFIXES.get(prefix) if rest else None
     scorer, ams = (rest, True) if variant else (name, False)

@@ -15,8 +15,11 @@ from amslocal.errors import AmsError
 
 SCORERS = ("tova", "snapkv", "h2o", "keydiff", "expected-attention", "rkv", "triattention")
 SHARES = {"accuracy", "pass_at_k", "top1", "same_answer_as_full"}  # metrics drawn as percentages
-METRIC_LABELS = {"kl": "mean KL(full || method), nats", "top1": "top-1 agreement with full",
-                 "same_answer_as_full": "same answer as the full cache"}
+METRIC_LABELS = {
+    "kl": "mean KL(full || method), nats",
+    "top1": "top-1 agreement with full",
+    "same_answer_as_full": "same answer as the full cache",
+}
 BASELINE_STYLES = {  # method -> (colour, linestyle, marker)
     "context-shift": ("black", ":", "s"),
     "streaming": ("0.55", "--", "v"),
@@ -130,16 +133,25 @@ def plot_pairs(summary: dict, path, metric: str = "accuracy") -> Path:
     for ax, budget in zip(axes, budgets):
         rows = {r["method"]: r[metric] for r in results if r.get("budget") == budget}
         groups = [m for m in ("context-shift",) if m in rows]
-        groups += sorted({m.removeprefix("ams-") for m in rows if m != "context-shift"},
-                         key=lambda sc: _method_order(sc)[1:] if sc in SCORERS else (len(SCORERS), sc))
+        groups += sorted(
+            {m.removeprefix("ams-") for m in rows if m != "context-shift"},
+            key=lambda sc: _method_order(sc)[1:] if sc in SCORERS else (len(SCORERS), sc),
+        )
         for x, group in enumerate(groups):
             if group == "context-shift":
                 ax.bar(x, rows[group], width=0.5, color="0.3")
                 continue
             colour = "0.55" if group == "streaming" else f"C{SCORERS.index(group)}" if group in SCORERS else "C7"
             if group in rows:
-                ax.bar(x - 0.2, rows[group], width=0.4, color="white", edgecolor=colour, hatch="///",
-                       label="global top-k" if x == 1 else None)
+                ax.bar(
+                    x - 0.2,
+                    rows[group],
+                    width=0.4,
+                    color="white",
+                    edgecolor=colour,
+                    hatch="///",
+                    label="global top-k" if x == 1 else None,
+                )
             if f"ams-{group}" in rows:
                 ax.bar(x + 0.2, rows[f"ams-{group}"], width=0.4, color=colour, label="AMS" if x == 1 else None)
         if full is not None:
@@ -155,8 +167,11 @@ def plot_pairs(summary: dict, path, metric: str = "accuracy") -> Path:
     if handles:
         axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     counts = [r["n"] for r in results if r.get("n") is not None]
-    fig.suptitle(f"{summary.get('task', '?')} — {summary.get('model', '?')}, n={min(counts) if counts else '?'}: "
-                 "top-k (hatched) vs AMS (solid)", fontsize=10)
+    fig.suptitle(
+        f"{summary.get('task', '?')} — {summary.get('model', '?')}, n={min(counts) if counts else '?'}: "
+        "top-k (hatched) vs AMS (solid)",
+        fontsize=10,
+    )
     return _save(fig, canvas_class, path)
 
 
@@ -240,7 +255,9 @@ def plot_eviction_map(record: dict, path) -> Path:
                 if b1 > b0 and not kept[b0:b1].any():
                     mass_ax.axvspan(lo, hi, color="#d62728", alpha=0.15, linewidth=0, label=wiped_label)
                     wiped_label = None
-        mass_ax.set_title(f"attention mass at event {events.index(last)} (step {last.get('step')})", fontsize=8, loc="left")
+        mass_ax.set_title(
+            f"attention mass at event {events.index(last)} (step {last.get('step')})", fontsize=8, loc="left"
+        )
     else:
         mass_ax.text(0.5, 0.5, "no attention mass recorded", ha="center", va="center", transform=mass_ax.transAxes)
     mass_ax.set_ylabel("mass", fontsize=8)
@@ -249,14 +266,27 @@ def plot_eviction_map(record: dict, path) -> Path:
     width_px = int(fig.get_figwidth() * 150 * 0.8)  # roughly the map's width in pixels when saved
     height_px = int(fig.get_figheight() * 150 * 0.7)
     states = downsample_states(eviction_states(record), max_rows=height_px, max_columns=min(MAX_COLUMNS, width_px))
-    map_ax.imshow(states, cmap=ListedColormap(STATE_COLOURS), vmin=-0.5, vmax=3.5, aspect="auto",
-                  interpolation="nearest", extent=(-0.5, n_positions - 0.5, len(events) - 0.5, -0.5))
+    map_ax.imshow(
+        states,
+        cmap=ListedColormap(STATE_COLOURS),
+        vmin=-0.5,
+        vmax=3.5,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(-0.5, n_positions - 0.5, len(events) - 0.5, -0.5),
+    )
     map_ax.set_xlabel("position")
     map_ax.set_ylabel("compression event")
     map_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if prompt_end is not None:
         for ax in (mass_ax, map_ax):
-            ax.axvline(prompt_end - 0.5, color="black", linestyle=":", linewidth=1, label="prompt end" if ax is mass_ax else None)
+            ax.axvline(
+                prompt_end - 0.5,
+                color="black",
+                linestyle=":",
+                linewidth=1,
+                label="prompt end" if ax is mass_ax else None,
+            )
     map_ax.set_xlim(-0.5, n_positions - 0.5)
     if mass_ax.get_legend_handles_labels()[0]:
         mass_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

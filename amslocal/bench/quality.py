@@ -20,22 +20,23 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..backend import Model
-from ..chat import ChatTemplate
+from ..config import DEFAULT_KEEP_LAST, DEFAULT_N_SINK
 from ..errors import BudgetError, InputError, OptionError
+from ..templates import ChatTemplate
 from .answers import grade
-from .methods import Method, parse_method
+from .methods import Method
 from .runner import Generation, RunSettings, fidelity, perplexity, run_method
 from .tasks import FILLER, Item, load_items
 
 FORMAT = 1  # bump when prompts or records change meaning; a directory of another format is refused
-N_SINK_KEEP_LAST = 4 + 32  # the session's always-kept tokens: a budget must exceed them
+N_SINK_KEEP_LAST = DEFAULT_N_SINK + DEFAULT_KEEP_LAST  # the session's always-kept tokens: a budget must exceed them
 
 
 @dataclass
@@ -47,18 +48,18 @@ class QualityRun:
     out_dir: Path
     n: Optional[int] = None
     data_dir: Optional[Path] = None
-    budget_base: str = "prompt"          # "prompt": a budget is tokens on top of the prompt; "absolute"
+    budget_base: str = "prompt"  # "prompt": a budget is tokens on top of the prompt; "absolute"
     samples: int = 1
     settings: RunSettings = field(default_factory=RunSettings)
     passkey_tokens: int = 2048
-    doc_tokens: int = 2048               # perplexity: tokens of each document
-    step: Optional[int] = None           # perplexity: tokens per lockstep slice (default: the interval; 1 = token by token)
+    doc_tokens: int = 2048  # perplexity: tokens of each document
+    step: Optional[int] = None  # perplexity: tokens per lockstep slice (default: the interval; 1 = token by token)
     plots: bool = True
     progress: Optional[Callable[[str], None]] = None
-    shard: tuple[int, int] = (0, 1)      # (i, k): run only the items whose index % k == i
-    report_only: bool = False            # summarise what the directory holds, run nothing
-    summary_name: str = "summary"        # NAME.json, NAME.md; plots get a NAME- prefix unless the default
-    turns: int = 12                      # chat: GSM8K questions per conversation (see chat_task)
+    shard: tuple[int, int] = (0, 1)  # (i, k): run only the items whose index % k == i
+    report_only: bool = False  # summarise what the directory holds, run nothing
+    summary_name: str = "summary"  # NAME.json, NAME.md; plots get a NAME- prefix unless the default
+    turns: int = 12  # chat: GSM8K questions per conversation (see chat_task)
 
     def mine(self, items: list[Item]) -> list[Item]:
         i, k = self.shard
@@ -66,6 +67,7 @@ class QualityRun:
 
 
 # --- files -------------------------------------------------------------------------------------
+
 
 def _key(method: str, budget: Optional[int]) -> str:
     return method if budget is None else f"{method}@{budget}"
@@ -105,13 +107,25 @@ def _append(path: Path, record: dict) -> None:
 
 def _manifest(run: QualityRun, model: Model) -> dict:
     s = run.settings
-    return {"format": FORMAT, "task": run.task, "model": run.model_path.name, "model_bytes": run.model_path.stat().st_size,
-            "budget_base": run.budget_base, "max_new": s.max_new, "interval": s.interval, "n_keep": s.n_keep,
-            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "samples": run.samples,
-            "replay": s.replay, "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
-            **({} if s.question_aware else {"question_aware": False}),
-            **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {}),
-            **({"turns": run.turns} if run.task == "chat" else {})}
+    return {
+        "format": FORMAT,
+        "task": run.task,
+        "model": run.model_path.name,
+        "model_bytes": run.model_path.stat().st_size,
+        "budget_base": run.budget_base,
+        "max_new": s.max_new,
+        "interval": s.interval,
+        "n_keep": s.n_keep,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": s.seed,
+        "samples": run.samples,
+        "replay": s.replay,
+        "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
+        **({} if s.question_aware else {"question_aware": False}),
+        **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {}),
+        **({"turns": run.turns} if run.task == "chat" else {}),
+    }
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
@@ -124,14 +138,16 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         diff = [k for k in manifest if old.get(k) != manifest[k]]
         if diff:
             k = diff[0]
-            raise OptionError(f"{out} holds a run made with {k}={old.get(k)!r}, not {manifest[k]!r}; "
-                              "use another --out to keep both")
+            raise OptionError(
+                f"{out} holds a run made with {k}={old.get(k)!r}, not {manifest[k]!r}; use another --out to keep both"
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 # --- prompts and grading -------------------------------------------------------------------------
+
 
 def prompt_tokens(model: Model, template: ChatTemplate, item: Item) -> list[int]:
     text = template.render(item.messages, add_generation_prompt=True)
@@ -153,6 +169,7 @@ def grade_item(task: str, text: str, reference: str) -> tuple[Optional[str], boo
 
 
 # --- progress ------------------------------------------------------------------------------------
+
 
 class Progress:
     """``[gsm8k] 37/200 items  ams-tova@96  4.1 s/item  ETA 11m02s`` on stderr, redrawn in place on
@@ -187,16 +204,27 @@ class Progress:
 
 # --- the run -------------------------------------------------------------------------------------
 
+
 def _kv_budget(run: QualityRun, budget: int, n_prompt: int) -> int:
     kv = n_prompt + budget if run.budget_base == "prompt" else budget
     if kv <= N_SINK_KEEP_LAST:
-        raise BudgetError(f"budget {budget} leaves {kv} cells; it must be more than {N_SINK_KEEP_LAST} "
-                          "(4 sink tokens + the 32 last tokens are always kept)")
+        raise BudgetError(
+            f"budget {budget} leaves {kv} cells; it must be more than {N_SINK_KEEP_LAST} "
+            "(4 sink tokens + the 32 last tokens are always kept)"
+        )
     return kv
 
 
-def _record(run: QualityRun, model: Model, item: Item, method: Method, budget: Optional[int], kv_budget: Optional[int],
-            n_prompt: int, gens: list[Generation]) -> dict:
+def _record(
+    run: QualityRun,
+    model: Model,
+    item: Item,
+    method: Method,
+    budget: Optional[int],
+    kv_budget: Optional[int],
+    n_prompt: int,
+    gens: list[Generation],
+) -> dict:
     preds = []
     for g in gens:
         text = detokenize(model, g.tokens)
@@ -204,18 +232,33 @@ def _record(run: QualityRun, model: Model, item: Item, method: Method, budget: O
         preds.append((text, pred, ok))
     g = gens[0]
     rec = {
-        "id": item.id, "method": method.name, "budget": budget, "kv_budget": kv_budget, "prompt_tokens": n_prompt,
-        "generated_tokens": len(g.tokens), "finish": g.finish, "text": preds[0][0], "pred": preds[0][1],
-        "reference": item.reference, "correct": preds[0][2], "seconds": round(g.seconds, 3),
-        "compressions": g.compressions, "evicted": g.evicted, "kv_peak": g.kv_peak, "replayed": g.replayed,
-        "shared_with_full": g.shared_with_full, "wipeout": g.wipeout,
+        "id": item.id,
+        "method": method.name,
+        "budget": budget,
+        "kv_budget": kv_budget,
+        "prompt_tokens": n_prompt,
+        "generated_tokens": len(g.tokens),
+        "finish": g.finish,
+        "text": preds[0][0],
+        "pred": preds[0][1],
+        "reference": item.reference,
+        "correct": preds[0][2],
+        "seconds": round(g.seconds, 3),
+        "compressions": g.compressions,
+        "evicted": g.evicted,
+        "kv_peak": g.kv_peak,
+        "replayed": g.replayed,
+        "shared_with_full": g.shared_with_full,
+        "wipeout": g.wipeout,
     }
     if item.depth is not None:
         rec["depth"] = item.depth
     if method.kind == "full" and run.settings.greedy:
         rec["tokens"] = g.tokens  # what every other method replays
     if len(gens) > 1:
-        rec["samples"] = [{"pred": p, "correct": ok, "generated_tokens": len(x.tokens)} for (_, p, ok), x in zip(preds, gens)]
+        rec["samples"] = [
+            {"pred": p, "correct": ok, "generated_tokens": len(x.tokens)} for (_, p, ok), x in zip(preds, gens)
+        ]
         rec["pass_at_k"] = any(ok for _, _, ok in preds)
     return rec
 
@@ -234,8 +277,14 @@ def run_quality(run: QualityRun, model: Model) -> dict:
     if run.task == "chat":
         items = load_conversations(run.n, run.turns, run.data_dir)
     else:
-        items = load_items(run.task, run.n, run.data_dir, passkey_tokens=run.passkey_tokens,
-                           tokens_per_filler=per_filler, doc_tokens=run.doc_tokens)
+        items = load_items(
+            run.task,
+            run.n,
+            run.data_dir,
+            passkey_tokens=run.passkey_tokens,
+            tokens_per_filler=per_filler,
+            doc_tokens=run.doc_tokens,
+        )
     if not items:
         raise InputError(f"no {run.task} items to run")
     template = ChatTemplate.for_model(model)
@@ -272,8 +321,7 @@ def _run_generation(run: QualityRun, model: Model, items: list[Item], template: 
     done = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m in compressing for b in run.budgets}
     full_done = _done_ids(out, "full")
     mine = run.mine(items)
-    todo = [it for it in mine if (want_full and it.id not in full_done)
-            or any(it.id not in d for d in done.values())]
+    todo = [it for it in mine if (want_full and it.id not in full_done) or any(it.id not in d for d in done.values())]
     prog = Progress(run.task, len(mine), len(mine) - len(todo), enabled=run.progress is not None)
     prog.show()
     for item in todo:
@@ -298,15 +346,35 @@ def _run_generation(run: QualityRun, model: Model, items: list[Item], template: 
                 prog.show(key)
                 map_path = out / "maps" / f"{key}.json"
                 want_map = not map_path.exists()
-                gens = [run_method(model, m, tokens, kv, s, full=full if k == 0 else None, keep_events=want_map and k == 0,
-                                   sample=k) for k in range(run.samples)]
+                gens = [
+                    run_method(
+                        model,
+                        m,
+                        tokens,
+                        kv,
+                        s,
+                        full=full if k == 0 else None,
+                        keep_events=want_map and k == 0,
+                        sample=k,
+                    )
+                    for k in range(run.samples)
+                ]
                 _append(out / "items" / f"{key}.jsonl", _record(run, model, item, m, budget, kv, len(tokens), gens))
                 if want_map and gens[0].events:
                     map_path.parent.mkdir(parents=True, exist_ok=True)
-                    map_path.write_text(json.dumps({
-                        "title": f"{m.name} @ budget {budget}, {item.id}", "item": item.id, "method": m.name,
-                        "budget": budget, "prompt_tokens": len(tokens), "n_positions": len(tokens) + len(gens[0].tokens),
-                        "events": gens[0].events}))
+                    map_path.write_text(
+                        json.dumps(
+                            {
+                                "title": f"{m.name} @ budget {budget}, {item.id}",
+                                "item": item.id,
+                                "method": m.name,
+                                "budget": budget,
+                                "prompt_tokens": len(tokens),
+                                "n_positions": len(tokens) + len(gens[0].tokens),
+                                "events": gens[0].events,
+                            }
+                        )
+                    )
         prog.step()
     prog.show(finished=True)
 
@@ -330,8 +398,15 @@ def _run_fidelity(run: QualityRun, model: Model, items: list[Item], template: Ch
             t0 = time.perf_counter()
             res = fidelity(model, missing, tokens, kv, s)
             for m in missing:
-                rec = {"id": item.id, "method": m.name, "budget": budget, "kv_budget": kv, "prompt_tokens": len(tokens),
-                       "seconds": round(time.perf_counter() - t0, 3), **res[m.name]}
+                rec = {
+                    "id": item.id,
+                    "method": m.name,
+                    "budget": budget,
+                    "kv_budget": kv,
+                    "prompt_tokens": len(tokens),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    **res[m.name],
+                }
                 _append(out / "items" / f"{_key(m.name, budget)}.jsonl", rec)
         prog.step()
     prog.show(finished=True)
@@ -354,8 +429,10 @@ def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
     for b in run.budgets:
         _kv_budget(run, b, 0)  # budgets are whole cells here; the same floor as every task
         if b + s.interval + 1 >= run.doc_tokens:
-            raise BudgetError(f"budget {b} + interval {s.interval} leaves no token of a {run.doc_tokens}-token "
-                              "document after the first eviction; raise --doc-tokens")
+            raise BudgetError(
+                f"budget {b} + interval {s.interval} leaves no token of a {run.doc_tokens}-token "
+                "document after the first eviction; raise --doc-tokens"
+            )
     mine = run.mine(items)
     todo = [it for it in mine if any(it.id not in d for d in done.values())]
     prog = Progress(run.task, len(mine), len(mine) - len(todo), enabled=run.progress is not None)
@@ -370,15 +447,24 @@ def _run_perplexity(run: QualityRun, model: Model, items: list[Item]) -> None:
             t0 = time.perf_counter()
             res = perplexity(model, missing, tokens, budget, s, step=run.step)
             for m in missing:
-                rec = {"id": item.id, "kind": item.kind, "source": item.reference, "method": m.name, "budget": budget,
-                       "kv_budget": budget, "doc_tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 3),
-                       **res[m.name]}
+                rec = {
+                    "id": item.id,
+                    "kind": item.kind,
+                    "source": item.reference,
+                    "method": m.name,
+                    "budget": budget,
+                    "kv_budget": budget,
+                    "doc_tokens": len(tokens),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    **res[m.name],
+                }
                 _append(out / "items" / f"{_key(m.name, budget)}.jsonl", rec)
         prog.step()
     prog.show(finished=True)
 
 
 # --- summary -------------------------------------------------------------------------------------
+
 
 def _mean(xs: list) -> Optional[float]:
     xs = [x for x in xs if x is not None]
@@ -393,10 +479,16 @@ def _wipeout(rows: list[dict]) -> Optional[dict]:
     with_frac = [x for x in w if x["wiped_frac_mean"] is not None]
     return {
         "events": events,
-        "wiped_frac_mean": (sum(x["wiped_frac_mean"] * x["events"] for x in with_frac) / sum(x["events"] for x in with_frac)
-                            if with_frac else None),
-        "events_with_wipeout_frac": (sum(x["events_with_wipeout"] for x in with_frac) / sum(x["events"] for x in with_frac)
-                                     if with_frac else None),
+        "wiped_frac_mean": (
+            sum(x["wiped_frac_mean"] * x["events"] for x in with_frac) / sum(x["events"] for x in with_frac)
+            if with_frac
+            else None
+        ),
+        "events_with_wipeout_frac": (
+            sum(x["events_with_wipeout"] for x in with_frac) / sum(x["events"] for x in with_frac)
+            if with_frac
+            else None
+        ),
         "longest_run_mean": sum(x["longest_run_mean"] * x["events"] for x in w) / events,
         "longest_run_max": max(x["longest_run_max"] for x in w),
     }
@@ -411,7 +503,9 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
         return summarise_chat(run, items)
     out = run.out_dir
     keys: list[tuple[Method, Optional[int]]] = []
-    if run.task != "perplexity" and ((out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods)):
+    if run.task != "perplexity" and (
+        (out / "items" / "full.jsonl").exists() or any(m.kind == "full" for m in run.methods)
+    ):
         keys.append((Method("full", "full"), None))
     keys += [(m, b) for b in run.budgets for m in run.methods if m.compresses or run.task == "perplexity"]
     rows = {_key(m.name, b): _done_ids(out, _key(m.name, b)) for m, b in keys}
@@ -448,11 +542,19 @@ def summarise(run: QualityRun, items: list[Item]) -> dict:
             res["wipeout"] = _wipeout(rs)
             if run.task == "passkey":
                 depths = sorted({r["depth"] for r in rs})
-                res["by_depth"] = {f"{d:.2f}": _mean([float(r["correct"]) for r in rs if r["depth"] == d]) for d in depths}
+                res["by_depth"] = {
+                    f"{d:.2f}": _mean([float(r["correct"]) for r in rs if r["depth"] == d]) for d in depths
+                }
         results.append(res)
     manifest = json.loads((out / "run.json").read_text())
-    summary = {"task": run.task, "model": run.model_path.name, "budget_base": run.budget_base, "n_common": len(common),
-               "settings": manifest, "results": results}
+    summary = {
+        "task": run.task,
+        "model": run.model_path.name,
+        "budget_base": run.budget_base,
+        "n_common": len(common),
+        "settings": manifest,
+        "results": results,
+    }
     if run.task not in ("fidelity", "perplexity"):
         summary["ams_vs_topk"] = _paired(rows, common, keys)
     return summary
@@ -463,15 +565,31 @@ def _pooled_perplexity(rs: list[dict]) -> dict:
     the method and under the full cache on the same tokens, their ratio, mean KL, top-1."""
     n = sum(r["tokens"] for r in rs)
     if not n:
-        return {"tokens": 0, "ppl": None, "full_ppl": None, "ppl_ratio": None, "kl": None, "top1": None, "compressions": None}
+        return {
+            "tokens": 0,
+            "ppl": None,
+            "full_ppl": None,
+            "ppl_ratio": None,
+            "kl": None,
+            "top1": None,
+            "compressions": None,
+        }
     ppl = float(np.exp(sum(r["nll"] for r in rs) / n))
     full = float(np.exp(sum(r["full_nll"] for r in rs) / n))
-    return {"tokens": n, "ppl": ppl, "full_ppl": full, "ppl_ratio": ppl / full,
-            "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
-            "compressions": _mean([r["compressions"] for r in rs])}
+    return {
+        "tokens": n,
+        "ppl": ppl,
+        "full_ppl": full,
+        "ppl_ratio": ppl / full,
+        "kl": sum(r["kl"] for r in rs) / n,
+        "top1": sum(r["top1"] for r in rs) / n,
+        "compressions": _mean([r["compressions"] for r in rs]),
+    }
 
 
-def _paired(rows: dict[str, dict[str, dict]], common: list[str], keys: list[tuple[Method, Optional[int]]]) -> list[dict]:
+def _paired(
+    rows: dict[str, dict[str, dict]], common: list[str], keys: list[tuple[Method, Optional[int]]]
+) -> list[dict]:
     """Per scorer and budget, on the same items: correct under AMS only, under top-k only, both."""
     out = []
     for m, b in keys:
@@ -481,10 +599,16 @@ def _paired(rows: dict[str, dict[str, dict]], common: list[str], keys: list[tupl
         ams, topk = rows[_key(m.name, b)], rows[_key(twin, b)]
         a = [bool(ams[i]["correct"]) for i in common]
         t = [bool(topk[i]["correct"]) for i in common]
-        out.append({"scorer": m.scorer, "budget": b, "n": len(common),
-                    "ams_only": sum(x and not y for x, y in zip(a, t)),
-                    "topk_only": sum(y and not x for x, y in zip(a, t)),
-                    "both": sum(x and y for x, y in zip(a, t))})
+        out.append(
+            {
+                "scorer": m.scorer,
+                "budget": b,
+                "n": len(common),
+                "ams_only": sum(x and not y for x, y in zip(a, t)),
+                "topk_only": sum(y and not x for x, y in zip(a, t)),
+                "both": sum(x and y for x, y in zip(a, t)),
+            }
+        )
     return out
 
 
@@ -497,8 +621,10 @@ def _wipe_cells(r: dict) -> str:
     w = r.get("wipeout") or {}
     if not w:
         return "– | – | –"
-    return (f"{_fmt(w.get('wiped_frac_mean'))} | {_fmt(w.get('events_with_wipeout_frac'))} | "
-            f"{_fmt(w.get('longest_run_mean'), '.1f')}/{w.get('longest_run_max', '–')}")
+    return (
+        f"{_fmt(w.get('wiped_frac_mean'))} | {_fmt(w.get('events_with_wipeout_frac'))} | "
+        f"{_fmt(w.get('longest_run_mean'), '.1f')}/{w.get('longest_run_max', '–')}"
+    )
 
 
 def markdown(summary: dict) -> str:
@@ -507,48 +633,86 @@ def markdown(summary: dict) -> str:
 
         return markdown_chat(summary)
     base = "over the prompt" if summary["budget_base"] == "prompt" else "KV cells"
-    lines = [f"# {summary['task']} — {summary['model']}", "",
-             f"{summary['n_common']} items common to every row; budget = {base} "
-             f"(memory = budget + interval {summary['settings']['interval']}).", ""]
+    lines = [
+        f"# {summary['task']} — {summary['model']}",
+        "",
+        f"{summary['n_common']} items common to every row; budget = {base} "
+        f"(memory = budget + interval {summary['settings']['interval']}).",
+        "",
+    ]
     if summary["task"] == "perplexity":
-        lines += ["Teacher-forced documents; counted: the tokens after the first eviction, pooled over documents.", "",
-                  "| method | budget | docs | tokens | perplexity | full cache | ratio | mean KL to full | top-1 agreement | "
-                  "events/doc | wiped segments | events with wipe-out | longest evicted run (mean/max) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Teacher-forced documents; counted: the tokens after the first eviction, pooled over documents.",
+            "",
+            "| method | budget | docs | tokens | perplexity | full cache | ratio | mean KL to full | top-1 agreement | "
+            "events/doc | wiped segments | events with wipe-out | longest evicted run (mean/max) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in summary["results"]:
-            lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {r['tokens']} | {_fmt(r['ppl'], '.3f')} | "
-                         f"{_fmt(r['full_ppl'], '.3f')} | {_fmt(r['ppl_ratio'], '.4f')} | {_fmt(r['kl'], '.4f')} | "
-                         f"{_fmt(r['top1'])} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |")
+            lines.append(
+                f"| {r['method']} | {r['budget']} | {r['n']} | {r['tokens']} | {_fmt(r['ppl'], '.3f')} | "
+                f"{_fmt(r['full_ppl'], '.3f')} | {_fmt(r['ppl_ratio'], '.4f')} | {_fmt(r['kl'], '.4f')} | "
+                f"{_fmt(r['top1'])} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |"
+            )
         return "\n".join(lines) + "\n"
     if summary["task"] == "fidelity":
-        lines += ["| method | budget | n | mean KL to full | top-1 agreement | first divergence | events | "
-                  "wiped segments | events with wipe-out | longest evicted run (mean/max) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| method | budget | n | mean KL to full | top-1 agreement | first divergence | events | "
+            "wiped segments | events with wipe-out | longest evicted run (mean/max) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in summary["results"]:
-            lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | "
-                         f"{_fmt(r['first_divergence'], '.1f')} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |")
+            lines.append(
+                f"| {r['method']} | {r['budget']} | {r['n']} | {_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | "
+                f"{_fmt(r['first_divergence'], '.1f')} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} |"
+            )
         return "\n".join(lines) + "\n"
-    lines += ["| method | budget | n | accuracy | same answer as full | compressed items | acc. on compressed (full) | "
-              "events/item | wiped segments | events with wipe-out | longest evicted run (mean/max) | tokens | s/item |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| method | budget | n | accuracy | same answer as full | compressed items | acc. on compressed (full) | "
+        "events/item | wiped segments | events with wipe-out | longest evicted run (mean/max) | tokens | s/item |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["results"]:
-        acc_c = f"{_fmt(r['accuracy_compressed'])} ({_fmt(r.get('full_accuracy_compressed'))})" if r["method"] != "full" else "–"
+        acc_c = (
+            f"{_fmt(r['accuracy_compressed'])} ({_fmt(r.get('full_accuracy_compressed'))})"
+            if r["method"] != "full"
+            else "–"
+        )
         acc = _fmt(r["accuracy"]) + (f" (pass@k {_fmt(r['pass_at_k'])})" if r.get("pass_at_k") is not None else "")
-        lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['n']} | {acc} | "
-                     f"{_fmt(r.get('same_answer_as_full'))} | {r['compressed_items']} | {acc_c} | {_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | "
-                     f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |")
+        lines.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | {r['n']} | {acc} | "
+            f"{_fmt(r.get('same_answer_as_full'))} | {r['compressed_items']} | {acc_c} | "
+            f"{_fmt(r['compressions'], '.1f')} | {_wipe_cells(r)} | "
+            f"{_fmt(r['generated_tokens'], '.0f')} | {_fmt(r['seconds'], '.1f')} |"
+        )
     if summary.get("ams_vs_topk"):
-        lines += ["", "AMS vs global top-k on the same items (correct under one selector only):", "",
-                  "| scorer | budget | n | AMS only | top-k only | both |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "AMS vs global top-k on the same items (correct under one selector only):",
+            "",
+            "| scorer | budget | n | AMS only | top-k only | both |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in summary["ams_vs_topk"]:
-            lines.append(f"| {p['scorer']} | {p['budget']} | {p['n']} | {p['ams_only']} | {p['topk_only']} | {p['both']} |")
+            lines.append(
+                f"| {p['scorer']} | {p['budget']} | {p['n']} | {p['ams_only']} | {p['topk_only']} | {p['both']} |"
+            )
     if summary["task"] == "passkey":
         depths = sorted({d for r in summary["results"] for d in (r.get("by_depth") or {})})
-        lines += ["", "Retrieval accuracy by depth of the key (0 = start of the filler):", "",
-                  "| method | budget | " + " | ".join(depths) + " |", "|---|---|" + "---|" * len(depths)]
+        lines += [
+            "",
+            "Retrieval accuracy by depth of the key (0 = start of the filler):",
+            "",
+            "| method | budget | " + " | ".join(depths) + " |",
+            "|---|---|" + "---|" * len(depths),
+        ]
         for r in summary["results"]:
             bd = r.get("by_depth") or {}
-            lines.append(f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | "
-                         + " | ".join(_fmt(bd.get(d), ".2f") for d in depths) + " |")
+            lines.append(
+                f"| {r['method']} | {r['budget'] if r['budget'] is not None else '–'} | "
+                + " | ".join(_fmt(bd.get(d), ".2f") for d in depths)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -30,13 +30,13 @@ class RunSettings:
 
     max_new: int = 512
     interval: int = 32
-    n_keep: int = 0                    # context shift: tokens kept at the start (-1: the prompt)
+    n_keep: int = 0  # context shift: tokens kept at the start (-1: the prompt)
     n_threads: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     replay: bool = True
-    question_aware: bool = True        # prompts: the last tokens observe compressions before them
+    question_aware: bool = True  # prompts: the last tokens observe compressions before them
     calibration: Optional[dict] = None  # TriAttention's statistics of this model
 
     @property
@@ -47,12 +47,12 @@ class RunSettings:
 @dataclass
 class Generation:
     tokens: list[int]
-    finish: str                        # "eos" | "length"
+    finish: str  # "eos" | "length"
     seconds: float
     compressions: int = 0
     evicted: int = 0
     kv_peak: int = 0
-    replayed: int = 0                  # tokens of the full answer fed instead of decoded
+    replayed: int = 0  # tokens of the full answer fed instead of decoded
     shared_with_full: bool = False
     wipeout: Optional[dict] = None
     events: list[dict] = field(default_factory=list)  # whole events, when asked (eviction map)
@@ -66,16 +66,29 @@ def _sampler(settings: RunSettings, sample: int) -> SamplerParams:
 
 def run_full(model: Model, prompt: Sequence[int], settings: RunSettings, sample: int = 0) -> Generation:
     n_ctx = len(prompt) + settings.max_new + 8
-    s = Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=n_ctx, n_threads=settings.n_threads),
-                _sampler(settings, sample))
+    s = Session(
+        model,
+        CompressionConfig(budget=None),
+        ContextParams(n_ctx=n_ctx, n_threads=settings.n_threads),
+        _sampler(settings, sample),
+    )
     t0 = time.perf_counter()
     out = list(s.generate(list(prompt), settings.max_new))
     finish = "length" if len(out) >= settings.max_new else "eos"
     return Generation(out, finish, time.perf_counter() - t0, kv_peak=s.stats.kv_cells_peak)
 
 
-def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: int, settings: RunSettings, *,
-               full: Optional[Generation] = None, keep_events: bool = False, sample: int = 0) -> Generation:
+def run_method(
+    model: Model,
+    method: Method,
+    prompt: Sequence[int],
+    kv_budget: int,
+    settings: RunSettings,
+    *,
+    full: Optional[Generation] = None,
+    keep_events: bool = False,
+    sample: int = 0,
+) -> Generation:
     """Generate ``prompt``'s answer under ``method`` with ``kv_budget`` cells (+ ``interval``).
 
     ``full`` (the full cache's greedy answer to the same prompt) enables replay; see the module.
@@ -90,9 +103,15 @@ def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: i
     if full is not None and settings.replay and settings.greedy:
         if full.finish == "eos" and len(prompt) + len(full.tokens) <= capacity:
             # the memory never fills: nothing is ever evicted, the answer is the full cache's
-            return Generation(list(full.tokens), full.finish, 0.0, kv_peak=len(prompt) + len(full.tokens),
-                              shared_with_full=True, replayed=len(full.tokens))
-        replayed = list(full.tokens[:max(0, capacity - len(prompt))])
+            return Generation(
+                list(full.tokens),
+                full.finish,
+                0.0,
+                kv_peak=len(prompt) + len(full.tokens),
+                shared_with_full=True,
+                replayed=len(full.tokens),
+            )
+        replayed = list(full.tokens[: max(0, capacity - len(prompt))])
     ctx = ContextParams(n_threads=settings.n_threads)
     sampler = _sampler(settings, sample)
     t0 = time.perf_counter()
@@ -100,19 +119,38 @@ def run_method(model: Model, method: Method, prompt: Sequence[int], kv_budget: i
         n_keep = len(prompt) if settings.n_keep < 0 else settings.n_keep
         cs = ContextShiftSession(model, capacity, n_keep, ctx, sampler)
         out = list(cs.generate(prompt + replayed, settings.max_new - len(replayed)))
-        gen = Generation(replayed + out, "", 0.0, compressions=cs.shifts, evicted=cs.evicted_tokens,
-                         kv_peak=capacity, replayed=len(replayed))
+        gen = Generation(
+            replayed + out,
+            "",
+            0.0,
+            compressions=cs.shifts,
+            evicted=cs.evicted_tokens,
+            kv_peak=capacity,
+            replayed=len(replayed),
+        )
     else:
-        cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, **method.config,
-                                question_aware=settings.question_aware,
-                                calibration=settings.calibration if method.scorer == "triattention" else None)
+        cfg = CompressionConfig(
+            budget=kv_budget,
+            interval=settings.interval,
+            **method.config,
+            question_aware=settings.question_aware,
+            calibration=settings.calibration if method.scorer == "triattention" else None,
+        )
         s = Session(model, cfg, ctx, sampler, observe_attention=True)
         rec = WipeoutRecorder(window=s.mass_window, group=s.group, keep_events=keep_events)
         s.on_compress = rec
         out = list(s.generate(prompt + replayed, settings.max_new - len(replayed)))
-        gen = Generation(replayed + out, "", 0.0, compressions=s.stats.compressions, evicted=s.stats.evicted_tokens,
-                         kv_peak=s.stats.kv_cells_peak, replayed=len(replayed), wipeout=rec.summary(),
-                         events=rec.events)
+        gen = Generation(
+            replayed + out,
+            "",
+            0.0,
+            compressions=s.stats.compressions,
+            evicted=s.stats.evicted_tokens,
+            kv_peak=s.stats.kv_cells_peak,
+            replayed=len(replayed),
+            wipeout=rec.summary(),
+            events=rec.events,
+        )
     gen.seconds = time.perf_counter() - t0
     gen.finish = "length" if len(gen.tokens) >= settings.max_new else "eos"
     return gen
@@ -129,20 +167,28 @@ def _forcing_runner(model: Model, method: Method, n_prompt: int, kv_budget: int,
     """(runner, wipe-out recorder or None) for teacher forcing under ``method``."""
     ctx = ContextParams(n_threads=settings.n_threads)
     if method.kind == "full":
-        return Session(model, CompressionConfig(budget=None),
-                       ContextParams(n_ctx=n_prompt + settings.max_new + 8, n_threads=settings.n_threads)), None
+        return Session(
+            model,
+            CompressionConfig(budget=None),
+            ContextParams(n_ctx=n_prompt + settings.max_new + 8, n_threads=settings.n_threads),
+        ), None
     if method.kind == "context-shift":
         n_keep = n_prompt if settings.n_keep < 0 else settings.n_keep
         return ContextShiftSession(model, kv_budget + settings.interval, n_keep, ctx), None
-    cfg = CompressionConfig(budget=kv_budget, interval=settings.interval, **method.config,
-                            calibration=settings.calibration if method.scorer == "triattention" else None)
+    cfg = CompressionConfig(
+        budget=kv_budget,
+        interval=settings.interval,
+        **method.config,
+        calibration=settings.calibration if method.scorer == "triattention" else None,
+    )
     s = Session(model, cfg, ctx, observe_attention=True)
     s.on_compress = WipeoutRecorder(window=s.mass_window, group=s.group)
     return s, s.on_compress
 
 
-def fidelity(model: Model, methods: Sequence[Method], prompt: Sequence[int], kv_budget: int,
-             settings: RunSettings) -> dict[str, dict]:
+def fidelity(
+    model: Model, methods: Sequence[Method], prompt: Sequence[int], kv_budget: int, settings: RunSettings
+) -> dict[str, dict]:
     """Teacher-force the full cache's greedy answer through every method, in lockstep.
 
     At each step the full cache's next-token distribution is the reference: per method, the mean
@@ -177,16 +223,25 @@ def fidelity(model: Model, methods: Sequence[Method], prompt: Sequence[int], kv_
     for name, r in runners.items():
         a = agree[name]
         out[name] = {
-            "kl": float(np.mean(kl[name])) if a else 0.0, "top1": float(np.mean(a)) if a else 1.0,
-            "first_divergence": next((i for i, x in enumerate(a) if not x), len(a)), "steps": steps,
+            "kl": float(np.mean(kl[name])) if a else 0.0,
+            "top1": float(np.mean(a)) if a else 1.0,
+            "first_divergence": next((i for i, x in enumerate(a) if not x), len(a)),
+            "steps": steps,
             "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
             "wipeout": made[name][1].summary() if made[name][1] is not None else None,
         }
     return out
 
 
-def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], kv_budget: int,
-               settings: RunSettings, *, step: Optional[int] = None) -> dict[str, dict]:
+def perplexity(
+    model: Model,
+    methods: Sequence[Method],
+    tokens: Sequence[int],
+    kv_budget: int,
+    settings: RunSettings,
+    *,
+    step: Optional[int] = None,
+) -> dict[str, dict]:
     """Teacher-force a document through the full cache and every method in lockstep.
 
     Every method holds ``kv_budget + interval`` cells and compresses for the first time when the
@@ -218,15 +273,14 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
     if n - 1 <= capacity:
         raise ValueError(f"a document of {n} tokens never passes the memory of {capacity} cells")
     step = step or settings.interval
-    reference = Session(model, CompressionConfig(budget=None),
-                        ContextParams(n_ctx=n + 8, n_threads=settings.n_threads))
+    reference = Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=n + 8, n_threads=settings.n_threads))
     made = {m.name: _forcing_runner(model, m, 0, kv_budget, settings) for m in methods if m.compresses}
     if any(m.kind == "full" for m in methods):
         made["full"] = (_RebatchedFull(model, n, capacity, settings), None)
     runners = {name: r for name, (r, _) in made.items()}
     acc = {name: {"tokens": 0, "nll": 0.0, "kl": 0.0, "top1": 0, "full_nll": 0.0} for name in runners}
     for i in range(0, n, step):
-        chunk = tokens[i:i + step]
+        chunk = tokens[i : i + step]
         # scored rows: token t predicts t + 1, for capacity <= t <= n - 2
         lo, hi = max(capacity, i) - i, min(n - 1, i + len(chunk)) - i
         if hi <= lo:
@@ -234,7 +288,7 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
                 r.feed(chunk)
             continue
         ref = log_softmax(reference.feed(chunk, logits=True)[lo:hi])
-        target = np.asarray(tokens[i + lo + 1:i + hi + 1])
+        target = np.asarray(tokens[i + lo + 1 : i + hi + 1])
         rows = np.arange(hi - lo)
         p = np.exp(ref)
         ref_top = ref.argmax(axis=1)
@@ -250,9 +304,11 @@ def perplexity(model: Model, methods: Sequence[Method], tokens: Sequence[int], k
     out = {}
     for name, r in runners.items():
         rec = made[name][1]
-        out[name] = {**acc[name],
-                     "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
-                     "wipeout": rec.summary() if rec is not None else None}
+        out[name] = {
+            **acc[name],
+            "compressions": r.shifts if isinstance(r, ContextShiftSession) else r.stats.compressions,
+            "wipeout": rec.summary() if rec is not None else None,
+        }
     return out
 
 
@@ -264,7 +320,9 @@ class _RebatchedFull:
     compressions = 0
 
     def __init__(self, model: Model, n: int, capacity: int, settings: RunSettings):
-        self.session = Session(model, CompressionConfig(budget=None), ContextParams(n_ctx=n + 8, n_threads=settings.n_threads))
+        self.session = Session(
+            model, CompressionConfig(budget=None), ContextParams(n_ctx=n + 8, n_threads=settings.n_threads)
+        )
         self.cuts = set()
         for event in range(capacity, n + settings.interval, settings.interval):
             self.cuts.update({event - MASS_WINDOW, event - 1})

@@ -31,14 +31,38 @@ from .methods import parse_method
 STOCK = "llama-cpp-python (full)"
 WARMUP_STEPS = 4  # first decodes of a fresh context can pay one-off costs; kept out of the samples
 
-_SUBJECTS = ["The keeper", "A fisherman", "The old map", "Our teacher", "The river", "A small robot",
-             "The council", "My neighbour", "The orchestra"]
+_SUBJECTS = [
+    "The keeper",
+    "A fisherman",
+    "The old map",
+    "Our teacher",
+    "The river",
+    "A small robot",
+    "The council",
+    "My neighbour",
+    "The orchestra",
+]
 _VERBS = ["noticed", "described", "repaired", "carried", "remembered", "measured", "painted"]
-_OBJECTS = ["a broken lantern", "the northern bridge", "three letters from the capital", "the winter harvest",
-            "a map of the coast", "the copper bell", "an unfinished song", "the station clock", "a box of seeds",
-            "the long corridor", "a quiet garden"]
-_ENDINGS = ["before the storm arrived.", "while the town slept.", "on the second Tuesday of March.",
-            "because nobody else would.", "and wrote it all down carefully."]
+_OBJECTS = [
+    "a broken lantern",
+    "the northern bridge",
+    "three letters from the capital",
+    "the winter harvest",
+    "a map of the coast",
+    "the copper bell",
+    "an unfinished song",
+    "the station clock",
+    "a box of seeds",
+    "the long corridor",
+    "a quiet garden",
+]
+_ENDINGS = [
+    "before the storm arrived.",
+    "while the town slept.",
+    "on the second Tuesday of March.",
+    "because nobody else would.",
+    "and wrote it all down carefully.",
+]
 
 
 def filler_text(n_sentences: int) -> str:
@@ -72,15 +96,23 @@ def cpu_info() -> str:
 class _SessionRow:
     """One amslocal session prefilled to ``depth``; ``measure`` times ``n_gen`` decode steps."""
 
-    def __init__(self, model, method: str, config, ctx_params, tokens: list[int], rollback: bool,
-                 evidence_mode: Optional[str] = None):
+    def __init__(
+        self,
+        model,
+        method: str,
+        config,
+        ctx_params,
+        tokens: list[int],
+        rollback: bool,
+        evidence_mode: Optional[str] = None,
+    ):
         from ..backend import SamplerParams
         from ..session import Session
 
         self.method, self.budget, self.depth, self.rollback = method, config.budget, len(tokens), rollback
         self.session = Session(model, config, ctx_params, SamplerParams(temp=0), evidence_mode=evidence_mode)
         self.event_ms: list[float] = []  # the measured steps' compression events, each in ms
-        self.between: list[float] = []   # per sample: tok/s of the steps with the events' time taken out
+        self.between: list[float] = []  # per sample: tok/s of the steps with the events' time taken out
         self.session.prefill(tokens)
         self.measure(WARMUP_STEPS)
         self.event_ms.clear()  # warm-up events are not measured
@@ -96,7 +128,7 @@ class _SessionRow:
         if self.rollback:  # the full cache goes back to depth, so every sample is taken at that depth
             s.gen.evict(range(self.depth, s.gen.next_pos))
         n_events = s.stats.compressions - before
-        event_ms = [e["ms"] for e in s.events[len(s.events) - n_events:]]
+        event_ms = [e["ms"] for e in s.events[len(s.events) - n_events :]]
         self.event_ms += event_ms
         self.between.append(n / max(seconds - sum(event_ms) / 1e3, 1e-9))
         return n / seconds, n_events
@@ -119,8 +151,9 @@ class _StockRow:
 
         self.depth = len(tokens)
         # flash attention on, as amslocal's "auto" resolves on CPU: the rows then differ only in the loop
-        self.llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads,
-                                   n_threads_batch=n_threads, flash_attn=True, verbose=False)
+        self.llm = llama_cpp.Llama(
+            str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, flash_attn=True, verbose=False
+        )
         self.llm.eval(tokens)
         self.measure(WARMUP_STEPS)
 
@@ -137,8 +170,9 @@ class _StockRow:
         self.llm.close()
 
 
-def _method_configs(methods: Optional[Sequence[str]], budget: int, interval: int, model_path: Path,
-                    notes: list[str]) -> list[tuple[str, object]]:
+def _method_configs(
+    methods: Optional[Sequence[str]], budget: int, interval: int, model_path: Path, notes: list[str]
+) -> list[tuple[str, object]]:
     """(name, CompressionConfig) per budgeted method; triattention only when a calibration is cached."""
     from ..session import CompressionConfig
 
@@ -159,28 +193,64 @@ def _method_configs(methods: Optional[Sequence[str]], budget: int, interval: int
             except AmsError as exc:
                 notes.append(f"{m.name}: skipped, no calibration cached ({exc})")
                 continue
-        configs.append((m.name, CompressionConfig(budget=budget, interval=interval, **m.config,
-                                                  calibration=calibration if m.scorer == "triattention" else None)))
+        configs.append(
+            (
+                m.name,
+                CompressionConfig(
+                    budget=budget,
+                    interval=interval,
+                    **m.config,
+                    calibration=calibration if m.scorer == "triattention" else None,
+                ),
+            )
+        )
     return configs
 
 
-def _row_record(method: str, budget, test: str, depth: int, samples: list[float], compressions: int,
-                kv_cells_peak, full_median: Optional[float], event_ms: Sequence[float] = (),
-                between: Sequence[float] = ()) -> dict:
+def _row_record(
+    method: str,
+    budget,
+    test: str,
+    depth: int,
+    samples: list[float],
+    compressions: int,
+    kv_cells_peak,
+    full_median: Optional[float],
+    event_ms: Sequence[float] = (),
+    between: Sequence[float] = (),
+) -> dict:
     median = statistics.median(samples)
-    return {"method": method, "budget": budget, "test": test, "depth": depth, "tok_per_s": median,
-            "spread": (max(samples) - min(samples)) / 2, "samples": samples,
-            "vs_full": 1.0 if full_median is None else median / full_median,
-            "compressions": compressions, "kv_cells_peak": kv_cells_peak,
-            "ms_per_event": statistics.median(event_ms) if event_ms else None,
-            # decode speed of the same steps without the compression events' time (t/s between events)
-            "tok_per_s_between_events": statistics.median(between) if between else None}
+    return {
+        "method": method,
+        "budget": budget,
+        "test": test,
+        "depth": depth,
+        "tok_per_s": median,
+        "spread": (max(samples) - min(samples)) / 2,
+        "samples": samples,
+        "vs_full": 1.0 if full_median is None else median / full_median,
+        "compressions": compressions,
+        "kv_cells_peak": kv_cells_peak,
+        "ms_per_event": statistics.median(event_ms) if event_ms else None,
+        # decode speed of the same steps without the compression events' time (t/s between events)
+        "tok_per_s_between_events": statistics.median(between) if between else None,
+    }
 
 
-def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: int = 256, interval: int = 128,
-              n_gen: int = 128, methods: Optional[Sequence[str]] = None, rounds: int = 2, n_threads: int = 0,
-              include_stock: bool = True, evidence: Sequence[str] = ("event",),
-              progress: Optional[Callable[[str], None]] = None) -> dict:
+def run_speed(
+    model_path,
+    *,
+    depths: Sequence[int] = (512, 2048, 4096),
+    budget: int = 256,
+    interval: int = 128,
+    n_gen: int = 128,
+    methods: Optional[Sequence[str]] = None,
+    rounds: int = 2,
+    n_threads: int = 0,
+    include_stock: bool = True,
+    evidence: Sequence[str] = ("event",),
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Measure decode speed per depth and method; returns a JSON-able dict (see :func:`format_table`).
 
     ``methods``: names like ``"tova"`` / ``"ams-tova"`` (default: every scorer with and without
@@ -198,36 +268,56 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
     say = progress or (lambda message: None)
     path = resolve_model(model_path)
     threads = n_threads or os.cpu_count() or 1
-    notes = [f"tg{n_gen}@d<depth>: decode tok/s of {n_gen} greedy tokens (EOS ignored) after prefilling <depth> tokens of "
-             "a fixed filler text; prefill is not timed. pp<depth>: prompt tok/s of the full row (one sample, not "
-             "interleaved).",
-             f"budgeted rows hold at most budget + interval = {budget + interval} cells from the first token (prefill "
-             "compresses in chunks); their timed steps include the compressions that fall in them ('compressions', "
-             "summed over rounds). Full rows are rolled back to <depth> after each round; budgeted rows keep going.",
-             f"rows are measured round-robin in one process over {rounds} round(s), order rotated per round; t/s is "
-             "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth.",
-             "ms/event: median time of one compression event in the timed steps; t/s between events: the same "
-             "steps' tokens over their time without the events' (the decode speed a method leaves between events).",
-             "evidence: " + " vs ".join(evidence) + " ('event': observed steps capture their queries and the "
-             "attention is computed once per event; 'step': the side branch computes it in the graph at every "
-             "observed step; rows named '[step]' use it when both are measured)."]
+    notes = [
+        f"tg{n_gen}@d<depth>: decode tok/s of {n_gen} greedy tokens (EOS ignored) after prefilling <depth> tokens of "
+        "a fixed filler text; prefill is not timed. pp<depth>: prompt tok/s of the full row (one sample, not "
+        "interleaved).",
+        f"budgeted rows hold at most budget + interval = {budget + interval} cells from the first token (prefill "
+        "compresses in chunks); their timed steps include the compressions that fall in them ('compressions', "
+        "summed over rounds). Full rows are rolled back to <depth> after each round; budgeted rows keep going.",
+        f"rows are measured round-robin in one process over {rounds} round(s), order rotated per round; t/s is "
+        "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth.",
+        "ms/event: median time of one compression event in the timed steps; t/s between events: the same "
+        "steps' tokens over their time without the events' (the decode speed a method leaves between events).",
+        "evidence: " + " vs ".join(evidence) + " ('event': observed steps capture their queries and the "
+        "attention is computed once per event; 'step': the side branch computes it in the graph at every "
+        "observed step; rows named '[step]' use it when both are measured).",
+    ]
     configs = _method_configs(methods, budget, interval, path, notes)
     if include_stock:
-        notes.append(f"{STOCK}: llama_cpp.Llama (flash attention on, like amslocal's auto on CPU), "
-                     "eval + sample(temp=0) per token, on the same library with evidence off.")
+        notes.append(
+            f"{STOCK}: llama_cpp.Llama (flash attention on, like amslocal's auto on CPU), "
+            "eval + sample(temp=0) per token, on the same library with evidence off."
+        )
     model = load_model(path, validate=False, compress=bool(configs))
     rows: list[dict] = []
     for depth in depths:
         tokens = filler_tokens(model, depth)
         n_ctx = depth + n_gen + WARMUP_STEPS + 256
         say(f"d{depth}: prefilling {1 + include_stock + len(configs)} rows")
-        full = _SessionRow(model, "full", CompressionConfig(budget=None), ContextParams(n_ctx=n_ctx, n_threads=threads),
-                           tokens, rollback=True)
+        full = _SessionRow(
+            model,
+            "full",
+            CompressionConfig(budget=None),
+            ContextParams(n_ctx=n_ctx, n_threads=threads),
+            tokens,
+            rollback=True,
+        )
         pp = depth / full.session.stats.prefill_s
         live = [full] + ([_StockRow(path, n_ctx, threads, tokens)] if include_stock else [])
-        live += [_SessionRow(model, name if mode == evidence[0] else f"{name} [{mode}]", cfg,
-                             ContextParams(n_threads=threads), tokens, rollback=False, evidence_mode=mode)
-                 for name, cfg in configs for mode in evidence]
+        live += [
+            _SessionRow(
+                model,
+                name if mode == evidence[0] else f"{name} [{mode}]",
+                cfg,
+                ContextParams(n_threads=threads),
+                tokens,
+                rollback=False,
+                evidence_mode=mode,
+            )
+            for name, cfg in configs
+            for mode in evidence
+        ]
         samples = {r.method: [] for r in live}
         compressions = {r.method: 0 for r in live}
         for rnd in range(rounds):
@@ -240,26 +330,51 @@ def run_speed(model_path, *, depths: Sequence[int] = (512, 2048, 4096), budget: 
         full_median = statistics.median(samples["full"])
         rows.append(_row_record("full", None, f"pp{depth}", depth, [pp], 0, full.kv_cells_peak, None))
         for row in live:
-            rows.append(_row_record(row.method, row.budget, f"tg{n_gen}@d{depth}", depth, samples[row.method],
-                                    compressions[row.method], row.kv_cells_peak,
-                                    None if row is full else full_median, row.event_ms, row.between))
+            rows.append(
+                _row_record(
+                    row.method,
+                    row.budget,
+                    f"tg{n_gen}@d{depth}",
+                    depth,
+                    samples[row.method],
+                    compressions[row.method],
+                    row.kv_cells_peak,
+                    None if row is full else full_median,
+                    row.event_ms,
+                    row.between,
+                )
+            )
         for row in live:  # free this depth's contexts before the next (the full cache can be large)
             row.close()
         del live, full
-    return {"model": path.name, "budget": budget, "interval": interval, "n_gen": n_gen, "depths": list(depths),
-            "rounds": rounds, "n_threads": threads, "cpu": cpu_info(), "rows": rows, "notes": notes}
+    return {
+        "model": path.name,
+        "budget": budget,
+        "interval": interval,
+        "n_gen": n_gen,
+        "depths": list(depths),
+        "rounds": rounds,
+        "n_threads": threads,
+        "cpu": cpu_info(),
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 def format_table(result: dict, *, notes: bool = True) -> str:
     """A markdown table like llama-bench's, one line per row; then the notes (``notes=False``: none)."""
-    lines = ["| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         budget = "full" if r["budget"] is None else str(r["budget"])
         ms, between = r.get("ms_per_event"), r.get("tok_per_s_between_events")
-        lines.append(f"| {result['model']} | {budget} | {r['method']} | {r['test']} | {r['tok_per_s']:.2f} | "
-                     f"{r['spread']:.2f} | {r['vs_full']:.2f} | {r.get('compressions', 0)} | "
-                     f"{'–' if ms is None else f'{ms:.1f}'} | {'–' if between is None else f'{between:.2f}'} |")
+        lines.append(
+            f"| {result['model']} | {budget} | {r['method']} | {r['test']} | {r['tok_per_s']:.2f} | "
+            f"{r['spread']:.2f} | {r['vs_full']:.2f} | {r.get('compressions', 0)} | "
+            f"{'–' if ms is None else f'{ms:.1f}'} | {'–' if between is None else f'{between:.2f}'} |"
+        )
     if notes:
         lines += [""] + [f"note: {n}" for n in result.get("notes", [])]
         lines.append(f"cpu: {result['cpu']}, threads: {result['n_threads']}")

@@ -19,8 +19,12 @@ from .answers import gsm8k_reference
 from .documents import load_documents
 
 TASKS = ("gsm8k", "math500", "aime24", "passkey", "fidelity", "perplexity", "chat")  # chat: see chat_task
-FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "aime24": "aime24_test.jsonl",
-         "fidelity": "gsm8k_test.jsonl"}
+FILES = {
+    "gsm8k": "gsm8k_test.jsonl",
+    "math500": "math500_test.jsonl",
+    "aime24": "aime24_test.jsonl",
+    "fidelity": "gsm8k_test.jsonl",
+}
 # the instruction Qwen2.5 and most open models were tuned to answer math in
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -31,8 +35,8 @@ class Item:
     messages: list[dict]
     reference: str
     depth: Optional[float] = None  # passkey only: where the key sits, 0 = start, 1 = end
-    text: Optional[str] = None     # perplexity only: the document, fed as it is
-    kind: Optional[str] = None     # perplexity only: prose | code | dialogue
+    text: Optional[str] = None  # perplexity only: the document, fed as it is
+    kind: Optional[str] = None  # perplexity only: prose | code | dialogue
 
 
 def default_data_dir() -> Path:
@@ -61,9 +65,16 @@ def _math_item(id_: str, problem: str, reference: str) -> Item:
     return Item(id_, [{"role": "user", "content": f"{problem.strip()}\n{MATH_INSTRUCTION}"}], reference)
 
 
-def load_items(task: str, n: Optional[int], data_dir: Optional[Path] = None, *,
-               passkey_tokens: int = 2048, depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
-               tokens_per_filler: float = 12.0, doc_tokens: int = 2048) -> list[Item]:
+def load_items(
+    task: str,
+    n: Optional[int],
+    data_dir: Optional[Path] = None,
+    *,
+    passkey_tokens: int = 2048,
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    tokens_per_filler: float = 12.0,
+    doc_tokens: int = 2048,
+) -> list[Item]:
     """The first ``n`` items of ``task`` (all when n is None), in the data's order."""
     if task not in TASKS:
         raise OptionError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
@@ -77,7 +88,10 @@ def load_items(task: str, n: Optional[int], data_dir: Optional[Path] = None, *,
         if task in ("gsm8k", "fidelity"):
             return [_math_item(f"gsm8k-{i}", r["question"], gsm8k_reference(r["answer"])) for i, r in enumerate(rows)]
         if task == "math500":
-            return [_math_item(r.get("unique_id", f"math500-{i}"), r["problem"], str(r["answer"])) for i, r in enumerate(rows)]
+            return [
+                _math_item(r.get("unique_id", f"math500-{i}"), r["problem"], str(r["answer"]))
+                for i, r in enumerate(rows)
+            ]
         return [_math_item(f"aime24-{r.get('id', i)}", r["problem"], str(r["answer"])) for i, r in enumerate(rows)]
     except KeyError as exc:
         raise InputError(f"{task} data lacks the field {exc}") from None
@@ -85,9 +99,11 @@ def load_items(task: str, n: Optional[int], data_dir: Optional[Path] = None, *,
 
 # --- passkey ---------------------------------------------------------------------------------
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
-PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                 "Find it and memorize it. I will quiz you about it.\n\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n\n"
+)
 PASSKEY_QUESTION = "\n\nWhat is the pass key? Answer with the number only."
 
 

@@ -17,9 +17,8 @@ from typing import Optional
 import numpy as np
 
 from ..scorers.base import ScoreInput
-from ..select.ams import AMSParams
+from ..select.ams import AMSParams, AMSSelector
 from ..select.kernels import segment_bounds
-from ..select.mass import evidence_mass
 
 
 def longest_false_run(mask: np.ndarray) -> int:
@@ -45,8 +44,9 @@ def event_mass(inp: ScoreInput, window: int, group: int, params: AMSParams = AMS
         return None
     T = inp.mass_attn.shape[-1]
     window_mask = np.zeros(T, dtype=bool)
-    window_mask[max(0, T - window):] = True
-    return evidence_mass(inp.mass_attn, inp.mass_queries, group, window_mask, params.smooth)
+    window_mask[max(0, T - window) :] = True
+    # the reference AMS's own step 1 (one mass curve), whatever selector the session ran
+    return AMSSelector(params).evidence_mass(inp.mass_attn, inp.mass_queries, group, window_mask)
 
 
 @dataclass
@@ -73,12 +73,15 @@ class WipeoutRecorder:
             self.wiped_frac.append(wiped / n_seg if n_seg else 0.0)
         self.longest_run.append(longest_false_run(kept))
         if self.keep_events:
-            self.events.append({
-                "positions": positions.astype(int).tolist(), "kept": kept.astype(bool).tolist(),
-                "mass": None if mass is None else np.round(mass, 6).tolist(),
-                "bounds": None if bounds is None else bounds.astype(int).tolist(),
-                "step": int(positions.max()) + 1 if positions.size else 0,
-            })
+            self.events.append(
+                {
+                    "positions": positions.astype(int).tolist(),
+                    "kept": kept.astype(bool).tolist(),
+                    "mass": None if mass is None else np.round(mass, 6).tolist(),
+                    "bounds": None if bounds is None else bounds.astype(int).tolist(),
+                    "step": int(positions.max()) + 1 if positions.size else 0,
+                }
+            )
 
     def summary(self) -> dict:
         """Per-item aggregate: events, mean/max wiped fraction, mean/max longest evicted run."""

@@ -15,8 +15,8 @@ from .base import (
     NEEDS_KEYS,
     NEEDS_QUERIES,
     NEEDS_VALUES,
-    Scorer,
     ScoreInput,
+    Scorer,
 )
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
@@ -41,15 +41,31 @@ def make_scorer(name: str, **params) -> Scorer:
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(
-            f"scorer {name!r} has no parameter {', '.join(unknown)}; "
-            f"parameters: {', '.join(sorted(known)) or '(none)'}"
+            f"scorer {name!r} has no parameter {', '.join(unknown)}; parameters: {', '.join(sorted(known)) or '(none)'}"
         )
     return cls(**params)
 
 
 __all__ = [
-    "SCORERS", "make_scorer", "Scorer", "ScoreInput",
-    "NEEDS_ATTN", "NEEDS_ATTN_EVERY_STEP", "NEEDS_KEYS", "NEEDS_VALUES", "NEEDS_QUERIES", "NEEDS_CALIBRATION",
-    "TOVA", "SnapKV", "H2O", "StreamingLLM", "KeyDiff", "ExpectedAttention", "RKV", "TriAttention",
-    "calibration_stats", "save_calibration", "load_calibration",
+    "SCORERS",
+    "make_scorer",
+    "Scorer",
+    "ScoreInput",
+    "NEEDS_ATTN",
+    "NEEDS_ATTN_EVERY_STEP",
+    "NEEDS_KEYS",
+    "NEEDS_VALUES",
+    "NEEDS_QUERIES",
+    "NEEDS_CALIBRATION",
+    "TOVA",
+    "SnapKV",
+    "H2O",
+    "StreamingLLM",
+    "KeyDiff",
+    "ExpectedAttention",
+    "RKV",
+    "TriAttention",
+    "calibration_stats",
+    "save_calibration",
+    "load_calibration",
 ]

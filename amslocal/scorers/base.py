@@ -16,12 +16,12 @@ import numpy as np
 from ..layers import LayerInfo
 
 # what a scorer can ask the engine to collect
-NEEDS_ATTN = "attn"                    # evidence of the last `window` queries before the event
+NEEDS_ATTN = "attn"  # evidence of the last `window` queries before the event
 NEEDS_ATTN_EVERY_STEP = "attn_every_step"  # evidence of every query since the token entered (H2O)
 NEEDS_KEYS = "keys"
 NEEDS_VALUES = "values"
-NEEDS_QUERIES = "queries"              # the last `window` queries themselves (post-RoPE)
-NEEDS_CALIBRATION = "calibration"      # per-model statistics from `amslocal calibrate`
+NEEDS_QUERIES = "queries"  # the last `window` queries themselves (post-RoPE)
+NEEDS_CALIBRATION = "calibration"  # per-model statistics from `amslocal calibrate`
 
 
 @dataclass
@@ -33,22 +33,22 @@ class ScoreInput:
     ``group`` query heads of each KV head; divide by ``n_queries * group`` for a mean probability.
     """
 
-    positions: np.ndarray                 # [T] int64, ascending
-    cells: np.ndarray                     # [T] int32, the KV cell of each token
-    layers: list[LayerInfo]               # [L]
-    group: int                            # query heads per KV head
-    next_position: int                    # position the next token will take
-    attn: Optional[np.ndarray] = None     # [L, H_kv, T] over the last n_queries queries
+    positions: np.ndarray  # [T] int64, ascending
+    cells: np.ndarray  # [T] int32, the KV cell of each token
+    layers: list[LayerInfo]  # [L]
+    group: int  # query heads per KV head
+    next_position: int  # position the next token will take
+    attn: Optional[np.ndarray] = None  # [L, H_kv, T] over the last n_queries queries
     n_queries: int = 0
-    attn_last: Optional[np.ndarray] = None   # [L, H_kv, T] the last observed query alone
+    attn_last: Optional[np.ndarray] = None  # [L, H_kv, T] the last observed query alone
     # over the last mass_queries (32) queries: what AMS and the diagnostics segment by; a scorer
     # never reads it (its own window is ``attn``), so adding AMS does not change a score
-    mass_attn: Optional[np.ndarray] = None   # [L, H_kv, T]
+    mass_attn: Optional[np.ndarray] = None  # [L, H_kv, T]
     mass_queries: int = 0
     attn_total: Optional[np.ndarray] = None  # [L, H_kv, T] every query since each token entered
     queries: Optional[list[np.ndarray]] = None  # [L] of [W, n_head, d], post-RoPE
     query_positions: Optional[np.ndarray] = None  # [W]
-    keys: Optional[Callable[[int], np.ndarray]] = None    # l -> [T, H_kv, d] post-RoPE keys
+    keys: Optional[Callable[[int], np.ndarray]] = None  # l -> [T, H_kv, d] post-RoPE keys
     values: Optional[Callable[[int], np.ndarray]] = None  # l -> [T, H_kv, d_v]
     calibration: Optional[dict] = None
     # per-row token sets (granularity layer/head): the position of the token each (layer, KV head)

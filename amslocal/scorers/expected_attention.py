@@ -28,12 +28,12 @@ class ExpectedAttention:
     group; ``(score + epsilon) * ||v_j||``.
     """
 
-    window: int = 256          # the reference evaluation buffers up to 256 queries
+    window: int = 256  # the reference evaluation buffers up to 256 queries
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True
-    epsilon: float = 1e-2      # the reference evaluation's epsilon
+    epsilon: float = 1e-2  # the reference evaluation's epsilon
 
     name: ClassVar[str] = "expected-attention"
     needs: ClassVar[frozenset[str]] = frozenset({NEEDS_QUERIES, NEEDS_KEYS, NEEDS_VALUES})
@@ -53,11 +53,20 @@ class ExpectedAttention:
         for li in inp.layers:
             if li not in rotations:
                 rotations[li] = rope_mean_matrix(li, future)
-        return np.stack([
-            self._layer(inp, l, np.asarray(queries[l]), np.asarray(qpos), keys(l),
-                        None if values is None else values(l), rotations[inp.layers[l]])
-            for l in range(len(inp.layers))
-        ])
+        return np.stack(
+            [
+                self._layer(
+                    inp,
+                    l,
+                    np.asarray(queries[l]),
+                    np.asarray(qpos),
+                    keys(l),
+                    None if values is None else values(l),
+                    rotations[inp.layers[l]],
+                )
+                for l in range(len(inp.layers))
+            ]
+        )
 
     def _layer(self, inp, l, q, qpos, k, v, R) -> np.ndarray:
         li = inp.layers[l]
@@ -65,29 +74,29 @@ class ExpectedAttention:
         n = min(self.window, q.shape[0], len(qpos))
         if n == 0:
             raise ValueError(f"scorer {self.name!r}: no observed queries for layer {l}")
-        q = rope_rotate(q[-n:], qpos[-n:], li, inverse=True)          # [n, n_head, d] pre-RoPE
+        q = rope_rotate(q[-n:], qpos[-n:], li, inverse=True)  # [n, n_head, d] pre-RoPE
         d = q.shape[-1]
-        mu_pre = q.mean(axis=0)                                        # [n_head, d]
+        mu_pre = q.mean(axis=0)  # [n_head, d]
         mu = mu_pre @ R.T
         if self.use_covariance:
             # Sigma' = R C^T C R^T / n with C the centred queries, so k^T Sigma' k = |C R^T k|^2 / n:
             # O(T n d) per head while the window n <= d, else Sigma' (d x d) once and O(T d^2)
-            c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)                # [n_head, d, n]
-        k = np.asarray(k, dtype=np.float64)                            # [T, Hkv, d]
+            c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)  # [n_head, d, n]
+        k = np.asarray(k, dtype=np.float64)  # [T, Hkv, d]
         Hkv = k.shape[1]
         G = q.shape[1] // Hkv
         out = np.empty((Hkv, T))
         s0 = min(self.n_sink, T)
         for kv in range(Hkv):
-            K = k[:, kv, :]                                            # [T, d]
+            K = k[:, kv, :]  # [T, d]
             heads = slice(kv * G, (kv + 1) * G)
-            logits = mu[heads] @ K.T / np.sqrt(d)                      # [G, T]
+            logits = mu[heads] @ K.T / np.sqrt(d)  # [G, T]
             if self.use_covariance:
                 if n <= d:
-                    proj = K[None] @ c[heads]                          # [G, T, n]
+                    proj = K[None] @ c[heads]  # [G, T, n]
                     logits += np.einsum("gtw,gtw->gt", proj, proj) / (n * 2 * d)
                 else:  # a long window: Sigma' itself, O(T d^2) instead of O(T n d)
-                    sigma = c[heads] @ c[heads].transpose(0, 2, 1)     # [G, d, d], times n
+                    sigma = c[heads] @ c[heads].transpose(0, 2, 1)  # [G, d, d], times n
                     logits += np.einsum("gte,te->gt", K[None] @ sigma, K) / (n * 2 * d)
             p = np.zeros((G, T))
             p[:, s0:] = softmax_rows(logits[:, s0:])
@@ -97,4 +106,3 @@ class ExpectedAttention:
         if 0 < s0 < T:
             out[:, :s0] = out[:, s0:].max(axis=1, keepdims=True)
         return out
-

@@ -52,7 +52,7 @@ def avg_pool_rows_ref(x: np.ndarray, kernel: int) -> np.ndarray:
     R, T = x.shape
     half = kernel // 2
     padded = np.pad(x, ((0, 0), (half, half)))
-    return sum(padded[:, s:s + T] for s in range(kernel)) / kernel
+    return sum(padded[:, s : s + T] for s in range(kernel)) / kernel
 
 
 @numba.njit(cache=True)
@@ -80,7 +80,7 @@ def max_pool_rows_ref(x: np.ndarray, kernel: int) -> np.ndarray:
     R, T = x.shape
     half = kernel // 2
     padded = np.pad(x, ((0, 0), (half, half)), constant_values=-np.inf)
-    return np.max(np.stack([padded[:, s:s + T] for s in range(kernel)]), axis=0)
+    return np.max(np.stack([padded[:, s : s + T] for s in range(kernel)]), axis=0)
 
 
 # --- key geometry --------------------------------------------------------------------------
@@ -148,9 +148,9 @@ def cos_to_mean_direction(keys: np.ndarray) -> np.ndarray:
 
 def cos_to_mean_direction_ref(keys: np.ndarray) -> np.ndarray:
     """Reference of :func:`cos_to_mean_direction`."""
-    u = _unit_keys_ref(keys)                       # [T, H, d]
-    m = u.sum(axis=0)                              # [H, d] (direction of the mean)
-    n = np.linalg.norm(m, axis=-1)                 # [H]
+    u = _unit_keys_ref(keys)  # [T, H, d]
+    m = u.sum(axis=0)  # [H, d] (direction of the mean)
+    n = np.linalg.norm(m, axis=-1)  # [H]
     cos = np.einsum("thd,hd->ht", u, m) / np.maximum(n, _EPS)[:, None]
     return np.where(n[:, None] > _EPS, cos, 0.0)
 
@@ -219,9 +219,17 @@ def mean_cos_redundancy_ref(keys: np.ndarray, retain_last: bool, threshold: floa
 
 
 @numba.njit(cache=True, fastmath=True)
-def tri_series(k_re: np.ndarray, k_im: np.ndarray, q_re: np.ndarray, q_im: np.ndarray,
-               q_abs: np.ndarray, omega: np.ndarray, delta0: np.ndarray, offsets: np.ndarray,
-               group: int) -> np.ndarray:
+def tri_series(
+    k_re: np.ndarray,
+    k_im: np.ndarray,
+    q_re: np.ndarray,
+    q_im: np.ndarray,
+    q_abs: np.ndarray,
+    omega: np.ndarray,
+    delta0: np.ndarray,
+    offsets: np.ndarray,
+    group: int,
+) -> np.ndarray:
     """TriAttention's series per query head and key, averaged over the offsets.
 
     k_re, k_im [T, H_kv, F]: pre-RoPE keys as complex pairs; q_re, q_im, q_abs [n_head, F]:
@@ -249,7 +257,7 @@ def tri_series(k_re: np.ndarray, k_im: np.ndarray, q_re: np.ndarray, q_im: np.nd
     # per frequency, the query-head side as contiguous rows (lets the head loop vectorise)
     qr = np.ascontiguousarray(q_re.T)
     qi = np.ascontiguousarray(q_im.T)
-    qx = np.empty((F, n_head), dtype=np.float64)      # E|z| - |E z|
+    qx = np.empty((F, n_head), dtype=np.float64)  # E|z| - |E z|
     for f in range(F):
         for h in range(n_head):
             qx[f, h] = q_abs[h, f] - np.sqrt(qr[f, h] * qr[f, h] + qi[f, h] * qi[f, h])
@@ -260,7 +268,7 @@ def tri_series(k_re: np.ndarray, k_im: np.ndarray, q_re: np.ndarray, q_im: np.nd
         for f in range(F):
             e_re = np.cos(omega[f] * delta0[t])
             e_im = np.sin(omega[f] * delta0[t])
-            b_re = e_re * c_re[f] - e_im * c_im[f]   # exp(i w delta0) * C_f
+            b_re = e_re * c_re[f] - e_im * c_im[f]  # exp(i w delta0) * C_f
             b_im = e_re * c_im[f] + e_im * c_re[f]
             for kv in range(Hkv):
                 kr = k_re[t, kv, f]
@@ -280,11 +288,11 @@ def tri_series_ref(k_re, k_im, q_re, q_im, q_abs, omega, delta0, offsets, group)
     """Reference of :func:`tri_series`: the series written out over [n_head, T, O, F]."""
     n_head = q_re.shape[0]
     kv = np.arange(n_head) // group
-    k = (k_re + 1j * k_im)[:, kv, :].transpose(1, 0, 2)          # [n_head, T, F]
-    q = (q_re + 1j * q_im)[:, None, :]                            # [n_head, 1, F]
+    k = (k_re + 1j * k_im)[:, kv, :].transpose(1, 0, 2)  # [n_head, T, F]
+    q = (q_re + 1j * q_im)[:, None, :]  # [n_head, 1, F]
     amp = np.abs(q) * np.abs(k)
     phase = np.angle(q) - np.angle(k)
-    dist = delta0[:, None] + offsets[None, :]                     # [T, O]
+    dist = delta0[:, None] + offsets[None, :]  # [T, O]
     cos = np.cos(dist[None, :, :, None] * omega + phase[:, :, None, :])  # [n_head, T, O, F]
     series = (amp[:, :, None, :] * cos).sum(axis=-1).mean(axis=-1)
     extra = ((q_abs[:, None, :] - np.abs(q)) * np.abs(k)).sum(axis=-1)

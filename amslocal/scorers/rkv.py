@@ -49,8 +49,7 @@ class RKV:
         keys = require(inp, "keys", self.name, "post-RoPE keys per layer")
         L, H, T = attn.shape
         a = max_pool_rows(f64(attn.reshape(L * H, T)), self.kernel_size).reshape(L, H, T)
-        r = np.stack([
-            softmax_rows(mean_cos_redundancy(f64(keys(l)), self.retain_last, self.threshold))
-            for l in range(L)
-        ])
+        r = np.stack(
+            [softmax_rows(mean_cos_redundancy(f64(keys(l)), self.retain_last, self.threshold)) for l in range(L)]
+        )
         return self.mix_lambda * a - (1.0 - self.mix_lambda) * r

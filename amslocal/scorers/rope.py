@@ -29,9 +29,7 @@ ROPE_NEOX = 2
 
 def _check(layer: LayerInfo) -> None:
     if layer.rope_type not in (ROPE_NONE, ROPE_NORM, ROPE_NEOX):
-        raise NotImplementedError(
-            f"rope type {layer.rope_type} is not supported (only NONE -1, NORM 0, NEOX 2)"
-        )
+        raise NotImplementedError(f"rope type {layer.rope_type} is not supported (only NONE -1, NORM 0, NEOX 2)")
     if layer.rope_type != ROPE_NONE and (layer.n_rot % 2 or layer.n_rot > layer.n_embd_head_k):
         raise ValueError(f"bad n_rot {layer.n_rot} for head size {layer.n_embd_head_k}")
 
@@ -107,7 +105,7 @@ def to_complex(x: np.ndarray, layer: LayerInfo) -> np.ndarray:
 
 def rest_dims(x: np.ndarray, layer: LayerInfo) -> np.ndarray:
     """The dims of ``x`` [..., d] that never rotate: [..., d - 2F]."""
-    return np.asarray(x, dtype=np.float64)[..., 2 * n_freqs(layer):]
+    return np.asarray(x, dtype=np.float64)[..., 2 * n_freqs(layer) :]
 
 
 def rope_mean_matrix(layer: LayerInfo, positions) -> np.ndarray:

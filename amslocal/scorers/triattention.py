@@ -78,20 +78,30 @@ class TriAttention:
         positions = np.asarray(inp.positions, dtype=np.int64)
         delta0 = f64(int(inp.next_position) - positions)
         offsets = geometric_offsets(self.offset_max_length)
-        return np.stack([
-            self._layer(li, l, keys(l), positions, delta0, offsets, stats, inp.group)
-            for l, li in enumerate(inp.layers)
-        ])
+        return np.stack(
+            [
+                self._layer(li, l, keys(l), positions, delta0, offsets, stats, inp.group)
+                for l, li in enumerate(inp.layers)
+            ]
+        )
 
     def _layer(self, li: LayerInfo, l: int, k, positions, delta0, offsets, stats, group) -> np.ndarray:
-        k = rope_rotate(k, positions, li, inverse=True)                # [T, Hkv, d] pre-RoPE
+        k = rope_rotate(k, positions, li, inverse=True)  # [T, Hkv, d] pre-RoPE
         T, Hkv, _ = k.shape
-        kc = to_complex(k, li)                                         # [T, Hkv, F]
-        qm = np.asarray(stats["q_mean"][l])                            # [n_head, F] complex
-        s = tri_series(f64(kc.real), f64(kc.imag), f64(qm.real), f64(qm.imag),
-                       f64(stats["q_abs_mean"][l]), f64(rope_omega(li)), delta0,
-                       offsets, group)                           # [n_head, T]
-        rest = rest_dims(k, li)                                        # [T, Hkv, d - 2F]
+        kc = to_complex(k, li)  # [T, Hkv, F]
+        qm = np.asarray(stats["q_mean"][l])  # [n_head, F] complex
+        s = tri_series(
+            f64(kc.real),
+            f64(kc.imag),
+            f64(qm.real),
+            f64(qm.imag),
+            f64(stats["q_abs_mean"][l]),
+            f64(rope_omega(li)),
+            delta0,
+            offsets,
+            group,
+        )  # [n_head, T]
+        rest = rest_dims(k, li)  # [T, Hkv, d - 2F]
         if rest.shape[-1]:
             qr = np.asarray(stats["q_rest_mean"][l], dtype=np.float64)  # [n_head, d - 2F]
             s += np.einsum("hd,thd->ht", qr, rest[:, np.arange(qr.shape[0]) // group])
@@ -108,8 +118,9 @@ def _facts(li: LayerInfo) -> list[float]:
     return [float(getattr(li, f)) for f in _FACTS]
 
 
-def calibration_stats(pre_rope_queries: Sequence[np.ndarray], layers: Sequence[LayerInfo],
-                      positions: Optional[np.ndarray] = None) -> dict:
+def calibration_stats(
+    pre_rope_queries: Sequence[np.ndarray], layers: Sequence[LayerInfo], positions: Optional[np.ndarray] = None
+) -> dict:
     """Per-layer, per-query-head statistics of pre-RoPE queries for :class:`TriAttention`.
 
     ``pre_rope_queries[l]``: [N, n_head, d] queries of ``layers[l]``. With ``positions`` [N] the
@@ -131,7 +142,7 @@ def calibration_stats(pre_rope_queries: Sequence[np.ndarray], layers: Sequence[L
             raise ValueError(f"queries of shape {q.shape}, expected [N, {li.n_head}, {li.n_embd_head_k}]")
         if positions is not None:
             q = rope_rotate(q, positions, li, inverse=True)
-        z = to_complex(q, li)                                          # [N, n_head, F]
+        z = to_complex(q, li)  # [N, n_head, F]
         out["q_mean"].append(z.mean(axis=0))
         out["q_abs_mean"].append(np.abs(z).mean(axis=0))
         out["q_rest_mean"].append(rest_dims(q, li).mean(axis=0))
@@ -148,10 +159,7 @@ def merge_calibration(a: dict, b: dict) -> dict:
     na, nb = np.asarray(a["n_samples"], dtype=np.float64), np.asarray(b["n_samples"], dtype=np.float64)
     out = {"meta": dict(a.get("meta", {})), "layer_facts": a["layer_facts"], "n_samples": (na + nb).astype(np.int64)}
     for key in ("q_mean", "q_abs_mean", "q_rest_mean"):
-        out[key] = [
-            (xa * wa + xb * wb) / max(wa + wb, 1.0)
-            for xa, xb, wa, wb in zip(a[key], b[key], na, nb)
-        ]
+        out[key] = [(xa * wa + xb * wb) / max(wa + wb, 1.0) for xa, xb, wa, wb in zip(a[key], b[key], na, nb)]
     return out
 
 

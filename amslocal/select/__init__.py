@@ -29,7 +29,8 @@ def make_selector(name: str, **params: Any) -> Selector:
             raise ValueError(f"topk takes no parameters, got {sorted(params)}")
         return TopKSelector()
     if name == "ams":
-        return AMSSelector(AMSParams(**params))
+        variant = params.pop("mass_variant", "mean")
+        return AMSSelector(AMSParams(**params), mass_variant=variant)
     if name == "ams-vote":
         return VotingAMSSelector(AMSParams(**params))
     # per-row token sets (granularity layer / head): ``select_rows`` gives a kept mask per row
@@ -43,8 +44,21 @@ def make_selector(name: str, **params: Any) -> Selector:
 
 
 __all__ = [
-    "AGGREGATIONS", "AMSParams", "AMSSelector", "CreditState", "RowAMSSelector", "RowCreditState",
-    "RowTopKSelector", "SELECTORS", "place_rows",
-    "Selector", "TopKSelector", "VotingAMSSelector", "aggregate", "evidence_mass", "make_selector",
-    "row_evidence_mass", "to_mass",
+    "AGGREGATIONS",
+    "AMSParams",
+    "AMSSelector",
+    "CreditState",
+    "RowAMSSelector",
+    "RowCreditState",
+    "RowTopKSelector",
+    "SELECTORS",
+    "place_rows",
+    "Selector",
+    "TopKSelector",
+    "VotingAMSSelector",
+    "aggregate",
+    "evidence_mass",
+    "make_selector",
+    "row_evidence_mass",
+    "to_mass",
 ]

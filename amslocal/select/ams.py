@@ -22,36 +22,10 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from ..config import AMSParams  # defined with the other parameters; re-exported here
 from .kernels import allocate_quotas, segment_bounds, select_in_segments
-from .mass import CreditState, evidence_mass
+from .mass import CreditState, evidence_mass, peaked_mass, row_evidence_mass
 from .topk import prepare_inputs, prepare_positions
-
-
-@dataclass
-class AMSParams:
-    """Reference defaults (its README example). ``n_sink`` = 4 and ``always_keep_last`` = 32 are
-    not here: the engine applies them as ``protected``."""
-
-    segment_mass: float = 0.02        # cut the cumulative mass at every multiple of this
-    min_seg_len: int = 32             # shorter segments merge into the next
-    max_seg_len: int = 1024           # longer segments are split
-    min_keep_per_segment: int = 8     # every segment's guaranteed share (budget permitting)
-    credit_decay: float = 0.8         # EMA decay of the credit
-    credit_mix: float = 0.7           # weight of the current mass against the credit
-    smooth: int = 5                   # moving-average width of the evidence (evidence_mass)
-
-    def __post_init__(self) -> None:
-        if not 1e-6 <= self.segment_mass <= 1.0:  # the cut loop runs 1 / segment_mass times
-            raise ValueError(f"segment_mass must be in [1e-6, 1], got {self.segment_mass}")
-        if not 1 <= self.min_seg_len <= self.max_seg_len:
-            raise ValueError(f"need 1 <= min_seg_len <= max_seg_len, got "
-                             f"{self.min_seg_len}, {self.max_seg_len}")
-        if self.min_keep_per_segment < 0:
-            raise ValueError(f"min_keep_per_segment must be >= 0, got {self.min_keep_per_segment}")
-        if not 0.0 <= self.credit_decay < 1.0 or not 0.0 <= self.credit_mix <= 1.0:
-            raise ValueError("need 0 <= credit_decay < 1 and 0 <= credit_mix <= 1")
-        if self.smooth < 1:
-            raise ValueError(f"smooth must be >= 1, got {self.smooth}")
 
 
 @dataclass
@@ -65,21 +39,58 @@ class AMSSelector:
     """
 
     params: AMSParams = field(default_factory=AMSParams)
+    # the mass it segments by: "mean" (one curve, the rows' average) or "peaked" (rows weighted
+    # by how peaked their attention is)
+    mass_variant: str = "mean"
     name: ClassVar[str] = "ams"
 
     def __post_init__(self) -> None:
+        if self.mass_variant not in ("mean", "peaked"):
+            raise ValueError(f"mass_variant must be mean or peaked, got {self.mass_variant!r}")
         self.credit = CreditState(self.params.credit_decay, self.params.credit_mix)
         self.last_segments = np.zeros(1, dtype=np.int64)
         self.last_quotas = np.zeros(0, dtype=np.int64)
         self.last_mass = np.zeros(0)
 
-    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int,
-                      window_mask: np.ndarray) -> np.ndarray:
-        """Step 1 with this selector's smoothing width; see :func:`.mass.evidence_mass`."""
+    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> np.ndarray:
+        """Step 1 with this selector's smoothing width: the mass [T] this selector segments by
+        (see :func:`.mass.evidence_mass` and :func:`.mass.peaked_mass`)."""
+        if self.mass_variant == "peaked":
+            return peaked_mass(row_evidence_mass(attn, n_queries, group, window_mask, self.params.smooth))
         return evidence_mass(attn, n_queries, group, window_mask, self.params.smooth)
 
-    def select(self, scores: np.ndarray, budget: int, protected: np.ndarray,
-               positions: np.ndarray, mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def select_event(
+        self,
+        row_scores: np.ndarray,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """:meth:`select` on the aggregated scores (the engine's one call per event)."""
+        return self.select(scores, budget, protected, positions, mass)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The credit, keyed by position (save files)."""
+        return {
+            "credit_pos": np.asarray(self.credit.positions, dtype=np.int64),
+            "credit_val": np.asarray(self.credit.credit, dtype=np.float64),
+        }
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        if "credit_pos" in arrays:
+            self.credit.positions = arrays["credit_pos"].astype(np.int64).copy()
+            self.credit.credit = arrays["credit_val"].astype(np.float64).copy()
+
+    def select(
+        self,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """Sorted int64 indices of the kept tokens, exactly min(budget, T) of them."""
         p = self.params
         s, prot, keep = prepare_inputs(scores, budget, protected)

@@ -21,12 +21,12 @@ class Selector(Protocol):
 
     def select(
         self,
-        scores: np.ndarray,             # [T] float64, higher = keep
+        scores: np.ndarray,  # [T] float64, higher = keep
         budget: int,
-        protected: np.ndarray,          # [T] bool, must be kept (count <= budget)
-        positions: np.ndarray,          # [T] int64 ascending, identifies tokens across events
+        protected: np.ndarray,  # [T] bool, must be kept (count <= budget)
+        positions: np.ndarray,  # [T] int64 ascending, identifies tokens across events
         mass: Optional[np.ndarray] = None,  # [T] float64 >= 0, attention mass per token
-    ) -> np.ndarray:                    # [min(budget, T)] int64 indices into [0, T), ascending
+    ) -> np.ndarray:  # [min(budget, T)] int64 indices into [0, T), ascending
         ...
 
     # A selector may keep state keyed by position across events (AMS keeps attention credit).

@@ -59,8 +59,8 @@ def moving_average_rows_ref(x: np.ndarray, width: int) -> np.ndarray:
     hi_off = width // 2
     box = np.ones(width)
     # convolve "full" then slice: out[i] = sum x[i - (width - 1) // 2 .. i + hi_off]
-    count = np.convolve(np.ones(T), box)[hi_off:hi_off + T]
-    sums = np.stack([np.convolve(row, box)[hi_off:hi_off + T] for row in x]) if R else np.empty((0, T))
+    count = np.convolve(np.ones(T), box)[hi_off : hi_off + T]
+    sums = np.stack([np.convolve(row, box)[hi_off : hi_off + T] for row in x]) if R else np.empty((0, T))
     return sums / count
 
 
@@ -308,8 +308,9 @@ def allocate_quotas_ref(seg_mass: np.ndarray, caps: np.ndarray, budget: int, min
 
 
 @numba.njit(cache=True)
-def select_in_segments(bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray,
-                       protected: np.ndarray, budget: int) -> np.ndarray:
+def select_in_segments(
+    bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray, protected: np.ndarray, budget: int
+) -> np.ndarray:
     """Kept mask [T]: protected tokens, then each segment's quota of its best unprotected tokens,
     then (if fewer than ``budget``) the best of the rest over the whole cache.
 
@@ -351,8 +352,9 @@ def select_in_segments(bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarra
     return kept
 
 
-def select_in_segments_ref(bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray,
-                           protected: np.ndarray, budget: int) -> np.ndarray:
+def select_in_segments_ref(
+    bounds: np.ndarray, quotas: np.ndarray, scores: np.ndarray, protected: np.ndarray, budget: int
+) -> np.ndarray:
     """Reference of :func:`select_in_segments` with lexsort (score desc, position asc)."""
     T = scores.shape[0]
     kept = protected.copy()
@@ -373,8 +375,16 @@ def select_in_segments_ref(bounds: np.ndarray, quotas: np.ndarray, scores: np.nd
 
 
 @numba.njit(cache=True)
-def row_votes(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
-              seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+def row_votes(
+    scores: np.ndarray,
+    mass: np.ndarray,
+    protected: np.ndarray,
+    keep: int,
+    seg_mass: float,
+    min_len: int,
+    max_len: int,
+    min_keep: int,
+) -> np.ndarray:
     """Votes [T] (int64, 0..R): for each row r of ``scores`` / ``mass`` [R, T], the tokens that AMS
     steps 3-5 keep on that row alone, counted over rows.
 
@@ -409,8 +419,16 @@ def row_votes(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep:
     return votes
 
 
-def row_votes_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
-                  seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+def row_votes_ref(
+    scores: np.ndarray,
+    mass: np.ndarray,
+    protected: np.ndarray,
+    keep: int,
+    seg_mass: float,
+    min_len: int,
+    max_len: int,
+    min_keep: int,
+) -> np.ndarray:
     """Reference of :func:`row_votes` from the ``*_ref`` kernels, one row at a time."""
     R, T = scores.shape
     votes = np.zeros(T, dtype=np.int64)
@@ -420,8 +438,7 @@ def row_votes_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, k
         free = ~protected
         caps = np.array([free[a:z].sum() for a, z in zip(b[:-1], b[1:])], dtype=np.int64)
         # sequential sums (cumsum), like the kernel, so allocate_quotas rounds bit for bit alike
-        seg = np.array([np.cumsum(np.where(free[a:z], mass[r, a:z], 0.0))[-1]
-                        for a, z in zip(b[:-1], b[1:])])
+        seg = np.array([np.cumsum(np.where(free[a:z], mass[r, a:z], 0.0))[-1] for a, z in zip(b[:-1], b[1:])])
         q = allocate_quotas_ref(seg, caps, keep - n_prot, min_keep)
         votes += select_in_segments_ref(b, q, scores[r], protected, keep)
     return votes
@@ -431,8 +448,16 @@ def row_votes_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, k
 
 
 @numba.njit(cache=True)
-def row_keep(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
-             seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+def row_keep(
+    scores: np.ndarray,
+    mass: np.ndarray,
+    protected: np.ndarray,
+    keep: int,
+    seg_mass: float,
+    min_len: int,
+    max_len: int,
+    min_keep: int,
+) -> np.ndarray:
     """Kept mask [R, T]: row r of ``scores`` / ``mass`` / ``protected`` [R, T] (each row in its own
     position order) runs AMS steps 3-5 alone and keeps exactly ``keep`` tokens, as
     :func:`row_votes` does for one row, but with its own protected tokens."""
@@ -456,8 +481,16 @@ def row_keep(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: 
     return out
 
 
-def row_keep_ref(scores: np.ndarray, mass: np.ndarray, protected: np.ndarray, keep: int,
-                 seg_mass: float, min_len: int, max_len: int, min_keep: int) -> np.ndarray:
+def row_keep_ref(
+    scores: np.ndarray,
+    mass: np.ndarray,
+    protected: np.ndarray,
+    keep: int,
+    seg_mass: float,
+    min_len: int,
+    max_len: int,
+    min_keep: int,
+) -> np.ndarray:
     """Reference of :func:`row_keep` from the ``*_ref`` kernels, one row at a time."""
     R, T = scores.shape
     out = np.zeros((R, T), dtype=bool)

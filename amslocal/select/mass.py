@@ -32,8 +32,9 @@ def to_mass_rows(x: np.ndarray) -> np.ndarray:
     return m / m.sum(axis=-1, keepdims=True)
 
 
-def evidence_mass(attn: np.ndarray, n_queries: int, group: int,
-                  window_mask: Optional[np.ndarray], smooth: int = 5) -> np.ndarray:
+def evidence_mass(
+    attn: np.ndarray, n_queries: int, group: int, window_mask: Optional[np.ndarray], smooth: int = 5
+) -> np.ndarray:
     """Attention mass [T] (>= 1e-12-ish, sums to 1) from summed window attention [L, H, T].
 
     Per (layer, KV head) row: mean probability = attn / (n_queries * group); the tokens outside the
@@ -49,8 +50,7 @@ def evidence_mass(attn: np.ndarray, n_queries: int, group: int,
     if T == 0:
         return np.zeros(0)
     rows = np.ascontiguousarray(a.reshape(-1, T))
-    win = (np.zeros(T, dtype=np.bool_) if window_mask is None
-           else np.ascontiguousarray(window_mask, dtype=np.bool_))
+    win = np.zeros(T, dtype=np.bool_) if window_mask is None else np.ascontiguousarray(window_mask, dtype=np.bool_)
     if win.shape != (T,):
         raise ValueError(f"window_mask must be [{T}], got shape {win.shape}")
     if n_queries * group <= 0 or rows.shape[0] == 0 or win.all():
@@ -60,8 +60,9 @@ def evidence_mass(attn: np.ndarray, n_queries: int, group: int,
     return to_mass(ev / float(n_queries * group))
 
 
-def row_evidence_mass(attn: np.ndarray, n_queries: int, group: int,
-                      window_mask: Optional[np.ndarray], smooth: int = 5) -> np.ndarray:
+def row_evidence_mass(
+    attn: np.ndarray, n_queries: int, group: int, window_mask: Optional[np.ndarray], smooth: int = 5
+) -> np.ndarray:
     """Attention mass per (layer, KV head) row, [L*H, T], each row summing to 1.
 
     Row r is what :func:`evidence_mass` gives for that row alone (same smoothing, window max,
@@ -75,8 +76,7 @@ def row_evidence_mass(attn: np.ndarray, n_queries: int, group: int,
     rows = np.ascontiguousarray(a.reshape(R, T))
     if T == 0:
         return np.zeros((R, 0))
-    win = (np.zeros(T, dtype=np.bool_) if window_mask is None
-           else np.ascontiguousarray(window_mask, dtype=np.bool_))
+    win = np.zeros(T, dtype=np.bool_) if window_mask is None else np.ascontiguousarray(window_mask, dtype=np.bool_)
     if win.shape != (T,):
         raise ValueError(f"window_mask must be [{T}], got shape {win.shape}")
     if n_queries * group <= 0 or win.all():
@@ -84,7 +84,7 @@ def row_evidence_mass(attn: np.ndarray, n_queries: int, group: int,
     width = max(int(smooth), 1)
     out = np.empty((R, T))
     for r in range(R):  # window_evidence of one row is that row's evidence (the mean over 1 row)
-        out[r] = to_mass(window_evidence(rows[r:r + 1], win, width) / float(n_queries * group))
+        out[r] = to_mass(window_evidence(rows[r : r + 1], win, width) / float(n_queries * group))
     return out
 
 
@@ -114,8 +114,8 @@ class CreditState:
     positions). Tokens never seen before enter with credit 0.
     """
 
-    decay: float = 0.8      # credit = decay * credit + (1 - decay) * mass
-    mix_beta: float = 0.7   # used = normalise(mix_beta * mass + (1 - mix_beta) * normalise(credit))
+    decay: float = 0.8  # credit = decay * credit + (1 - decay) * mass
+    mix_beta: float = 0.7  # used = normalise(mix_beta * mass + (1 - mix_beta) * normalise(credit))
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     credit: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from .ams import AMSParams
 from .kernels import row_keep
-from .mass import CreditState, to_mass_rows
+from .mass import CreditState, row_evidence_mass, to_mass_rows
 
 
-def _checked(row_scores: np.ndarray, budget: int, protected: np.ndarray,
-             row_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _checked(
+    row_scores: np.ndarray, budget: int, protected: np.ndarray, row_positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     s = np.asarray(row_scores, dtype=np.float64)
     pos = np.asarray(row_positions, dtype=np.int64)
     if s.ndim != 2 or pos.shape != s.shape:
@@ -55,8 +56,14 @@ class RowTopKSelector:
 
     name: ClassVar[str] = "row-topk"
 
-    def select_rows(self, row_scores: np.ndarray, budget: int, protected: np.ndarray,
-                    row_positions: np.ndarray, row_mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def select_rows(
+        self,
+        row_scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        row_positions: np.ndarray,
+        row_mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """Kept mask [R, T], exactly min(budget, T) per row."""
         s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
         R, T = s.shape
@@ -73,10 +80,14 @@ class RowTopKSelector:
     def remap_rows(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
         """Nothing is keyed by position."""
 
-    def state(self) -> dict[str, np.ndarray]:
+    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> None:
+        """Top-k segments by nothing."""
+        return None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
         """Nothing to restore."""
 
 
@@ -94,8 +105,14 @@ class RowAMSSelector:
     def __post_init__(self) -> None:
         self.credits: list[CreditState] = []
 
-    def select_rows(self, row_scores: np.ndarray, budget: int, protected: np.ndarray,
-                    row_positions: np.ndarray, row_mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def select_rows(
+        self,
+        row_scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        row_positions: np.ndarray,
+        row_mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """Kept mask [R, T], exactly min(budget, T) per row."""
         p = self.params
         s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
@@ -114,8 +131,16 @@ class RowAMSSelector:
                 raise ValueError(f"row_mass must be [{R}, {T}], got shape {m.shape}")
             m_r = to_mass_rows(np.take_along_axis(m, order, axis=1))
             used = np.stack([c.mix(pos_r[r], m_r[r]) for r, c in enumerate(self.credits)])
-        kept_r = row_keep(s_r, np.ascontiguousarray(used), prot_r, keep, float(p.segment_mass),
-                          int(p.min_seg_len), int(p.max_seg_len), int(p.min_keep_per_segment))
+        kept_r = row_keep(
+            s_r,
+            np.ascontiguousarray(used),
+            prot_r,
+            keep,
+            float(p.segment_mass),
+            int(p.min_seg_len),
+            int(p.max_seg_len),
+            int(p.min_keep_per_segment),
+        )
         for r, c in enumerate(self.credits):
             c.keep(pos_r[r][kept_r[r]])
         return np.take_along_axis(kept_r, inverse, axis=1)
@@ -129,7 +154,11 @@ class RowAMSSelector:
         for r, c in enumerate(self.credits):
             c.remap(old_positions[r], new_positions[r])
 
-    def state(self) -> dict[str, np.ndarray]:
+    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> np.ndarray:
+        """The mass each row segments by: [R, T] (see :func:`.mass.row_evidence_mass`)."""
+        return row_evidence_mass(attn, n_queries, group, window_mask, self.params.smooth)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
         """The credit of every row, flattened (row lengths in ``credit_len``), for save files."""
         if not self.credits:
             return {}
@@ -139,8 +168,8 @@ class RowAMSSelector:
             "credit_val": np.concatenate([c.credit for c in self.credits]).astype(np.float64),
         }
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`state` output."""
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` output."""
         self.credits = []
         if "credit_len" not in arrays:
             return
@@ -152,8 +181,9 @@ class RowAMSSelector:
             self.credits.append(c)
 
 
-def place_rows(kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarray,
-               tie_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def place_rows(
+    kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarray, tie_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Map per-row token sets onto cells: (dst [B] cell indices into T, src [R, B]).
 
     ``kept`` [R, T]: B tokens per row. The B destination cells are the protected ones, then those
@@ -176,7 +206,7 @@ def place_rows(kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarra
     free = np.flatnonzero(~prot)
     order = np.lexsort((free, -s[free], -votes[free]))
     in_dst = prot.copy()
-    in_dst[free[order[:B - int(prot.sum())]]] = True
+    in_dst[free[order[: B - int(prot.sum())]]] = True
     dst = np.flatnonzero(in_dst)
     slot_of = np.full(T, -1, dtype=np.int64)
     slot_of[dst] = np.arange(B)

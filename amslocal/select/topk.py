@@ -10,16 +10,16 @@ import numpy as np
 from .kernels import select_in_segments
 
 
-def prepare_inputs(scores: np.ndarray, budget: int,
-                   protected: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+def prepare_inputs(
+    scores: np.ndarray, budget: int, protected: Optional[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Checked (scores float64 with NaN -> -inf, protected bool, kept count min(budget, T))."""
     s = np.ascontiguousarray(scores, dtype=np.float64)
     if s.ndim != 1:
         raise ValueError(f"scores must be [T], got shape {s.shape}")
     T = s.shape[0]
     s = np.where(np.isnan(s), -np.inf, s)  # a NaN score ranks last instead of breaking the sort
-    prot = (np.zeros(T, dtype=np.bool_) if protected is None
-            else np.ascontiguousarray(protected, dtype=np.bool_))
+    prot = np.zeros(T, dtype=np.bool_) if protected is None else np.ascontiguousarray(protected, dtype=np.bool_)
     if prot.shape != (T,):
         raise ValueError(f"protected must be [{T}], got shape {prot.shape}")
     if budget < 0:
@@ -48,8 +48,14 @@ class TopKSelector:
 
     name: ClassVar[str] = "topk"
 
-    def select(self, scores: np.ndarray, budget: int, protected: np.ndarray,
-               positions: np.ndarray, mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def select(
+        self,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """Sorted int64 indices of the kept tokens, exactly min(budget, T) of them."""
         s, prot, keep = prepare_inputs(scores, budget, protected)
         bounds = np.array([0, s.shape[0]], dtype=np.int64)
@@ -58,6 +64,28 @@ class TopKSelector:
 
     def reset(self) -> None:
         """Nothing to forget."""
+
+    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> None:
+        """Top-k segments by nothing."""
+        return None
+
+    def select_event(
+        self,
+        row_scores: np.ndarray,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """:meth:`select` on the aggregated scores (the engine's one call per event)."""
+        return self.select(scores, budget, protected, positions, mass)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Nothing to restore."""
 
     def remap_positions(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
         """Nothing is keyed by position."""

@@ -62,14 +62,47 @@ class VotingAMSSelector:
         self.last_votes = np.zeros(0, dtype=np.int64)
         self.last_mass = np.zeros((0, 0))
 
-    def row_evidence_mass(self, attn: np.ndarray, n_queries: int, group: int,
-                          window_mask: np.ndarray) -> np.ndarray:
+    def row_evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> np.ndarray:
         """Step 1 per row with this selector's smoothing width; see :func:`.mass.row_evidence_mass`."""
         return row_evidence_mass(attn, n_queries, group, window_mask, self.params.smooth)
 
-    def select_rows(self, row_scores: np.ndarray, scores: np.ndarray, budget: int,
-                    protected: np.ndarray, positions: np.ndarray,
-                    row_mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> np.ndarray:
+        """The mass this selector segments by: one curve per (layer, KV head) row, [R, T]."""
+        return self.row_evidence_mass(attn, n_queries, group, window_mask)
+
+    def select_event(
+        self,
+        row_scores: np.ndarray,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """:meth:`select_rows` (the engine's one call per event)."""
+        return self.select_rows(row_scores, scores, budget, protected, positions, mass)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The credit rows, keyed by position (save files)."""
+        return {
+            "credit_pos": np.asarray(self.credit.positions, dtype=np.int64),
+            "credit_val": np.asarray(self.credit.credit, dtype=np.float64),
+        }
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        if "credit_pos" in arrays:
+            self.credit.positions = arrays["credit_pos"].astype(np.int64).copy()
+            self.credit.credit = arrays["credit_val"].astype(np.float64).copy()
+
+    def select_rows(
+        self,
+        row_scores: np.ndarray,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        row_mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """Sorted int64 indices of the kept tokens, exactly min(budget, T) of them.
 
         ``row_scores`` and ``row_mass`` are [R, T] (or [L, H, T]); either may have a single row,
@@ -93,14 +126,22 @@ class VotingAMSSelector:
         # the kernel wants contiguous [R, T] of both; broadcast the one-row side
         rs = np.ascontiguousarray(np.broadcast_to(rs, (R, T)))
         used_rows = np.ascontiguousarray(np.broadcast_to(used, (R, T)))
-        votes = row_votes(rs, used_rows, prot, keep, float(p.segment_mass), int(p.min_seg_len),
-                          int(p.max_seg_len), int(p.min_keep_per_segment))
+        votes = row_votes(
+            rs,
+            used_rows,
+            prot,
+            keep,
+            float(p.segment_mass),
+            int(p.min_seg_len),
+            int(p.max_seg_len),
+            int(p.min_keep_per_segment),
+        )
         kept_mask = prot.copy()
         free = np.flatnonzero(~prot)
         # most votes first, then higher aggregated score, then earlier position: exact, no floats
         # mixed into the vote count, and the position key makes the order total (deterministic)
         order = np.lexsort((free, -s[free], -votes[free]))
-        kept_mask[free[order[:keep - int(prot.sum())]]] = True
+        kept_mask[free[order[: keep - int(prot.sum())]]] = True
         kept = np.flatnonzero(kept_mask).astype(np.int64)
         if kept.shape[0] != keep:  # prepare_inputs guarantees n_protected <= keep: a bug if not
             raise AssertionError(f"AMS voting kept {kept.shape[0]} tokens, budget {keep}")
@@ -108,8 +149,14 @@ class VotingAMSSelector:
         self.last_votes, self.last_mass = votes, used_rows
         return kept
 
-    def select(self, scores: np.ndarray, budget: int, protected: np.ndarray,
-               positions: np.ndarray, mass: Optional[np.ndarray] = None) -> np.ndarray:
+    def select(
+        self,
+        scores: np.ndarray,
+        budget: int,
+        protected: np.ndarray,
+        positions: np.ndarray,
+        mass: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         """The ``Selector`` protocol: one score and one mass curve per token, i.e. one row (R = 1),
         which selects as :class:`.ams.AMSSelector` does."""
         s = np.asarray(scores, dtype=np.float64)
@@ -118,8 +165,7 @@ class VotingAMSSelector:
         m = None if mass is None else np.asarray(mass, dtype=np.float64)
         if m is not None and m.shape != s.shape:
             raise ValueError(f"mass must be [{s.shape[0]}], got shape {m.shape}")
-        return self.select_rows(s[None], s, budget, protected, positions,
-                                None if m is None else m[None])
+        return self.select_rows(s[None], s, budget, protected, positions, None if m is None else m[None])
 
     def reset(self) -> None:
         """Forget the credit (a new sequence)."""
