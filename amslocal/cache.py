@@ -397,32 +397,52 @@ class CacheView:
         return self._evidence_total[il][:, cells] - self._marks[key][0][g][j][:, cells]
 
     def _alloc_ring(self) -> None:
-        """Buffers for the last q_window observed queries of every layer, oldest first, in a ring
-        filled from the end, plus the read-back scratch and its pointer (made once)."""
+        """Buffers for the last q_window observed queries of every layer. Each is twice the window
+        long and filled forward; when it runs out, the newest window is moved to the front once
+        (amortised O(1) per query, where shifting a ring by one step would copy it all)."""
         w = self.q_window
         self._q_ring = [
-            np.zeros((w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
+            np.zeros((2 * w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
             for li in self.layers
         ]
-        self._q_scratch = [None if r is None else np.empty(r.size, dtype=np.float32) for r in self._q_ring]
-        self._q_ptr = [None if b is None else b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for b in self._q_scratch]
+        self._q_end = 0  # one past the newest query (the same in every layer)
+
+    def _ring_push(self, il: int, q: np.ndarray) -> None:
+        """Append layer ``il``'s newest queries (the same count for every layer of one decode)."""
+        ring, w = self._q_ring[il], self.q_window
+        take = min(q.shape[0], w)
+        end = self._q_end
+        if end + take > ring.shape[0]:
+            keep = min(self._q_count, w - take)
+            ring[:keep] = ring[end - keep : end]
+            end = keep
+        ring[end : end + take] = q[q.shape[0] - take :]
+
+    def _ring_advance(self, n_tok: int) -> None:
+        """After every layer's :meth:`_ring_push` of one decode."""
+        w = self.q_window
+        take = min(n_tok, w)
+        if self._q_end + take > 2 * w:
+            self._q_end = min(self._q_count, w - take)
+        self._q_end += take
+        self._q_count = min(self._q_count + n_tok, w)
 
     def _resize_ring(self) -> None:
         """A new window size: keep the newest queries that fit."""
-        n = self._q_count
-        old = [None if r is None else r[r.shape[0] - n :].copy() for r in self._q_ring]
+        old = self.queries
+        n = min(self._q_count, self.q_window)
         self._alloc_ring()
-        w = self.q_window
-        self._q_count = min(n, w)
+        self._q_count = n
+        self._q_end = n
         for r, o in zip(self._q_ring, old):
-            if r is not None and self._q_count:
-                r[w - self._q_count :] = o[o.shape[0] - self._q_count :]
+            if r is not None and o is not None and n:
+                r[:n] = o[o.shape[0] - n :]
 
     @property
     def queries(self) -> list[np.ndarray | None]:
         """Per layer the window's observed queries [t, n_head, head_dim] (t <= n_obs), oldest first."""
-        n = self._q_count
-        return [None if r is None or n == 0 else r[r.shape[0] - n :] for r in self._q_ring]
+        n, end = self._q_count, self._q_end
+        return [None if r is None or n == 0 else r[end - n : end] for r in self._q_ring]
 
     @property
     def evidence(self) -> list[np.ndarray | None]:
@@ -498,14 +518,10 @@ class CacheView:
                 if il in tracked:
                     logged[il] = q
                 if ring_queries:
-                    ring = self._q_ring[il]
-                    w = ring.shape[0]
-                    take = min(n_tok, w)
-                    ring[: w - take] = ring[take:]
-                    ring[w - take :] = q[n_tok - take :]
+                    self._ring_push(il, q)
         if ring_queries:
             w = self.q_window
-            self._q_count = min(self._q_count + n_tok, w)
+            self._ring_advance(n_tok)
             if positions_of_batch is not None:
                 tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
                 self.query_pos = np.concatenate([self.query_pos, tail])[-w:]
@@ -606,9 +622,9 @@ class CacheView:
                     arrays[f"evt_{il}"] = np.where(valid, self.evidence_total[il][:, cells], 0.0)
                     arrays[f"evb_{il}"] = np.where(valid, self._window_base[il][:, cells], 0.0)
         if self._q_count:
+            queries = self.queries
             for il in self.kv_layers:
-                ring = self._q_ring[il]
-                arrays[f"q_{il}"] = ring[ring.shape[0] - self._q_count :].copy()
+                arrays[f"q_{il}"] = queries[il].copy()
         meta = {
             "n_obs": self.n_obs,
             "obs_flags": self.obs_flags,
@@ -647,13 +663,12 @@ class CacheView:
                     self.evidence_total[il][:, cells] = arrays[f"evt_{il}"][:, src]
                     self._window_base[il][:, cells] = arrays[f"evb_{il}"][:, src]
         q_count = int(meta["q_count"])
+        if q_count > self.q_window:
+            raise ValueError("the saved queries do not fit the observation window")
         if q_count:
             for il in self.kv_layers:
-                ring = self._q_ring[il]
-                if ring.shape[0] < q_count:
-                    raise ValueError("the saved queries do not fit the observation window")
-                ring[ring.shape[0] - q_count :] = arrays[f"q_{il}"]
-        self._q_count = q_count
+                self._q_ring[il][:q_count] = arrays[f"q_{il}"]
+        self._q_count, self._q_end = q_count, q_count
         self.n_queries = int(meta["n_queries"])
         self.query_pos = arrays["query_pos"].astype(np.int32)
         self.collect_s = float(meta["collect_s"])

@@ -255,3 +255,22 @@ def test_save_and_load_in_the_middle_of_a_window(tiny_model):
     np.testing.assert_array_equal(pb, pa)
     np.testing.assert_array_equal(kb, ka)
     close(ab, aa)
+
+
+def test_query_window_keeps_the_newest_queries_in_order(tiny_model):
+    """The query window (Expected Attention's 256, TriAttention's) is written forward into a
+    double-length buffer; whatever the batch sizes, it holds the newest queries, oldest first."""
+    g = Generator(tiny_model, ContextParams(n_ctx=512), SamplerParams(temp=0))
+    v = g.view
+    v.set_query_window(5)
+    history = []
+    tokens = tiny_model.tokenize(TEXT)
+    i = 0
+    for n in [3, 1, 1, 2, 3, 1, 1, 1, 4, 2, 1, 3, 1, 1]:
+        v.observe(min(n, 3), attn=False, queries=True)
+        g.eval(tokens[i : i + n])
+        i += n
+        history.append(v.last_queries(0))
+        want = np.concatenate(history)[-5:]
+        got = v.queries[0]
+        np.testing.assert_array_equal(got, want)

@@ -268,7 +268,8 @@ def test_expected_attention_equals_direct_formula(W):
         want[h // 2, n_sink:] += p / p.sum() / 2
     want = (want + 1e-2) * np.linalg.norm(v, axis=-1).T  # the reference evaluation's epsilon
     want[:, :n_sink] = want[:, n_sink:].max(axis=1, keepdims=True)
-    np.testing.assert_allclose(s, want, rtol=1e-10)
+    # a window longer than the head computes Sigma' in float32 (the scores only rank tokens)
+    np.testing.assert_allclose(s, want, rtol=1e-10 if W <= 6 else 1e-5)
 
 
 # --- TriAttention ------------------------------------------------------------------------------

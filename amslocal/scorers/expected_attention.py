@@ -53,35 +53,43 @@ class ExpectedAttention:
         for li in inp.layers:
             if li not in rotations:
                 rotations[li] = rope_mean_matrix(li, future)
+        # the window's queries un-rotated to pre-RoPE, one rotation for all layers that share RoPE
+        n = min(self.window, min(np.asarray(q).shape[0] for q in queries), len(qpos))
+        if n == 0:
+            raise ValueError(f"scorer {self.name!r}: no observed queries")
+        qpos = np.asarray(qpos)[-n:]
+        pre: dict[int, np.ndarray] = {}
+        for li in rotations:
+            ls = [l for l in range(len(inp.layers)) if inp.layers[l] == li]
+            stacked = np.stack([np.asarray(queries[l])[-n:] for l in ls], axis=1)  # [n, L', n_head, d]
+            # float32 for a long window (the same precision as the captured queries)
+            stacked = rope_rotate(
+                stacked, qpos, li, inverse=True, dtype=np.float32 if n > li.n_embd_head_k else np.float64
+            )
+            pre.update({l: stacked[:, j] for j, l in enumerate(ls)})
         return np.stack(
             [
-                self._layer(
-                    inp,
-                    l,
-                    np.asarray(queries[l]),
-                    np.asarray(qpos),
-                    keys(l),
-                    None if values is None else values(l),
-                    rotations[inp.layers[l]],
-                )
+                self._layer(inp, l, pre[l], keys(l), None if values is None else values(l), rotations[inp.layers[l]])
                 for l in range(len(inp.layers))
             ]
         )
 
-    def _layer(self, inp, l, q, qpos, k, v, R) -> np.ndarray:
-        li = inp.layers[l]
+    def _layer(self, inp, l, q, k, v, R) -> np.ndarray:
+        """Layer ``l``'s scores from its window's pre-RoPE queries ``q`` [n, n_head, d]."""
         T = inp.n_tokens
-        n = min(self.window, q.shape[0], len(qpos))
-        if n == 0:
-            raise ValueError(f"scorer {self.name!r}: no observed queries for layer {l}")
-        q = rope_rotate(q[-n:], qpos[-n:], li, inverse=True)  # [n, n_head, d] pre-RoPE
+        n = q.shape[0]
         d = q.shape[-1]
-        mu_pre = q.mean(axis=0)  # [n_head, d]
+        mu_pre = q.mean(axis=0, dtype=np.float64)  # [n_head, d]
         mu = mu_pre @ R.T
         if self.use_covariance:
             # Sigma' = R C^T C R^T / n with C the centred queries, so k^T Sigma' k = |C R^T k|^2 / n:
             # O(T n d) per head while the window n <= d, else Sigma' (d x d) once and O(T d^2)
-            c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)  # [n_head, d, n]
+            if n <= d:
+                c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)  # [n_head, d, n]
+            else:  # float32 for the big products (the scores need ~1e-6, not 1e-15)
+                cen = (q - mu_pre).astype(np.float32).transpose(1, 0, 2)  # [n_head, n, d]
+                Rf = R.astype(np.float32)
+                sigma_all = Rf @ (cen.transpose(0, 2, 1) @ cen) @ Rf.T  # [n_head, d, d], times n
         k = np.asarray(k, dtype=np.float64)  # [T, Hkv, d]
         Hkv = k.shape[1]
         G = q.shape[1] // Hkv
@@ -96,8 +104,9 @@ class ExpectedAttention:
                     proj = K[None] @ c[heads]  # [G, T, n]
                     logits += np.einsum("gtw,gtw->gt", proj, proj) / (n * 2 * d)
                 else:  # a long window: Sigma' itself, O(T d^2) instead of O(T n d)
-                    sigma = c[heads] @ c[heads].transpose(0, 2, 1)  # [G, d, d], times n
-                    logits += np.einsum("gte,te->gt", K[None] @ sigma, K) / (n * 2 * d)
+                    Kf = K.astype(np.float32)
+                    quad = ((Kf[None] @ sigma_all[heads]) * Kf[None]).sum(axis=-1)  # [G, T]
+                    logits += quad.astype(np.float64) / (n * 2 * d)
             p = np.zeros((G, T))
             p[:, s0:] = softmax_rows(logits[:, s0:])
             out[kv] = p.mean(axis=0)

@@ -75,21 +75,22 @@ def _pair_view(x: np.ndarray, layer: LayerInfo) -> tuple[np.ndarray, np.ndarray]
     return pairs[..., 0, :], pairs[..., 1, :]
 
 
-def rope_rotate(x: np.ndarray, positions, layer: LayerInfo, inverse: bool = False) -> np.ndarray:
+def rope_rotate(x: np.ndarray, positions, layer: LayerInfo, inverse: bool = False, dtype=np.float64) -> np.ndarray:
     """Rotate ``x`` [..., d] as llama.cpp does at ``positions`` (or undo it with ``inverse``).
 
     ``positions`` index the leading axes of ``x``: a scalar, [N] for x [N, ..., d], [N, M] for
-    x [N, M, ..., d], ...; they broadcast over the remaining ones. Returns a new float64 array.
+    x [N, M, ..., d], ...; they broadcast over the remaining ones. Returns a new array of ``dtype``
+    (the angles are always computed in float64).
     """
-    x = np.asarray(x, dtype=np.float64)
-    out = np.array(x, dtype=np.float64, order="C")
+    x = np.asarray(x, dtype=dtype)
+    out = np.array(x, dtype=dtype, order="C")
     F = n_freqs(layer)
     if F == 0:
         return out
     theta = _lead(positions, x.ndim)[..., None] * rope_omega(layer)  # [..., F]
     if inverse:
         theta = -theta
-    c, s = np.cos(theta), np.sin(theta)
+    c, s = np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
     x0, x1 = _pair_view(np.ascontiguousarray(x), layer)
     o0, o1 = _pair_view(out, layer)
     o0[...] = x0 * c - x1 * s
