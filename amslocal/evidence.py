@@ -20,7 +20,7 @@ import numpy as np
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def attention_rows(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int, out: np.ndarray
 ) -> None:
@@ -31,23 +31,25 @@ def attention_rows(
     no token). Key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window
     n_swa > 0, q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window). out: [W, H_kv, n]
     float32, overwritten; masked keys get exactly 0. Float32 like the graph's softmax; the dot
-    products are fused here rather than one BLAS call per head, whose threads would compete with
-    llama.cpp's for the same cores.
+    products are fused here rather than one BLAS call per head. Queries run in parallel (each
+    writes its own out[t]): at the event llama.cpp's threads are idle.
     """
     W, n_head, d = q.shape
     n, H, _ = k.shape
     G = n_head // H
     sc = np.float32(scale)
-    buf = np.empty(n, dtype=np.float32)
-    visible = np.empty(n, dtype=np.bool_)
-    out[:] = 0.0
-    for t in range(W):
+    for t in numba.prange(W):
+        buf = np.empty(n, dtype=np.float32)
+        visible = np.empty(n, dtype=np.bool_)
         p = q_pos[t]
         any_visible = False
         for j in range(n):
             kp = k_pos[j]
             visible[j] = kp >= 0 and kp <= p and (n_swa <= 0 or p - kp < n_swa)
             any_visible = any_visible or visible[j]
+        for h in range(H):
+            for j in range(n):
+                out[t, h, j] = 0.0
         if not any_visible:
             continue  # cannot happen for a real query (it sees itself); its row stays 0
         for hq in range(n_head):
@@ -70,9 +72,8 @@ def attention_rows(
                 buf[j] = e
                 total += e
             inv = np.float32(1.0) / total
-            acc = out[t, h]
             for j in range(n):
-                acc[j] += buf[j] * inv
+                out[t, h, j] += buf[j] * inv
 
 
 def attention_rows_ref(
