@@ -256,11 +256,9 @@ def _controller_state(s) -> dict:
         "stats": ses.stats.as_dict(),
         "messages": s.messages,
     }
-    sel = ses.selector
-    if hasattr(sel, "credit"):  # AMS on one token set: one credit keyed by position
-        state["credit_pos"], state["credit"] = sel.credit.positions.tolist(), sel.credit.credit.tolist()
-    else:  # per-row token sets: each row's credit, and which token every row of every cell holds
-        state["selector"] = {k: v.tolist() for k, v in sel.state_dict().items()}
+    # the selector's own state (AMS credit: one row, a row per (layer, KV head), or a row per row)
+    state["selector"] = {k: v.tolist() for k, v in ses.selector.state_dict().items()}
+    if ses.config.granularity != "token":  # which token every row of every cell holds
         state["rows"] = view.row_positions(ses.layers, cells).tolist()
     for il in ses.layers:
         state[f"evidence_{il}"] = view.evidence[il][:, cells].tolist()

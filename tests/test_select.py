@@ -332,3 +332,36 @@ def test_aggregate_non_finite():
     assert np.isfinite(aggregate(s, "rank")).all()
     with pytest.raises(ValueError):
         aggregate(s, "median")
+
+
+def test_rows_credit_equals_one_credit_state_per_row():
+    """RowsCreditState (every row in one sorted array) behaves as R independent CreditStates."""
+    from amslocal.select.mass import CreditState, RowsCreditState
+
+    rng = np.random.default_rng(5)
+    R, T, B = 4, 12, 7
+    flat = RowsCreditState(0.8, 0.7)
+    ref = [CreditState(0.8, 0.7) for _ in range(R)]
+    pos = np.stack([np.sort(rng.choice(40, T, replace=False)) for _ in range(R)])
+    for event in range(5):
+        mass = rng.random((R, T))
+        used = flat.mix(pos, mass)
+        want = np.stack([c.mix(pos[r], mass[r]) for r, c in enumerate(ref)])
+        np.testing.assert_allclose(used, want, rtol=1e-12)
+        kept = np.stack([np.sort(rng.choice(pos[r], B, replace=False)) for r in range(R)])
+        flat.keep(kept)
+        for r, c in enumerate(ref):
+            c.keep(kept[r])
+        if event == 2:  # compaction: each row's tokens move to 0..B-1
+            new = np.tile(np.arange(B), (R, 1))
+            flat.remap(kept, new)
+            for r, c in enumerate(ref):
+                c.remap(kept[r], new[r])
+            kept = new
+        for r, c in enumerate(ref):
+            p, v = flat.row(r)
+            np.testing.assert_array_equal(p, c.positions)
+            np.testing.assert_allclose(v, c.credit)
+        new_range = np.arange(100 + 50 * event, 140 + 50 * event)  # unseen positions
+        fresh = np.stack([np.sort(rng.choice(new_range, T - B, replace=False)) for _ in range(R)])
+        pos = np.sort(np.concatenate([kept, fresh], axis=1), axis=1)

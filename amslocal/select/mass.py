@@ -228,3 +228,83 @@ class RowCreditState(CreditState):
         credit = self.decay * self.credit_at(pos, m.shape[0]) + (1.0 - self.decay) * m
         self.positions, self.credit = pos.copy(), credit
         return to_mass_rows(self.mix_beta * m + (1.0 - self.mix_beta) * to_mass_rows(credit))
+
+
+_ROW_KEY = 1 << 40  # row r's position p is keyed r * _ROW_KEY + p: one sorted array for every row
+
+
+@dataclass
+class RowsCreditState:
+    """One :class:`CreditState` per row, each keyed by the positions *that row* holds (per-row token
+    sets), kept as one flat array sorted by (row, position), so every row is updated at once.
+
+    ``mix`` takes [R, T] positions (ascending within each row) and masses; ``keep`` takes the kept
+    positions of every row. Row r behaves exactly as a :class:`CreditState` of its own.
+    """
+
+    decay: float = 0.8
+    mix_beta: float = 0.7
+    rows: int = 0
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    credit: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def reset(self) -> None:
+        self.rows = 0
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.credit = np.zeros(0)
+
+    @staticmethod
+    def _keys(positions: np.ndarray) -> np.ndarray:
+        pos = np.asarray(positions, dtype=np.int64)
+        return (np.arange(pos.shape[0], dtype=np.int64)[:, None] * _ROW_KEY + pos).ravel()
+
+    def credit_at(self, positions: np.ndarray) -> np.ndarray:
+        """[R, T] credit of each row's ``positions`` (0 for tokens that row does not hold)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        q = self._keys(pos)
+        out = np.zeros(q.shape[0])
+        if self.keys.size and q.size and self.rows == pos.shape[0]:
+            i = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+            hit = self.keys[i] == q
+            out[hit] = self.credit[i[hit]]
+        return out.reshape(pos.shape)
+
+    def mix(self, positions: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Step 2 on every row: [R, T] positions and masses in, the [R, T] mass to segment by out."""
+        pos = np.asarray(positions, dtype=np.int64)
+        m = to_mass_rows(mass)
+        credit = self.decay * self.credit_at(pos) + (1.0 - self.decay) * m
+        self.rows, self.keys, self.credit = pos.shape[0], self._keys(pos), credit.ravel()
+        return to_mass_rows(self.mix_beta * m + (1.0 - self.mix_beta) * to_mass_rows(credit))
+
+    def keep(self, kept_positions: np.ndarray) -> None:
+        """Keep only each row's ``kept_positions`` [R, B] (after the event)."""
+        kept = np.asarray(kept_positions, dtype=np.int64)
+        if self.rows and kept.shape[0] != self.rows:
+            raise ValueError(f"{kept.shape[0]} rows kept, {self.rows} held")
+        sel = np.isin(self.keys, self._keys(kept))
+        self.keys, self.credit = self.keys[sel], self.credit[sel]
+        self.rows = kept.shape[0]
+
+    def remap(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
+        """Row r's token ``old_positions[r, i]`` now sits at ``new_positions[r, i]`` (compaction)."""
+        old, new = self._keys(old_positions), self._keys(new_positions)
+        if old.shape != new.shape:
+            raise ValueError("old_positions and new_positions differ in shape")
+        keys = self.keys.copy()
+        if old.size and keys.size:
+            order = np.argsort(old, kind="stable")
+            o, n = old[order], new[order]
+            i = np.minimum(np.searchsorted(o, keys), o.size - 1)
+            hit = o[i] == keys
+            keys[hit] = n[i[hit]]
+        order = np.argsort(keys, kind="stable")
+        keys, credit = keys[order], self.credit[order]
+        if keys.size > 1 and (np.diff(keys) == 0).any():
+            raise ValueError("two tokens mapped onto one position")
+        self.keys, self.credit = keys, credit
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, credit) that row ``r`` holds (save files, tests)."""
+        lo, hi = np.searchsorted(self.keys, [r * _ROW_KEY, (r + 1) * _ROW_KEY])
+        return self.keys[lo:hi] - r * _ROW_KEY, self.credit[lo:hi]

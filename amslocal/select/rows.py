@@ -21,7 +21,7 @@ import numpy as np
 
 from .ams import AMSParams
 from .kernels import row_keep
-from .mass import CreditState, row_evidence_mass, to_mass_rows
+from .mass import _ROW_KEY, RowsCreditState, row_evidence_mass, to_mass_rows
 
 
 def _checked(
@@ -103,7 +103,7 @@ class RowAMSSelector:
     name: ClassVar[str] = "row-ams"
 
     def __post_init__(self) -> None:
-        self.credits: list[CreditState] = []
+        self.credit = RowsCreditState(self.params.credit_decay, self.params.credit_mix)
 
     def select_rows(
         self,
@@ -121,16 +121,15 @@ class RowAMSSelector:
         s_r = np.ascontiguousarray(np.take_along_axis(s, order, axis=1))
         pos_r = np.take_along_axis(pos, order, axis=1)
         prot_r = np.ascontiguousarray(prot[order])
-        if len(self.credits) != R:
-            self.credits = [CreditState(p.credit_decay, p.credit_mix) for _ in range(R)]
+        if self.credit.rows not in (0, R):
+            self.credit.reset()
         if row_mass is None:
             used = np.full((R, T), 1.0 / max(T, 1))
         else:
             m = np.nan_to_num(np.asarray(row_mass, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
             if m.shape != (R, T):
                 raise ValueError(f"row_mass must be [{R}, {T}], got shape {m.shape}")
-            m_r = to_mass_rows(np.take_along_axis(m, order, axis=1))
-            used = np.stack([c.mix(pos_r[r], m_r[r]) for r, c in enumerate(self.credits)])
+            used = self.credit.mix(pos_r, to_mass_rows(np.take_along_axis(m, order, axis=1)))
         kept_r = row_keep(
             s_r,
             np.ascontiguousarray(used),
@@ -141,18 +140,17 @@ class RowAMSSelector:
             int(p.max_seg_len),
             int(p.min_keep_per_segment),
         )
-        for r, c in enumerate(self.credits):
-            c.keep(pos_r[r][kept_r[r]])
+        self.credit.keep(pos_r[kept_r].reshape(R, keep))  # each row keeps exactly ``keep``, ascending
         return np.take_along_axis(kept_r, inverse, axis=1)
 
     def reset(self) -> None:
         """Forget the credit (a new sequence)."""
-        self.credits = []
+        self.credit.reset()
 
     def remap_rows(self, old_positions: np.ndarray, new_positions: np.ndarray) -> None:
         """Row r's token ``old_positions[r, i]`` now sits at ``new_positions[r, i]`` (compaction)."""
-        for r, c in enumerate(self.credits):
-            c.remap(old_positions[r], new_positions[r])
+        if self.credit.rows:
+            self.credit.remap(old_positions, new_positions)
 
     def evidence_mass(self, attn: np.ndarray, n_queries: int, group: int, window_mask: np.ndarray) -> np.ndarray:
         """The mass each row segments by: [R, T] (see :func:`.mass.row_evidence_mass`)."""
@@ -160,25 +158,27 @@ class RowAMSSelector:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The credit of every row, flattened (row lengths in ``credit_len``), for save files."""
-        if not self.credits:
+        if not self.credit.rows:
             return {}
+        rows = [self.credit.row(r) for r in range(self.credit.rows)]
         return {
-            "credit_len": np.array([c.positions.size for c in self.credits], dtype=np.int64),
-            "credit_pos": np.concatenate([c.positions for c in self.credits]).astype(np.int64),
-            "credit_val": np.concatenate([c.credit for c in self.credits]).astype(np.float64),
+            "credit_len": np.array([p.size for p, _ in rows], dtype=np.int64),
+            "credit_pos": np.concatenate([p for p, _ in rows]).astype(np.int64),
+            "credit_val": np.concatenate([c for _, c in rows]).astype(np.float64),
         }
 
     def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict` output."""
-        self.credits = []
+        self.credit.reset()
         if "credit_len" not in arrays:
             return
-        ends = np.cumsum(arrays["credit_len"])
-        for a, z in zip(np.concatenate([[0], ends[:-1]]), ends):
-            c = CreditState(self.params.credit_decay, self.params.credit_mix)
-            c.positions = arrays["credit_pos"][a:z].astype(np.int64).copy()
-            c.credit = arrays["credit_val"][a:z].astype(np.float64).copy()
-            self.credits.append(c)
+        lens = arrays["credit_len"].astype(np.int64)
+        rows = np.repeat(np.arange(lens.size, dtype=np.int64), lens)
+        keys = rows * _ROW_KEY + arrays["credit_pos"].astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.credit.rows = int(lens.size)
+        self.credit.keys = keys[order]
+        self.credit.credit = arrays["credit_val"].astype(np.float64)[order]
 
 
 def place_rows(
