@@ -59,7 +59,7 @@ class Engine:
         model_path: Union[str, os.PathLike, None] = None,
         *,
         n_threads: int = 0,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: Optional[int] = None,
         flash_attn: str = "auto",
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
@@ -67,11 +67,12 @@ class Engine:
     ):
         """Load ``model_path`` (None: the default model), after checking the GGUF file.
 
-        ``n_threads`` 0 uses every core. ``flash_attn`` is auto | on | off; a quantized V cache
+        ``n_threads`` 0 uses every core. ``n_gpu_layers``: layers offloaded to the GPU (-1 = all; None:
+        $AMSLOCAL_N_GPU_LAYERS, else all on a GPU build). ``flash_attn`` is auto | on | off; a quantized V cache
         (``cache_type_v`` q8_0 / q4_0) needs it on. Raises :class:`AmsError` for a missing, damaged
         or unsupported model.
         """
-        self.model: Model = load_model(model_path)
+        self.model: Model = load_model(model_path, n_gpu_layers=n_gpu_layers)
         self.n_threads = n_threads
         self.flash_attn = flash_attn
         self.cache_type_k = cache_type_k

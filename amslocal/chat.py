@@ -543,6 +543,8 @@ class ChatSession:
         The first call starts with BOS when the model wants it; later calls continue where the
         last one stopped, under the same budget. A session holds either a chat or raw text.
         """
+        if self._busy.locked():  # busy first: the mode may be about to change under this call
+            raise SessionBusyError("the session is busy with another call (use one thread per session at a time)")
         if self._mode == "chat":
             raise ChatError("this session holds a chat; clear() it before generate()")
         self._cancel.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
@@ -17,7 +18,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_KEEP_LAST, DEFAULT_N_SINK
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, AmsError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, AmsError
 
 PROG = "amslocal"
 # click >= 8.2 raises this for a bare group; older click prints the help and exits 0 itself
@@ -72,6 +73,14 @@ def main() -> None:
     """Run GGUF models locally with a KV cache that stays inside a fixed token budget."""
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop generating, as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of -p/--prompt or --prompt-file")
@@ -79,7 +88,12 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
         return prompt
     assert prompt_file is not None
     if prompt_file == "-":
-        return sys.stdin.read()
+        if sys.stdin is None or sys.stdin.closed:
+            raise click.UsageError("--prompt-file -: standard input is closed")
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise click.UsageError(f"--prompt-file -: standard input is not UTF-8 text ({exc.reason})") from None
     from .models import read_text_file
 
     return read_text_file(prompt_file, what="prompt file")
@@ -180,6 +194,14 @@ _runtime_options = _options(
         help="A quantized V cache needs --flash-attn on.",
     ),
     click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores."),
+    click.option(
+        "-ngl",
+        "--n-gpu-layers",
+        "n_gpu_layers",
+        type=click.IntRange(min=-1),
+        default=None,
+        help="Layers to offload to the GPU (-1 = all) [default: all on a GPU build, $AMSLOCAL_N_GPU_LAYERS].",
+    ),
 )
 
 
@@ -240,6 +262,7 @@ def _generate(
     cache_type_k: str,
     cache_type_v: str,
     threads: int,
+    n_gpu_layers: Optional[int],
     ignore_eos: bool,
     stats_json: Optional[str],
     verbose: bool,
@@ -256,7 +279,7 @@ def _generate(
     from .engine import TextStream
     from .session import CompressionConfig, Session
 
-    llm = load_model(path, validate=False)
+    llm = load_model(path, validate=False, n_gpu_layers=n_gpu_layers)
     tokens = llm.tokenize(text, add_special=True, parse_special=False)
     if not tokens:
         raise click.ClickException("the prompt is empty")
@@ -300,25 +323,38 @@ def _generate(
     out = sys.stdout
     if hasattr(out, "reconfigure"):  # a non-UTF-8 terminal gets "?" for what it cannot show, not a crash
         out.reconfigure(errors="replace")
+    last = ""  # the end of what was written, so the text can end with a newline
+    interrupted: Optional[str] = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM stops like Ctrl-C
     try:
         for tok in session.generate(tokens, max_tokens, ignore_eos=ignore_eos):
             piece = stream.push(tok)
             if piece:
                 out.write(piece)
                 out.flush()
-    except KeyboardInterrupt:
-        out.write(stream.flush())
-        out.flush()
-        _fail("interrupted", EXIT_INTERRUPTED)
+                last = piece
+    except (KeyboardInterrupt, _Terminated) as exc:
+        interrupted = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
     except BrokenPipeError:
         # The reader went away (`| head`): point stdout at /dev/null so the exit flush cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
-    out.write(stream.flush())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    tail = stream.flush()
+    last = tail or last
+    if last and not last.endswith("\n"):  # the stats line and the shell prompt go on their own line
+        tail += "\n"
+    out.write(tail)
     out.flush()
 
     st = session.stats
-    if budget is None and st.generated_tokens < max_tokens and len(tokens) + st.generated_tokens >= n_ctx:
+    if (
+        interrupted is None
+        and budget is None
+        and st.generated_tokens < max_tokens
+        and len(tokens) + st.generated_tokens >= n_ctx
+    ):
         _say(
             f"note: stopped after {st.generated_tokens} tokens at the context limit ({n_ctx}); "
             "raise --ctx-size or set a --budget"
@@ -326,8 +362,11 @@ def _generate(
     if stats_json:
         import json
 
+        stats = st.as_dict()
+        if interrupted:
+            stats["interrupted"] = interrupted
         try:
-            Path(stats_json).write_text(json.dumps(st.as_dict(), indent=2) + "\n")
+            Path(stats_json).write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as exc:
             raise click.ClickException(f"cannot write --stats-json {stats_json}: {exc.strerror}") from None
     if verbose:
@@ -335,7 +374,10 @@ def _generate(
             f"prompt {st.prompt_tokens} tok, prefill {st.prefill_tok_per_s:.1f} tok/s; "
             f"generated {st.generated_tokens} tok, decode {st.decode_tok_per_s:.1f} tok/s; "
             f"cells peak {st.kv_cells_peak}, compressions {st.compressions} ({st.compress_ms_total:.0f} ms)"
+            + (f"; interrupted ({interrupted})" if interrupted else "")
         )
+    if interrupted:
+        _fail("interrupted", EXIT_TERMINATED if interrupted == "SIGTERM" else EXIT_INTERRUPTED)
 
 
 @main.command()
@@ -465,9 +507,12 @@ def _chat(
     cache_type_k: str,
     cache_type_v: str,
     threads: int,
+    n_gpu_layers: Optional[int],
     quiet: bool,
     ignore_eos: bool,
 ) -> int:
+    if sys.stdin is None or sys.stdin.closed:
+        raise click.UsageError("standard input is closed: amslocal chat reads your messages from it")
     parsed = _parse_budget(budget)
     template = _read_chat_template(chat_template)
     from .models import check_compressible, check_request
@@ -481,7 +526,12 @@ def _chat(
     from .api import Engine
 
     engine = Engine(
-        path, n_threads=threads, flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v
+        path,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
     )
     n_train = engine.model.n_ctx_train
     if parsed is None:  # the default: 1024, or what a short trained context allows

@@ -39,6 +39,15 @@ def say(message: str) -> None:
     click.echo(f"{PROG}: {' '.join(str(message).split())}", err=True)
 
 
+def _clean(line: str) -> str:
+    """A line as valid text: bytes that are not UTF-8 (kept by Python as surrogates) become U+FFFD,
+    so one bad line costs that line's odd characters, not the session."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return line.encode("utf-8", "replace").decode("utf-8")
+
+
 def scorer_names() -> list[str]:
     from .scorers import SCORERS  # pure Python (no backend)
 
@@ -55,6 +64,7 @@ class ChatUI:
         self.interactive = sys.stdin.isatty()
         self.progress_tty = sys.stderr.isatty()
         self.pending: list[str] = []  # texts from /read, for the next message
+        self.failures = 0  # messages and commands that failed (piped chat exits 1 if any did)
         self.out = sys.stdout
         if hasattr(self.out, "reconfigure"):
             self.out.reconfigure(errors="replace")
@@ -74,6 +84,7 @@ class ChatUI:
         return dump
 
     def error(self, message: str) -> None:
+        self.failures += 1
         say(f"error: {message}")
 
     def info(self, message: str) -> None:
@@ -84,9 +95,9 @@ class ChatUI:
     def read_line(self) -> Optional[str]:
         """One message or command (None at the end of input); a trailing backslash continues."""
         try:
-            line = input(">>> " if self.interactive else "")
+            line = _clean(input(">>> " if self.interactive else ""))
             while line.endswith("\\"):
-                line = line[:-1] + "\n" + input("... " if self.interactive else "")
+                line = line[:-1] + "\n" + _clean(input("... " if self.interactive else ""))
         except EOFError:
             if self.interactive:
                 click.echo("")
@@ -101,11 +112,11 @@ class ChatUI:
                 click.echo("")
                 return EXIT_INTERRUPTED
             if line is None:
-                return 0
+                return self.finish()
             text = line.strip()
             if text.startswith("/") and not text.startswith("//"):
                 if self.command(text) == "exit":
-                    return 0
+                    return self.finish()
                 continue
             if text.startswith("//"):
                 line = line.lstrip()[1:]
@@ -114,6 +125,17 @@ class ChatUI:
                 continue
             self.pending = []
             self.reply(message)
+
+    def finish(self) -> int:
+        """The exit status at the end of input or /exit: piped input that had a failing message or
+        command exits 1 (and says so), so a script sees it."""
+        if self.failures and not self.interactive:
+            say(
+                f"{self.failures} message{'s' if self.failures != 1 else ''} or command"
+                f"{'s' if self.failures != 1 else ''} failed"
+            )
+            return 1
+        return 0
 
     # --- a reply ----------------------------------------------------------------------------
 
@@ -180,7 +202,9 @@ class ChatUI:
             "context_full": ", context full",
             "cancelled_reading": ", stopped while reading (the message was cut to what was read)",
         }.get(t.stop, "")
-        say(f"{t.reply_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s, {cells}, {st.compressions} compressions{note}")
+        n = st.compressions
+        events = f"{n} compression{'s' if n != 1 else ''}"
+        say(f"{t.reply_tokens} tokens, {t.decode_tok_per_s:.1f} tok/s, {cells}, {events}{note}")
 
     # --- slash commands ---------------------------------------------------------------------
 

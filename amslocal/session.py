@@ -6,8 +6,9 @@ the rest with ``seq_rm`` and, when asked or when positions would pass the model'
 compacts positions with ``seq_add``. A prompt longer than the cache is prefilled in chunks with
 compression between chunks, so memory is bounded from the first token.
 
-Evidence is observed only over the ``window`` queries before a scheduled compression (the side
-branch costs nothing in between), except for scorers that need every step (H2O).
+Evidence is observed only over the ``window`` queries before a scheduled compression, except for
+scorers that need every step (H2O); observing a step captures its queries, and their attention is
+computed once, at the event (see :mod:`amslocal.cache`), so decoding between events costs nothing.
 """
 
 from __future__ import annotations

@@ -14,5 +14,5 @@ for iv in 128 32; do
     run "smollm2-tova-vs-streaming-i$iv" --model $SMOL --depths 512 --interval $iv --n-gen 512 --rounds 3 --methods streaming,ams-tova
     run "qwen-tova-vs-streaming-i$iv" --model $QWEN --depths 512 --interval $iv --n-gen 384 --rounds 3 --methods streaming,ams-tova
 done
-run smollm2-every-scorer-i128 --model $SMOL --depths 512 --interval 128 --n-gen 256 --rounds 1
+run smollm2-every-scorer-i128 --model $SMOL --depths 512 --interval 128 --n-gen 256 --rounds 2
 run smollm2-default-d4096 --model $SMOL --depths 4096 --interval 128 --n-gen 256 --rounds 3 --methods ams-rkv

@@ -39,10 +39,11 @@ N_GPU_LAYERS_ENV = "AMSLOCAL_N_GPU_LAYERS"
 
 
 def gpu_layers_from_env() -> int:
-    """Layers to offload when the caller does not say: $AMSLOCAL_N_GPU_LAYERS (-1 = all), else 0."""
+    """Layers to offload when the caller does not say: $AMSLOCAL_N_GPU_LAYERS (-1 = all), else all
+    of them when the library was built with a GPU backend (CUDA, Metal, ...), as llama.cpp does."""
     raw = os.environ.get(N_GPU_LAYERS_ENV, "").strip()
     if not raw:
-        return 0
+        return -1 if llama.llama_supports_gpu_offload() else 0
     try:
         return int(raw)
     except ValueError:

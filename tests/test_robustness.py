@@ -1,0 +1,200 @@
+"""Everyday robustness (issue 13): interrupted runs keep their results, bad input lines and a closed
+stdin cost one line, piped chat reports failures in its exit status, and a busy session says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_cli_errors import assert_one_line_error, run_cli
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_generate_interrupted_keeps_stats_and_ends_the_line(tiny_gguf, tmp_path, sig, code):
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "amslocal",
+            "generate",
+            str(tiny_gguf),
+            "-p",
+            "Once upon a time",
+            "-n",
+            "1000000",
+            "--ignore-eos",
+            "--budget",
+            "64",
+            "--interval",
+            "16",
+            "-t",
+            "1",
+            "--stats-json",
+            str(stats),
+            "-v",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=ROOT,
+    )
+    first = proc.stdout.read(20)  # generating now
+    assert first
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == code, err
+    assert (first + out).endswith(b"\n")
+    assert "Traceback" not in err
+    data = json.loads(stats.read_text())
+    assert data["interrupted"] == signal.Signals(sig).name and data["generated_tokens"] > 0
+    assert f"interrupted ({signal.Signals(sig).name})" in err  # the -v line
+    assert err.strip().splitlines()[-1] == "amslocal: error: interrupted"
+
+
+def test_generate_output_ends_with_a_newline(tiny_gguf):
+    proc = run_cli("generate", str(tiny_gguf), "-p", "Hello", "-n", "5", "--ignore-eos", "-t", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n")
+
+
+def test_a_non_utf8_line_in_piped_chat_keeps_the_session(tiny_gguf):
+    stdin = b"hello \xff\xfe there\n/stats\nand again\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "amslocal", "chat", str(tiny_gguf), "-n", "4", "-t", "1", "--temp", "0", "-q"],
+        input=stdin,
+        capture_output=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "internal error" not in err and "Traceback" not in err
+    assert "messages" in proc.stdout.decode()  # /stats ran after the bad line: the session went on
+
+
+def _closed_stdin():
+    os.close(0)
+
+
+@pytest.mark.parametrize("args", [["chat"], ["generate", "--prompt-file", "-"]])
+def test_closed_stdin_is_one_line(tiny_gguf, args):
+    cmd, *rest = args
+    proc = subprocess.run(
+        [sys.executable, "-m", "amslocal", cmd, str(tiny_gguf), *rest],
+        stdin=None,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=60,
+        preexec_fn=_closed_stdin,
+    )
+    assert_one_line_error(proc, "standard input is closed", 2)
+
+
+def test_piped_chat_exits_1_after_a_failed_command(tiny_gguf, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "amslocal", "chat", str(tiny_gguf), "-n", "4", "-t", "1", "-q"],
+        input=f"/load {tmp_path / 'missing.chat'}\nhello\n",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "amslocal: 1 message or command failed"
+
+
+def test_status_line_counts_in_words():
+    from amslocal.repl import ChatUI
+
+    lines = []
+    ui = ChatUI.__new__(ChatUI)
+    ui.quiet = False
+    stats = types.SimpleNamespace(compressions=1)
+    turn = types.SimpleNamespace(reply_tokens=3, decode_tok_per_s=10.0, stop="eog")
+    cfg = types.SimpleNamespace(budget=64, interval=16)
+    ui.session = types.SimpleNamespace(last_turn=turn, stats=stats, config=cfg, cells_used=40)
+    import amslocal.repl as repl
+
+    saved = repl.say
+    repl.say = lines.append
+    try:
+        ui.status()
+        stats.compressions = 2
+        ui.status()
+    finally:
+        repl.say = saved
+    assert "1 compression" in lines[0] and "1 compressions" not in lines[0]
+    assert "2 compressions" in lines[1]
+
+
+def test_generate_on_a_busy_session_is_busy(tiny_model):
+    from amslocal.api import Engine
+    from amslocal.errors import SessionBusyError
+
+    engine = Engine(tiny_model.path, n_threads=1)
+    s = engine.session(budget=64, interval=16, max_tokens=100000, temperature=0.0)
+    started = threading.Event()
+
+    def work():
+        for _ in s.chat("tell me everything", ignore_eos=True):
+            started.set()
+
+    t = threading.Thread(target=work)
+    t.start()
+    assert started.wait(60)
+    try:
+        with pytest.raises(SessionBusyError):
+            s.generate("more text", stream=False)
+    finally:
+        s.cancel()
+        t.join(60)
+        engine.close()
+
+
+def test_a_save_file_without_its_kv_state_is_refused_by_name(tmp_path):
+    import hashlib
+    import io
+
+    from amslocal import savefile
+    from amslocal.errors import SaveFileError
+
+    buf = io.BytesIO()
+    doc = json.dumps({"format": savefile.FORMAT, "version": savefile.SAVE_VERSION}).encode()
+    np.savez(buf, doc=np.frombuffer(doc, dtype=np.uint8))
+    payload = buf.getvalue()
+    data = (
+        savefile._HEADER.pack(
+            savefile.SAVE_MAGIC, savefile.SAVE_VERSION, len(payload), hashlib.sha256(payload).digest()
+        )
+        + payload
+    )
+    with pytest.raises(SaveFileError, match="holds no KV cache state"):
+        savefile.unpack(data, "x.chat")
+
+
+def test_gpu_offload_is_an_option_not_a_model_name(tiny_gguf):
+    """-ngl N (llama.cpp's spelling) is parsed as an option; on a CPU build any N runs on the CPU."""
+    proc = run_cli("generate", "-ngl", "99", str(tiny_gguf), "-p", "Hi", "-n", "2", "-t", "1")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("generate", str(tiny_gguf), "-ngl", "-2", "-p", "Hi")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
