@@ -77,8 +77,13 @@ def calibrate(
     max_tokens: int = 2048,
     self_tokens: int = 1024,
     progress: Optional[Callable[[int, int], None]] = None,
+    sampling: Optional[Callable[[int, int], None]] = None,
+    n_threads: int = 0,
 ) -> Path:
-    """Measure and store the query statistics of a model; returns the file written."""
+    """Measure and store the query statistics of a model; returns the file written.
+
+    ``sampling(done, total)`` follows the self-generated text (when no ``text`` is given),
+    ``progress(done, total)`` the measuring pass; ``n_threads`` 0 uses every core."""
     from .backend import ContextParams, Model, SamplerParams
     from .engine import Generator
     from .scorers.rope import rope_rotate
@@ -88,9 +93,18 @@ def calibrate(
     n_batch = 256
     if text is None:
         # self-generated text: no data file to ship, and it is the model's own distribution
-        g = Generator(model, ContextParams(n_ctx=self_tokens + 256), SamplerParams(temp=1.0, seed=1234))
+        g = Generator(
+            model, ContextParams(n_ctx=self_tokens + 256, n_threads=n_threads), SamplerParams(temp=1.0, seed=1234)
+        )
         tokens = model.tokenize(SELF_TEXT_PROMPT)
-        tokens = tokens + list(g.generate(tokens, self_tokens, ignore_eos=True))
+        if sampling is not None:
+            sampling(0, self_tokens)
+        sampled: list[int] = []
+        for tok in g.generate(tokens, self_tokens, ignore_eos=True):
+            sampled.append(tok)
+            if sampling is not None and len(sampled) % 32 == 0:
+                sampling(len(sampled), self_tokens)
+        tokens = tokens + sampled
     else:
         tokens = model.tokenize(text)
     tokens = tokens[:max_tokens]
@@ -98,7 +112,9 @@ def calibrate(
         raise AmsError(f"calibration text is too short ({len(tokens)} tokens); give at least a few paragraphs")
 
     g = Generator(
-        model, ContextParams(n_ctx=len(tokens) + 16, n_batch=n_batch, n_ubatch=n_batch), SamplerParams(temp=0)
+        model,
+        ContextParams(n_ctx=len(tokens) + 16, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads),
+        SamplerParams(temp=0),
     )
     view = g.view
     layers = [il for il in view.kv_layers if view.layers[il].cache == 0]

@@ -81,6 +81,55 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
+def _clamp_threads(value: int) -> int:
+    """More threads than cores only slows llama.cpp down (its threads spin-wait on each other)."""
+    cores = os.cpu_count() or 1
+    if value > cores:
+        _say(f"note: -t {value} is more than this machine's {cores} cores; using {cores}")
+        return cores
+    return value
+
+
+def _check_kv_memory(facts: dict, n_ctx: int, type_k: str, type_v: str) -> None:
+    """Refuse a context whose KV cache cannot fit in this machine's memory, before allocating it."""
+    sizes = facts.get("kv_bytes_per_token") or {}
+    known = [sizes.get(t) for t in (type_k, type_v) if sizes.get(t)]  # K and V both at the larger type: an upper bound
+    per_token = max(known) if known else None
+    cache_type = type_k if type_k == type_v else f"{type_k}/{type_v}"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return
+    if per_token and per_token * n_ctx > 0.9 * total:
+        raise click.BadParameter(
+            f"a context of {n_ctx} cells needs {per_token * n_ctx / 2**30:.1f} GiB of KV cache ({cache_type}); "
+            f"this machine has {total / 2**30:.1f} GiB of memory",
+            param_hint="--ctx-size",
+        )
+
+
+def _model_option(f: Callable) -> Callable:
+    """``-m/--model FILE`` (llama.cpp's spelling) as well as the positional MODEL; see :func:`_merge_model`."""
+    return click.option(
+        "-m",
+        "--model",
+        "model_option",
+        metavar="GGUF",
+        default=None,
+        help="The model file (the same as the MODEL argument).",
+    )(f)
+
+
+def _merge_model(options: dict) -> dict:
+    """Fold ``-m`` into ``model``; both given (and different) is a usage error."""
+    opt = options.pop("model_option", None)
+    if opt is not None:
+        if options.get("model") is not None and options["model"] != opt:
+            raise click.UsageError(f"two models given: {options['model']} and -m {opt}")
+        options["model"] = opt
+    return options
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of -p/--prompt or --prompt-file")
@@ -193,7 +242,15 @@ _runtime_options = _options(
         show_default=True,
         help="A quantized V cache needs --flash-attn on.",
     ),
-    click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores."),
+    click.option(
+        "-t",
+        "--threads",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="0 = all cores.",
+        callback=lambda ctx, param, value: _clamp_threads(value),
+    ),
     click.option(
         "-ngl",
         "--n-gpu-layers",
@@ -207,6 +264,7 @@ _runtime_options = _options(
 
 @main.command()
 @click.argument("model", required=False)
+@_model_option
 @click.option("-p", "--prompt", help="Prompt text (raw; BOS is added if the model wants it).")
 @click.option("--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
 @click.option(
@@ -230,11 +288,11 @@ _runtime_options = _options(
 @click.option(
     "--stats-json", metavar="PATH", help="Write run statistics (tokens, speeds, cells, compressions) as JSON."
 )
-@click.option("-v", "--verbose", is_flag=True, help="Print a timing line to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Print llama.cpp's own log lines and a timing line to stderr.")
 def generate(**options: Any) -> None:
     """Generate text from MODEL (default: the bundled SmolLM2-135M) and stream it to stdout."""
     try:
-        _generate(**options)
+        _generate(**_merge_model(options))
     except KeyboardInterrupt:  # here, not in click, which would print a blank line first
         _fail("interrupted", EXIT_INTERRUPTED)
 
@@ -274,19 +332,18 @@ def _generate(
     # file, and with a budget whether the cache can be compressed and whether the budget can work.
     facts = check_request(model, budget=budget, positions=positions if budget is not None else None)
     path = Path(facts["path"])
+    _check_kv_memory(facts, ctx_size if budget is None else budget + interval, cache_type_k, cache_type_v)
     # Lazy: the backend import raises BackendMissingError on a stock llama.cpp build.
-    from .backend import ContextParams, SamplerParams
+    from .backend import ContextParams, SamplerParams, set_llama_log
     from .engine import TextStream
+
+    set_llama_log(verbose)  # llama.cpp's own lines only with -v
     from .session import CompressionConfig, Session
 
     llm = load_model(path, validate=False, n_gpu_layers=n_gpu_layers)
     tokens = llm.tokenize(text, add_special=True, parse_special=False)
     if not tokens:
         raise click.ClickException("the prompt is empty")
-    if budget is not None and budget > llm.n_ctx_train:
-        raise click.BadParameter(
-            f"the budget {budget} is above the model's trained context ({llm.n_ctx_train})", param_hint="--budget"
-        )
     config = CompressionConfig(
         budget=budget,
         interval=interval,
@@ -298,6 +355,7 @@ def _generate(
         granularity=granularity,
         aggregation=aggregation,
     )
+    config.validate(llm.n_ctx_train)  # the one check (config.py): budget, interval, trained context
     if budget is not None and scorer == "triattention":
         from .calibration import load_for_model
 
@@ -382,24 +440,40 @@ def _generate(
 
 @main.command()
 @click.argument("model", required=False)
+@_model_option
 @click.option(
     "--text", "text_file", metavar="FILE", help="Calibrate on this text (default: text the model samples itself)."
 )
 @click.option(
     "--max-tokens", type=click.IntRange(min=64), default=2048, show_default=True, help="Tokens of text to run at most."
 )
-def calibrate(model: Optional[str], text_file: Optional[str], max_tokens: int) -> None:
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="0 = all cores.",
+    callback=lambda ctx, param, value: _clamp_threads(value),
+)
+def calibrate(
+    model: Optional[str], model_option: Optional[str], text_file: Optional[str], max_tokens: int, threads: int
+) -> None:
     """Measure the query statistics TriAttention needs, once per model file."""
+    model = _merge_model({"model": model, "model_option": model_option})["model"]
     text = _read_prompt(None, text_file) if text_file else None
     from .models import resolve_model
 
     path = resolve_model(model)
     from .calibration import calibrate as run_calibration
 
-    def progress(done: int, total: int) -> None:
-        click.echo(f"\r{PROG}: calibrating {done}/{total} tokens", err=True, nl=False)
+    def sampling(done: int, total: int) -> None:
+        click.echo(f"\r{PROG}: sampling calibration text {done}/{total} tokens", err=True, nl=False)
 
-    out = run_calibration(path, text, max_tokens=max_tokens, progress=progress)
+    def progress(done: int, total: int) -> None:
+        click.echo(f"\r{PROG}: calibrating {done}/{total} tokens          ", err=True, nl=False)
+
+    out = run_calibration(path, text, max_tokens=max_tokens, progress=progress, sampling=sampling, n_threads=threads)
     click.echo("", err=True)
     _say(f"calibration of {path.name} written to {out}")
 
@@ -442,6 +516,7 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
 
 @main.command()
 @click.argument("model", required=False)
+@_model_option
 @click.option(
     "--budget",
     metavar="N|off",
@@ -475,11 +550,11 @@ def chat(**options: Any) -> None:
     """Chat with MODEL (default: the bundled SmolLM2-135M) under a KV cache budget.
 
     Replies stream to stdout; a status line (tokens, speed, cells / budget, compressions) follows
-    each reply on stderr. With piped input every line is one message and the command exits 0 at
-    the end of the input. Type /help in the chat for its commands.
+    each reply on stderr. With piped input every line is one message; at the end of the input the
+    command exits 0, or 1 if a message or command failed. Type /help in the chat for its commands.
     """
     try:
-        sys.exit(_chat(**options))
+        sys.exit(_chat(**_merge_model(options)))
     except KeyboardInterrupt:  # outside a reply (loading): the usual interrupted line
         _fail("interrupted", EXIT_INTERRUPTED)
 
@@ -523,6 +598,8 @@ def _chat(
     if compress and parsed is None:
         check_compressible(facts, positions=positions)
     path = Path(facts["path"])
+    if parsed == -1:  # a budget bounds the cache by itself
+        _check_kv_memory(facts, ctx_size, cache_type_k, cache_type_v)
     from .api import Engine
 
     engine = Engine(
@@ -583,8 +660,9 @@ def _chat(
 
 @main.command()
 @click.argument("model", required=False)
+@_model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
-def info(model: Optional[str], as_json: bool) -> None:
+def info(model: Optional[str], model_option: Optional[str], as_json: bool) -> None:
     """Show MODEL's architecture, sizes, KV bytes per token and whether its cache can be compressed.
 
     Reads the GGUF header only: fast, and works without the native backend.
@@ -592,6 +670,7 @@ def info(model: Optional[str], as_json: bool) -> None:
     from .info import format_info, model_info
     from .models import locate_model
 
+    model = _merge_model({"model": model, "model_option": model_option})["model"]
     facts = model_info(locate_model(model))
     if as_json:
         import json

@@ -76,7 +76,10 @@ def check_budget(
         raise BudgetError(f"the budget must be a positive number of tokens (got {budget})")
     floor = n_sink + keep_last + 1
     if budget < floor:
-        raise BudgetError(f"budget {budget} is too small: it must be at least n_sink + keep_last + 1 = {floor}")
+        raise BudgetError(
+            f"budget {budget} is too small: the smallest that works is {floor} (the first {n_sink} and the last "
+            f"{keep_last} tokens always stay, and one more must be chosen)"
+        )
     if n_ctx_train and budget > n_ctx_train:
         raise BudgetError(f"the budget {budget} is above the model's trained context ({n_ctx_train})")
     return budget
@@ -131,6 +134,11 @@ class CompressionConfig:
         self.budget = check_budget(self.budget, n_ctx_train, n_sink=self.n_sink, keep_last=self.keep_last)
         if self.interval < 1:
             raise BudgetError(f"interval must be at least 1 (got {self.interval})")
+        if n_ctx_train and self.budget + self.interval > n_ctx_train:
+            raise BudgetError(
+                f"budget {self.budget} + interval {self.interval} = {self.budget + self.interval} cells is above the "
+                f"model's trained context ({n_ctx_train}); lower --interval"
+            )
         if self.positions not in POSITIONS:
             raise BudgetError(f"positions must be keep or compact (got {self.positions})")
         if self.ams_variant not in AMS_VARIANTS:

@@ -242,7 +242,7 @@ def _need_wiring() -> None:
     [
         ("0", "the budget must be a positive number of tokens (got 0)"),
         ("-3", "the budget must be a positive number of tokens (got -3)"),
-        ("10", "budget 10 is too small: it must be at least n_sink + keep_last + 1 = 37"),
+        ("10", "budget 10 is too small: the smallest that works is 37"),
         ("5000", "the budget 5000 is above the model's trained context (4096)"),
         ("lots", "--budget"),
     ],

@@ -699,7 +699,12 @@ def test_missing_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     [
         (0, None, "the budget must be a positive number of tokens (got 0)"),
         (-5, None, "the budget must be a positive number of tokens (got -5)"),
-        (36, None, "budget 36 is too small: it must be at least n_sink + keep_last + 1 = 37"),
+        (
+            36,
+            None,
+            "budget 36 is too small: the smallest that works is 37 (the first 4 and the last 32 tokens always "
+            "stay, and one more must be chosen)",
+        ),
         (9000, 8192, "the budget 9000 is above the model's trained context (8192)"),
         ("abc", None, "the budget must be a whole number of tokens (got 'abc')"),
         (1.5, None, "the budget must be a whole number of tokens (got 1.5)"),
@@ -719,7 +724,7 @@ def test_good_budgets() -> None:
     assert check_budget(8192, 8192) == 8192  # the trained context itself
     assert check_budget("512", 8192) == 512 and check_budget(512.0) == 512
     assert check_budget(10, n_sink=2, keep_last=4) == 10
-    with pytest.raises(BudgetError, match="at least n_sink \\+ keep_last \\+ 1 = 7"):
+    with pytest.raises(BudgetError, match="the smallest that works is 7 \\(the first 2 and the last 4 tokens"):
         check_budget(6, n_sink=2, keep_last=4)
 
 

@@ -5,7 +5,17 @@ Importing this package checks, once, that the loaded library is the amslocal-pat
 
 from . import _ams_raw as ams
 from ._ams_raw import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES
-from .handles import FLASH_ATTN, KV_TYPES, Batch, Context, ContextParams, Model, Sampler, SamplerParams
+from .handles import (
+    FLASH_ATTN,
+    KV_TYPES,
+    Batch,
+    Context,
+    ContextParams,
+    Model,
+    Sampler,
+    SamplerParams,
+    set_llama_log,
+)
 
 __all__ = [
     "ams",
@@ -19,4 +29,5 @@ __all__ = [
     "Model",
     "Sampler",
     "SamplerParams",
+    "set_llama_log",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,13 +20,28 @@ from ..errors import DecodeError, ModelError
 from . import _ams_raw as ams
 from ._ams_raw import _llama as llama
 
-# quiet llama.cpp unless asked: library code never prints
-try:
-    from llama_cpp import _logger as _llama_logger
+# llama.cpp's own log lines (model loading, cache notes, warnings) go through this callback: hidden
+# unless asked for ($AMSLOCAL_VERBOSE, or set_llama_log(True), which `generate -v` does), because
+# library code never prints and every error the user sees is amslocal's one line
+_log = {"show": bool(os.environ.get("AMSLOCAL_VERBOSE"))}
 
-    _llama_logger.set_verbose(bool(os.environ.get("AMSLOCAL_VERBOSE")))
-except Exception:  # pragma: no cover - logging is a nicety, never a reason to fail
-    pass
+
+@llama.llama_log_callback
+def _llama_log(level: int, text: bytes, user_data) -> None:
+    if _log["show"]:
+        try:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 - a log line must never raise into llama.cpp
+            pass
+
+
+llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
+
+
+def set_llama_log(show: bool) -> None:
+    """Show (or hide, the default) llama.cpp's own log lines on stderr."""
+    _log["show"] = bool(show)
+
 
 llama.llama_backend_init()
 
@@ -174,9 +190,15 @@ class Context:
         cp.no_perf = True
         self._ptr = llama.llama_init_from_model(model.ptr, cp)
         if not self._ptr:
+            quantized_v = params.type_v not in ("f16", "f32", "bf16")
+            hint = (
+                "a quantized V cache needs --flash-attn on"
+                if quantized_v and params.flash_attn != "on"
+                else "too little memory for a context this size? lower --ctx-size"
+            )
             raise ModelError(
                 f"llama.cpp could not create a context (n_ctx={params.n_ctx}, K {params.type_k}, V {params.type_v}, "
-                f"flash attention {params.flash_attn}); a quantized V cache needs --flash-attn on"
+                f"flash attention {params.flash_attn}); {hint}"
             )
         self.memory = llama.llama_get_memory(self._ptr)
         self.n_ctx = llama.llama_n_ctx(self._ptr)
