@@ -42,7 +42,7 @@ import numpy as np
 from . import __version__, savefile
 from .backend import ContextParams, Model, SamplerParams
 from .engine import TextStream
-from .errors import AmsError, ChatError, SaveFileError, SessionBusyError, TemplateError
+from .errors import AmsError, ChatError, SaveFileError, SessionBusyError, TemplateError, UnknownScorerError
 from .session import BudgetError, CompressionConfig, Session, SessionStats
 from .templates import CHATML_TEMPLATE, ChatTemplate, StopFilter
 
@@ -146,7 +146,7 @@ class ChatSession:
         from .scorers import SCORERS
 
         if config.scorer not in SCORERS:
-            raise ChatError(f"unknown scorer {config.scorer}; choices: {', '.join(sorted(SCORERS))}")
+            raise UnknownScorerError(f"unknown scorer {config.scorer}; choices: {', '.join(sorted(SCORERS))}")
         if config.budget is not None and config.scorer == "triattention" and config.calibration is None:
             from .calibration import load_for_model
 
@@ -631,7 +631,7 @@ class ChatSession:
         from .scorers import SCORERS
 
         if name not in SCORERS:
-            raise ChatError(f"unknown scorer {name}; choices: {', '.join(sorted(SCORERS))}")
+            raise UnknownScorerError(f"unknown scorer {name}; choices: {', '.join(sorted(SCORERS))}")
         self._acquire()
         try:
             s = self.session

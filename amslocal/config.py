@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
-from .errors import BudgetError, OptionError
+from .errors import BudgetError, UnknownScorerError
 
 AMS_VARIANTS = ("mean", "peaked", "vote")
 POSITIONS = ("keep", "compact")
@@ -90,7 +90,7 @@ def check_scorer(name: str) -> str:
     from .scorers import SCORERS  # pure Python (no backend)
 
     if name not in SCORERS:
-        raise OptionError(f"unknown scorer {name!r}; choose one of: {', '.join(sorted(SCORERS))}")
+        raise UnknownScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(sorted(SCORERS))}")
     return name
 
 

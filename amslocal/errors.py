@@ -71,3 +71,9 @@ class SaveFileError(AmsError):
 
 class SessionBusyError(ChatError):
     """The session is serving another call (a session is used by one thread at a time)."""
+
+
+class UnknownScorerError(OptionError, ChatError, ValueError):
+    """A scorer name that is not registered. One type wherever the name comes from (a CLI flag, the
+    API, a chat's /scorer, the scorer registry): an :class:`OptionError` (exit code 2), a
+    :class:`ChatError` for chat callers and a ``ValueError`` for the registry's."""

@@ -285,6 +285,10 @@ class Session:
         self.gen.evict([p])
         self.gen.eval([tok], [p])
 
+    def truncate(self, end: int) -> None:
+        """Remove every token at position ``end`` and after (roll a full cache back)."""
+        self.gen.evict(range(end, self.gen.next_pos))
+
     def set_sampler(self, params: SamplerParams) -> None:
         """Sample from now on with ``params``."""
         self.gen.sampler = Sampler(params)

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from amslocal.backend import ContextParams, Model, SamplerParams
+from amslocal.bench.runner import log_softmax
+from amslocal.session import CompressionConfig, Session
 
-from amslocal.backend import ContextParams, Model, SamplerParams  # noqa: E402
-from amslocal.bench.runner import log_softmax  # noqa: E402
-from amslocal.session import CompressionConfig, Session  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # default paths only: amslocal comes from the installed package
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
 DEFAULT_CONFIGS = ",".join(

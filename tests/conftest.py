@@ -16,6 +16,12 @@ from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# one marker for the tests that need the default model (models/fetch.py fetches it)
+needs_model = pytest.mark.skipif(
+    not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """2 layers, 4 query heads over 2 KV heads (GQA), head size 64, f32 weights."""

@@ -13,10 +13,6 @@ from conftest import DEFAULT_MODEL
 from amslocal.api import Engine
 from amslocal.chat import ChatError, ChatTemplate, SaveFileError, SessionBusyError, TemplateError
 
-needs_model = pytest.mark.skipif(
-    not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py"
-)
-
 SYSTEM = "You are a terse assistant who answers in one sentence."
 TALK = [
     "Tell me about the moon and its phases.",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import needs_model
 from test_bench_quality import _lines
 from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
 
@@ -15,7 +16,6 @@ from amslocal.bench.tasks import MATH_INSTRUCTION
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason=f"benchmark data missing at {DATA}")
-needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model missing; run models/fetch.py")
 
 
 # --- facts, recall, conversations ------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_model
 from test_cli_errors import DEFAULT_MODEL, assert_one_line_error, run_cli
 
 from amslocal.bench.methods import parse_method, parse_methods
@@ -17,7 +18,6 @@ from amslocal.errors import OptionError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason=f"benchmark data missing at {DATA}")
-needs_model = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model missing; run models/fetch.py")
 
 
 # --- methods, metric, items -----------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_rows_and_ratios(result):
         assert r["compressions"] == 1  # counted in the timed steps only
         assert r["ms_per_event"] > 0  # that one event's time
         assert r["tok_per_s_between_events"] > r["tok_per_s"]  # the same steps without it
+        # the controller's share: at least that event's time over the timed steps' wall time
+        assert r["ms_per_event"] / 1e3 * r["tok_per_s"] / N_GEN * (1 - 1e-6) <= r["controller_share"] < 1
         assert 0 < r["kv_cells_peak"] <= BUDGET + INTERVAL
         assert r["vs_full"] == pytest.approx(r["tok_per_s"] / rows[("full", tg)]["tok_per_s"])
     assert result["model"] == DEFAULT_MODEL.name and result["n_threads"] >= 1 and result["notes"]
@@ -63,7 +65,9 @@ def test_rows_and_ratios(result):
 def test_format_table(result):
     table = format_table(result)
     lines = [l for l in table.splitlines() if l.startswith("|")]
-    assert lines[0] == "| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events |"
+    assert lines[0] == (
+        "| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events | controller % |"
+    )
     assert len(lines) == 2 + len(result["rows"])  # header, separator, one per row
     assert any(STOCK in l for l in lines) and any("| full |" in l for l in lines)
     assert format_table(result, notes=False).splitlines() == lines

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEFAULT_MODEL, ROOT
+from conftest import DEFAULT_MODEL, ROOT, needs_model
 from test_cli_errors import assert_one_line_error, run_cli
 
 pexpect = pytest.importorskip("pexpect")
 
-needs_model = pytest.mark.skipif(
-    not DEFAULT_MODEL.exists(), reason="default model missing; run: python models/fetch.py"
-)
 
 SYSTEM = "You are a terse assistant who answers in one sentence."
 # budget 96 + interval 32 on SmolLM2: three turns force several compressions

@@ -207,13 +207,13 @@ def fidelity(
     agree = {name: [] for name in runners}
     steps = 0
     for _ in range(settings.max_new):
-        ref = log_softmax(reference.gen.ctx.logits())
+        ref = log_softmax(reference.logits())
         tok = int(np.argmax(ref))
         if model.is_eog(tok):
             break
         p = np.exp(ref)
         for name, r in runners.items():
-            lp = log_softmax(r.gen.ctx.logits())
+            lp = log_softmax(r.logits())
             kl[name].append(float((p * (ref - lp)).sum()))
             agree[name].append(bool(np.argmax(lp) == tok))
         for r in [reference, *runners.values()]:

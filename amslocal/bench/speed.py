@@ -113,20 +113,25 @@ class _SessionRow:
         self.session = Session(model, config, ctx_params, SamplerParams(temp=0), evidence_mode=evidence_mode)
         self.event_ms: list[float] = []  # the measured steps' compression events, each in ms
         self.between: list[float] = []  # per sample: tok/s of the steps with the events' time taken out
+        self.controller: list[float] = []  # per sample: share of the wall time spent by the controller
         self.session.prefill(tokens)
         self.measure(WARMUP_STEPS)
         self.event_ms.clear()  # warm-up events are not measured
         self.between.clear()
+        self.controller.clear()
 
     def measure(self, n_gen: int) -> tuple[float, int]:
         s = self.session
         before = s.stats.compressions
+        ctl0 = s.stats.compress_ms_total + s.stats.observe_ms_total
         steps = s.generate([], n_gen, ignore_eos=True)
         t0 = time.perf_counter()
         n = sum(1 for _ in steps)
         seconds = time.perf_counter() - t0
+        # the controller: events plus reading evidence back after observed steps (Python side)
+        self.controller.append((s.stats.compress_ms_total + s.stats.observe_ms_total - ctl0) / 1e3 / seconds)
         if self.rollback:  # the full cache goes back to depth, so every sample is taken at that depth
-            s.gen.evict(range(self.depth, s.gen.next_pos))
+            s.truncate(self.depth)
         n_events = s.stats.compressions - before
         event_ms = [e["ms"] for e in s.events[len(s.events) - n_events :]]
         self.event_ms += event_ms
@@ -138,13 +143,13 @@ class _SessionRow:
         return self.session.stats.kv_cells_peak
 
     def close(self) -> None:
-        self.session.gen.ctx.close()
+        self.session.close()
 
 
 class _StockRow:
     """The loop a llama-cpp-python user runs: ``Llama.eval`` the prompt, then sample + eval per token."""
 
-    method, budget, kv_cells_peak, event_ms, between = STOCK, None, None, (), ()
+    method, budget, kv_cells_peak, event_ms, between, controller = STOCK, None, None, (), (), ()
 
     def __init__(self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int]):
         import llama_cpp
@@ -218,6 +223,7 @@ def _row_record(
     full_median: Optional[float],
     event_ms: Sequence[float] = (),
     between: Sequence[float] = (),
+    controller: Sequence[float] = (),
 ) -> dict:
     median = statistics.median(samples)
     return {
@@ -234,6 +240,7 @@ def _row_record(
         "ms_per_event": statistics.median(event_ms) if event_ms else None,
         # decode speed of the same steps without the compression events' time (t/s between events)
         "tok_per_s_between_events": statistics.median(between) if between else None,
+        "controller_share": statistics.median(controller) if controller else None,
     }
 
 
@@ -279,6 +286,8 @@ def run_speed(
         "the median, ± is (max - min) / 2, vs full is relative to the full row at the same depth.",
         "ms/event: median time of one compression event in the timed steps; t/s between events: the same "
         "steps' tokens over their time without the events' (the decode speed a method leaves between events).",
+        "controller %: the share of the timed wall time spent by the Python controller (the events, and reading "
+        "evidence back after observed steps); the target is under 3% at interval 128.",
         "evidence: " + " vs ".join(evidence) + " ('event': observed steps capture their queries and the "
         "attention is computed once per event; 'step': the side branch computes it in the graph at every "
         "observed step; rows named '[step]' use it when both are measured).",
@@ -342,6 +351,7 @@ def run_speed(
                     None if row is full else full_median,
                     row.event_ms,
                     row.between,
+                    row.controller,
                 )
             )
         for row in live:  # free this depth's contexts before the next (the full cache can be large)
@@ -364,16 +374,18 @@ def run_speed(
 def format_table(result: dict, *, notes: bool = True) -> str:
     """A markdown table like llama-bench's, one line per row; then the notes (``notes=False``: none)."""
     lines = [
-        "| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | budget | method | test | t/s | ± | vs full | events | ms/event | t/s between events "
+        "| controller % |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         budget = "full" if r["budget"] is None else str(r["budget"])
-        ms, between = r.get("ms_per_event"), r.get("tok_per_s_between_events")
+        ms, between, ctl = r.get("ms_per_event"), r.get("tok_per_s_between_events"), r.get("controller_share")
         lines.append(
             f"| {result['model']} | {budget} | {r['method']} | {r['test']} | {r['tok_per_s']:.2f} | "
             f"{r['spread']:.2f} | {r['vs_full']:.2f} | {r.get('compressions', 0)} | "
-            f"{'–' if ms is None else f'{ms:.1f}'} | {'–' if between is None else f'{between:.2f}'} |"
+            f"{'–' if ms is None else f'{ms:.1f}'} | {'–' if between is None else f'{between:.2f}'} | "
+            f"{'–' if ctl is None else f'{100 * ctl:.1f}'} |"
         )
     if notes:
         lines += [""] + [f"note: {n}" for n in result.get("notes", [])]

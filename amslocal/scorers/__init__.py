@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from ..errors import UnknownScorerError
 from .base import (
     NEEDS_ATTN,
     NEEDS_ATTN_EVERY_STEP,
@@ -36,7 +37,7 @@ def make_scorer(name: str, **params) -> Scorer:
     """The scorer registered as ``name`` with hyperparameters ``params`` (ValueError if unknown)."""
     cls = SCORERS.get(name)
     if cls is None:
-        raise ValueError(f"unknown scorer {name!r}; choices: {', '.join(sorted(SCORERS))}")
+        raise UnknownScorerError(f"unknown scorer {name!r}; choices: {', '.join(sorted(SCORERS))}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
