@@ -73,14 +73,6 @@ def main() -> None:
     """Run GGUF models locally with a KV cache that stays inside a fixed token budget."""
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: stop generating, as Ctrl-C does."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
-
-
 def _clamp_threads(value: int) -> int:
     """More threads than cores only slows llama.cpp down (its threads spin-wait on each other)."""
     cores = os.cpu_count() or 1
@@ -382,23 +374,30 @@ def _generate(
     if hasattr(out, "reconfigure"):  # a non-UTF-8 terminal gets "?" for what it cannot show, not a crash
         out.reconfigure(errors="replace")
     last = ""  # the end of what was written, so the text can end with a newline
-    interrupted: Optional[str] = None
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM stops like Ctrl-C
+    # Ctrl-C and SIGTERM only raise a flag that the loop reads between tokens: an exception raised
+    # by a signal handler while llama.cpp is calling back into Python (its log callback) would be
+    # swallowed by ctypes, and the run would not stop
+    caught: list[str] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        caught.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for tok in session.generate(tokens, max_tokens, ignore_eos=ignore_eos):
+        for tok in session.generate(tokens, max_tokens, ignore_eos=ignore_eos, cancel=lambda: bool(caught)):
             piece = stream.push(tok)
             if piece:
                 out.write(piece)
                 out.flush()
                 last = piece
-    except (KeyboardInterrupt, _Terminated) as exc:
-        interrupted = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
     except BrokenPipeError:
         # The reader went away (`| head`): point stdout at /dev/null so the exit flush cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    interrupted: Optional[str] = caught[0] if caught else None
     tail = stream.flush()
     last = tail or last
     if last and not last.endswith("\n"):  # the stats line and the shell prompt go on their own line

@@ -16,6 +16,8 @@ import click
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 PROG = "amslocal"
+BRACKETED_PASTE_ON, BRACKETED_PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 CHAT_HELP = """\
 commands:
@@ -93,9 +95,14 @@ class ChatUI:
     # --- the loop ---------------------------------------------------------------------------
 
     def read_line(self) -> Optional[str]:
-        """One message or command (None at the end of input); a trailing backslash continues."""
+        """One message or command (None at the end of input); a trailing backslash continues, and
+        a bracketed paste (the terminal marks it) is one message however many lines it has."""
         try:
             line = _clean(input(">>> " if self.interactive else ""))
+            if PASTE_START in line:  # the line editor passed the paste markers through: read to the end
+                while PASTE_END not in line:
+                    line += "\n" + _clean(input(""))
+                line = line.replace(PASTE_START, "").replace(PASTE_END, "")
             while line.endswith("\\"):
                 line = line[:-1] + "\n" + _clean(input("... " if self.interactive else ""))
         except EOFError:
@@ -105,6 +112,19 @@ class ChatUI:
         return line
 
     def run(self) -> int:
+        if self.interactive and sys.stdout.isatty():
+            # ask the terminal to mark pastes, so that a pasted block is one message (GNU readline
+            # then returns it as one line; otherwise read_line joins the marked lines)
+            sys.stdout.write(BRACKETED_PASTE_ON)
+            sys.stdout.flush()
+        try:
+            return self._loop()
+        finally:
+            if self.interactive and sys.stdout.isatty():
+                sys.stdout.write(BRACKETED_PASTE_OFF)
+                sys.stdout.flush()
+
+    def _loop(self) -> int:
         while True:
             try:
                 line = self.read_line()

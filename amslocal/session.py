@@ -439,12 +439,22 @@ class Session:
         self.stats.prompt_tokens += fed
         return fed
 
-    def generate(self, prompt: Sequence[int], max_tokens: int, *, ignore_eos: bool = False) -> Iterator[int]:
-        """Prefill ``prompt``, then yield up to ``max_tokens`` tokens; each is in the cache when yielded."""
-        self.prefill(prompt)
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        ignore_eos: bool = False,
+        cancel: Optional[Callable[[], bool]] = None,
+    ) -> Iterator[int]:
+        """Prefill ``prompt``, then yield up to ``max_tokens`` tokens; each is in the cache when yielded.
+        ``cancel()`` is asked between prefill chunks and before every token: True stops."""
+        self.prefill(prompt, cancel=cancel)
         cap = self.config.capacity
         n_ctx = self.gen.ctx.n_ctx
         for _ in range(max_tokens):
+            if cancel is not None and cancel():
+                return
             t0 = time.perf_counter()
             tok = self.gen.sample()
             if self.model.is_eog(tok) and not ignore_eos:

@@ -155,6 +155,27 @@ def _chat_piped(stdin: str, *args: str, model: Path = DEFAULT_MODEL) -> subproce
 
 
 @needs_model
+@needs_model
+def test_pty_a_pasted_block_is_one_message() -> None:
+    """A multi-line paste (the terminal marks it: bracketed paste, which the chat turns on) is one
+    message and one reply, not one per line; `\\` continuation still works."""
+    child = _spawn("--budget", "96", "--interval", "32", "--temp", "0", "-t", "1", "-n", "8")
+    child.send("\x1b[200~First line of the paste.\rSecond line.\rThird line.\x1b[201~\r")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendline("Two lines \\")
+    child.sendline("joined by a backslash.")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"messages\s+4 \(2 replies\)")  # two messages, two replies: the paste was one
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_piped_chat_runs_to_the_end() -> None:
     proc = _chat_piped("What is the capital of France?\n/stats\nAnd of Italy?\n", *COMPRESSING, "--system", SYSTEM)
     assert proc.returncode == 0, proc.stderr

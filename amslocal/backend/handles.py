@@ -23,15 +23,18 @@ from ._ams_raw import _llama as llama
 # llama.cpp's own log lines (model loading, cache notes, warnings) go through this callback: hidden
 # unless asked for ($AMSLOCAL_VERBOSE, or set_llama_log(True), which `generate -v` does), because
 # library code never prints and every error the user sees is amslocal's one line
-_log = {"show": bool(os.environ.get("AMSLOCAL_VERBOSE"))}
+_log = {"show": bool(os.environ.get("AMSLOCAL_VERBOSE")), "last": 0}
+_LOG_DEBUG, _LOG_CONT = 4, 5  # ggml_log_level: debug lines (per graph node) stay hidden even then
 
 
 @llama.llama_log_callback
 def _llama_log(level: int, text: bytes, user_data) -> None:
-    if _log["show"]:
+    if level != _LOG_CONT:
+        _log["last"] = level
+    if _log["show"] and _log["last"] != _LOG_DEBUG:
         try:
             sys.stderr.write(text.decode("utf-8", "replace"))
-        except Exception:  # noqa: BLE001 - a log line must never raise into llama.cpp
+        except Exception:  # a log line must never raise into llama.cpp
             pass
 
 
