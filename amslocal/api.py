@@ -104,6 +104,7 @@ class Engine:
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
         seed: Optional[int] = None,
         max_tokens: int = 512,
         ctx_size: int = 2048,
@@ -158,6 +159,7 @@ class Engine:
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
+            repeat_penalty=repeat_penalty,
             seed=RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF,
         )
         template = ChatTemplate.for_model(self.model, chat_template)

@@ -223,11 +223,24 @@ _sampling_options = _options(
     click.option(
         "--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True, help="1.0 disables."
     ),
+    click.option(
+        "--min-p", type=click.FloatRange(min=0.0, max=1.0), default=0.05, show_default=True, help="0 disables."
+    ),
+    click.option(
+        "--repeat-penalty",
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=1.0,
+        show_default=True,
+        help="Penalise tokens seen in the last 64 (1.0 = off).",
+    ),
 )
 _runtime_options = _options(
-    click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
-    click.option("--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True),
+    click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option(
+        "-ctk", "--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True
+    ),
+    click.option(
+        "-ctv",
         "--cache-type-v",
         type=click.Choice(["f16", "q8_0", "q4_0", "f32"]),
         default="f16",
@@ -307,6 +320,8 @@ def _generate(
     seed: Optional[int],
     top_k: int,
     top_p: float,
+    min_p: float,
+    repeat_penalty: float,
     ctx_size: int,
     flash_attn: str,
     cache_type_k: str,
@@ -361,7 +376,14 @@ def _generate(
         type_k=cache_type_k,
         type_v=cache_type_v,
     )
-    sampler_params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p, **({"seed": seed} if seed is not None else {}))
+    sampler_params = SamplerParams(
+        temp=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        **({"seed": seed} if seed is not None else {}),
+    )
     session = Session(llm, config, ctx_params, sampler_params)
     n_ctx = session.n_ctx
     if budget is None and len(tokens) > n_ctx:
@@ -524,7 +546,7 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
     "'off' keeps the full cache of --ctx-size.",
 )
 @_compression_options
-@click.option("--system", metavar="TEXT", help="System prompt (never evicted).")
+@click.option("-sys", "--system", metavar="TEXT", help="System prompt (never evicted).")
 @click.option(
     "--chat-template",
     metavar="STR|FILE",
@@ -575,6 +597,8 @@ def _chat(
     seed: Optional[int],
     top_k: int,
     top_p: float,
+    min_p: float,
+    repeat_penalty: float,
     max_tokens: int,
     ctx_size: int,
     flash_attn: str,
@@ -635,6 +659,8 @@ def _chat(
         temperature=temp,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
         seed=seed,
         max_tokens=max_tokens,
         ctx_size=ctx_size,

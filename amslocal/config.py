@@ -186,3 +186,5 @@ class SamplerParams:
     top_p: float = 0.95
     min_p: float = 0.05
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+    repeat_penalty: float = 1.0  # 1.0 = off (llama.cpp's default)
+    repeat_last_n: int = 64  # tokens the penalty looks back over

@@ -272,3 +272,17 @@ def test_soak_3000_tokens_at_budget_64_keeps_memory_flat(smollm2_model):
     assert s.stats.kv_cells_peak <= 64 + 16 and s.stats.compressions >= 3000 // 16
     assert grown < 5 * 2**20, f"RSS grew {grown / 2**20:.1f} MB over 3,000 tokens"
     s.close()
+
+
+def test_llama_cpp_spellings_and_samplers(tiny_gguf):
+    """-fa/-ctk/-ctv/--min-p/--repeat-penalty as llama.cpp users type them; the penalty changes what
+    greedy decoding picks (the tiny model repeats itself without it)."""
+    base = ["generate", str(tiny_gguf), "-p", "abab", "-n", "40", "--temp", "0", "--ignore-eos", "-t", "1"]
+    plain = run_cli(*base)
+    penalised = run_cli(*base, "--repeat-penalty", "3.0")
+    assert plain.returncode == 0 and penalised.returncode == 0, plain.stderr + penalised.stderr
+    assert plain.stdout != penalised.stdout
+    assert len(set(penalised.stdout)) >= len(set(plain.stdout))
+    quant = run_cli(*base, "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "--min-p", "0.1")
+    assert quant.returncode == 0, quant.stderr
+    assert_one_line_error(run_cli(*base, "--repeat-penalty", "0"), "repeat-penalty", 2)

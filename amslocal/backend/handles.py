@@ -347,13 +347,24 @@ class Batch:
 class Sampler:
     """llama.cpp's sampler chain."""
 
-    def __init__(self, params: SamplerParams = SamplerParams()):
+    def __init__(self, params: SamplerParams = SamplerParams(), n_vocab: int = 0):
+        """``n_vocab``: the model's vocabulary size (this llama.cpp's repetition penalty asks for it)."""
         sp = llama.llama_sampler_chain_default_params()
         sp.no_perf = True
         self._ptr = llama.llama_sampler_chain_init(sp)
         if params.temp <= 0:
+            if params.repeat_penalty != 1.0:  # llama.cpp applies penalties before greedy picking too
+                llama.llama_sampler_chain_add(
+                    self._ptr,
+                    llama.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0),
+                )
             llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_greedy())
         else:
+            if params.repeat_penalty != 1.0:
+                llama.llama_sampler_chain_add(
+                    self._ptr,
+                    llama.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0),
+                )
             if params.top_k > 0:
                 llama.llama_sampler_chain_add(self._ptr, llama.llama_sampler_init_top_k(params.top_k))
             if params.top_p < 1.0:
