@@ -13,6 +13,8 @@ window's queries in one matrix product per layer, replaces the per-step side bra
 
 from __future__ import annotations
 
+import signal
+
 import numba
 import numpy as np
 
@@ -20,7 +22,7 @@ import numpy as np
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def attention_rows(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int, out: np.ndarray
 ) -> None:
@@ -31,15 +33,14 @@ def attention_rows(
     no token). Key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window
     n_swa > 0, q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window). out: [W, H_kv, n]
     float32, overwritten; masked keys get exactly 0. Float32 like the graph's softmax; the dot
-    products are fused here rather than one BLAS call per head. Single-threaded on purpose: a
-    parallel version (numba prange) was 25% faster per event, but its worker threads made a
-    Ctrl-C at the chat prompt go unanswered in CI runs (see the notes of issue 13).
+    products are fused here rather than one BLAS call per head. Queries run in parallel (each
+    writes its own out[t]): at the event llama.cpp's threads are idle.
     """
     W, n_head, d = q.shape
     n, H, _ = k.shape
     G = n_head // H
     sc = np.float32(scale)
-    for t in range(W):
+    for t in numba.prange(W):
         buf = np.empty(n, dtype=np.float32)
         visible = np.empty(n, dtype=np.bool_)
         p = q_pos[t]
@@ -98,11 +99,43 @@ def attention_rows_ref(
     return p.reshape(W, H, G, n).sum(axis=2)
 
 
+_threads_started = False
+
+
+def _start_threads_without_signals() -> None:
+    """Numba starts its worker threads at the first parallel call, and each inherits the calling
+    thread's signal mask. Start them with SIGINT and SIGTERM blocked: a signal must reach the main
+    thread, or a Ctrl-C that lands on a worker never wakes the main thread's blocking read (the
+    chat prompt would ignore it)."""
+    global _threads_started
+    if _threads_started:
+        return
+    _threads_started = True
+    blockable = [s for s in (signal.SIGINT, signal.SIGTERM) if s is not None]
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to do
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blockable)
+    try:
+        out = np.empty((1, 1, 1), dtype=np.float32)
+        attention_rows(
+            np.ones((1, 1, 1), np.float32),
+            np.ones((1, 1, 1), np.float32),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            1.0,
+            0,
+            out,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def attention_per_query(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int = 0
 ) -> np.ndarray:
     """Each query's attention probability on each key, summed over each KV group's heads:
     [W, H_kv, n] float32 (see :func:`attention_rows`)."""
+    _start_threads_without_signals()
     out = np.empty((q.shape[0], k.shape[1], k.shape[0]), dtype=np.float32)
     attention_rows(
         np.ascontiguousarray(q, dtype=np.float32),
