@@ -7,6 +7,7 @@ Piped input is read line by line (one message per line); a line ending in ``\\``
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -112,6 +113,10 @@ class ChatUI:
         return line
 
     def run(self) -> int:
+        if self.interactive and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # started with Ctrl-C ignored (by a launcher without job control): at a terminal the
+            # chat still stops a reply and quits at the prompt on Ctrl-C, as documented
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.interactive and sys.stdout.isatty():
             # ask the terminal to mark pastes, so that a pasted block is one message (GNU readline
             # then returns it as one line; otherwise read_line joins the marked lines)
