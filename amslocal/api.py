@@ -67,7 +67,7 @@ class Engine:
     ):
         """Load ``model_path`` (None: the default model), after checking the GGUF file.
 
-        ``n_threads`` 0 uses every core. ``n_gpu_layers``: layers offloaded to the GPU (-1 = all; None:
+        ``n_threads`` 0 uses every core but one. ``n_gpu_layers``: layers offloaded to the GPU (-1 = all; None:
         $AMSLOCAL_N_GPU_LAYERS, else all on a GPU build). ``flash_attn`` is auto | on | off; a quantized V cache
         (``cache_type_v`` q8_0 / q4_0) needs it on. Raises :class:`AmsError` for a missing, damaged
         or unsupported model.

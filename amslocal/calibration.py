@@ -83,7 +83,7 @@ def calibrate(
     """Measure and store the query statistics of a model; returns the file written.
 
     ``sampling(done, total)`` follows the self-generated text (when no ``text`` is given),
-    ``progress(done, total)`` the measuring pass; ``n_threads`` 0 uses every core."""
+    ``progress(done, total)`` the measuring pass; ``n_threads`` 0 uses every core but one."""
     from .backend import ContextParams, Model, SamplerParams
     from .engine import Generator
     from .scorers.rope import rope_rotate

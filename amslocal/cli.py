@@ -253,7 +253,7 @@ _runtime_options = _options(
         type=click.IntRange(min=0),
         default=0,
         show_default=True,
-        help="0 = all cores.",
+        help="0 = every core but one (a busy core makes more threads collapse).",
         callback=lambda ctx, param, value: _clamp_threads(value),
     ),
     click.option(
@@ -474,7 +474,7 @@ def _generate(
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="0 = all cores.",
+    help="0 = every core but one (a busy core makes more threads collapse).",
     callback=lambda ctx, param, value: _clamp_threads(value),
 )
 def calibrate(
@@ -827,7 +827,14 @@ def _int_list(value: str, what: str) -> list[int]:
     help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.",
 )
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
-@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="0 = every core but one (a busy core makes more threads collapse).",
+)
 @click.option(
     "--shard",
     metavar="I/K",
@@ -981,7 +988,14 @@ def bench_quality(
     "or by the per-step side branch in the graph; both: one row each, side by side.",
 )
 @click.option("--json", "json_out", metavar="PATH", default=None, help="Also write the raw result as JSON.")
-@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0 = all cores.")
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="0 = all cores (run benchmarks alone).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def bench_speed(
     model: Optional[str],

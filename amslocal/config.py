@@ -171,7 +171,7 @@ class ContextParams:
     n_ctx: int = 2048
     n_batch: int = 512
     n_ubatch: int = 512
-    n_threads: int = 0  # 0 = all cores
+    n_threads: int = 0  # 0 = every core but one (backend.handles.default_threads)
     flash_attn: str = "auto"  # auto | on | off
     type_k: str = "f16"
     type_v: str = "f16"

@@ -57,6 +57,13 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 N_GPU_LAYERS_ENV = "AMSLOCAL_N_GPU_LAYERS"
 
 
+def default_threads() -> int:
+    """Every core but one. llama.cpp's threads spin-wait on each other, so when another process
+    takes a core they collapse: on 2 cores with one busy, 2 threads decoded SmolLM2 at 55 tok/s and
+    1 thread at 155 (idle: 166 and 150; BENCHMARKS.md, the default thread count)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def gpu_layers_from_env() -> int:
     """Layers to offload when the caller does not say: $AMSLOCAL_N_GPU_LAYERS (-1 = all), else all
     of them when the library was built with a GPU backend (CUDA, Metal, ...), as llama.cpp does."""
@@ -184,7 +191,7 @@ class Context:
         cp.n_batch = params.n_batch
         cp.n_ubatch = min(params.n_ubatch, params.n_batch)
         cp.n_seq_max = 1
-        threads = params.n_threads or (os.cpu_count() or 1)
+        threads = params.n_threads or default_threads()
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.flash_attn_type = FLASH_ATTN[params.flash_attn]
