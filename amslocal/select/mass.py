@@ -124,6 +124,19 @@ class CreditState:
         self.positions = np.zeros(0, dtype=np.int64)
         self.credit = np.zeros(0)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The credit keyed by position, for save files (``credit_val`` is [n] or [R, n])."""
+        return {
+            "credit_pos": np.asarray(self.positions, dtype=np.int64),
+            "credit_val": np.asarray(self.credit, dtype=np.float64),
+        }
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` output (nothing saved: nothing held)."""
+        if "credit_pos" in arrays:
+            self.positions = arrays["credit_pos"].astype(np.int64).copy()
+            self.credit = arrays["credit_val"].astype(np.float64).copy()
+
     def credit_at(self, positions: np.ndarray) -> np.ndarray:
         """Credit of ``positions`` (ascending), 0 for tokens not held."""
         pos = np.asarray(positions, dtype=np.int64)

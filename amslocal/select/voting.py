@@ -84,15 +84,10 @@ class VotingAMSSelector:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The credit rows, keyed by position (save files)."""
-        return {
-            "credit_pos": np.asarray(self.credit.positions, dtype=np.int64),
-            "credit_val": np.asarray(self.credit.credit, dtype=np.float64),
-        }
+        return self.credit.state_dict()
 
     def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
-        if "credit_pos" in arrays:
-            self.credit.positions = arrays["credit_pos"].astype(np.int64).copy()
-            self.credit.credit = arrays["credit_val"].astype(np.float64).copy()
+        self.credit.load_state_dict(arrays)
 
     def select_rows(
         self,
