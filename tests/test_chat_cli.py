@@ -176,6 +176,23 @@ def test_pty_a_pasted_block_is_one_message() -> None:
     assert child.exitstatus == 0
 
 
+@needs_model
+def test_pty_progress_of_a_long_message_moves() -> None:
+    """Reading a long message under a small budget shows a progress line that advances chunk by
+    chunk to the message's length (it used to stay at its first value)."""
+    child = _spawn("--budget", "96", "--interval", "32", "--temp", "0", "-t", "1", "-n", "4")
+    child.sendline(" ".join(f"The quick brown fox jumps over the lazy dog number {i}." for i in range(60)))
+    child.expect(STATUS)
+    frames = [(int(a), int(b)) for a, b in re.findall(r"reading \[[#.]+\] (\d+)/(\d+) tokens", child.before)]
+    assert len(frames) >= 5, frames
+    done = [a for a, _ in frames]
+    assert done == sorted(done) and done[-1] == frames[-1][1] > done[0]
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+
+
 def test_piped_chat_runs_to_the_end() -> None:
     proc = _chat_piped("What is the capital of France?\n/stats\nAnd of Italy?\n", *COMPRESSING, "--system", SYSTEM)
     assert proc.returncode == 0, proc.stderr
