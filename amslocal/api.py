@@ -64,20 +64,27 @@ class Engine:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         n_batch: int = 512,
+        n_ubatch: Optional[int] = None,
+        use_mmap: bool = True,
     ):
         """Load ``model_path`` (None: the default model), after checking the GGUF file.
+
+        ``n_batch``/``n_ubatch``: the logical and physical batch of prompt decoding (llama.cpp's
+        ``-b``/``-ub``; the micro-batch defaults to the batch); ``use_mmap`` False reads the weights
+        into memory instead of mapping the file.
 
         ``n_threads`` 0 uses every core but one. ``n_gpu_layers``: layers offloaded to the GPU (-1 = all; None:
         $AMSLOCAL_N_GPU_LAYERS, else all on a GPU build). ``flash_attn`` is auto | on | off; a quantized V cache
         (``cache_type_v`` q8_0 / q4_0) needs it on. Raises :class:`AmsError` for a missing, damaged
         or unsupported model.
         """
-        self.model: Model = load_model(model_path, n_gpu_layers=n_gpu_layers)
+        self.model: Model = load_model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self.n_threads = n_threads
         self.flash_attn = flash_attn
         self.cache_type_k = cache_type_k
         self.cache_type_v = cache_type_v
         self.n_batch = n_batch
+        self.n_ubatch = n_batch if n_ubatch is None else min(n_ubatch, n_batch)
         self._lock = threading.Lock()
         self._closed = False
         self._sessions: "weakref.WeakSet[ChatSession]" = weakref.WeakSet()
@@ -148,7 +155,7 @@ class Engine:
         ctx_params = ContextParams(
             n_ctx=n_ctx,
             n_batch=min(self.n_batch, n_ctx),
-            n_ubatch=min(self.n_batch, n_ctx),
+            n_ubatch=min(self.n_ubatch, n_ctx),
             n_threads=self.n_threads,
             flash_attn=self.flash_attn,
             type_k=self.cache_type_k,

@@ -257,6 +257,18 @@ _runtime_options = _options(
         callback=lambda ctx, param, value: _clamp_threads(value),
     ),
     click.option(
+        "-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt batch (tokens)."
+    ),
+    click.option(
+        "-ub",
+        "--ubatch-size",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
+        help="Physical micro-batch (at most the batch).",
+    ),
+    click.option("--no-mmap", is_flag=True, help="Read the weights into memory instead of mapping the file."),
+    click.option(
         "-ngl",
         "--n-gpu-layers",
         "n_gpu_layers",
@@ -328,6 +340,9 @@ def _generate(
     cache_type_v: str,
     threads: int,
     n_gpu_layers: Optional[int],
+    batch_size: int,
+    ubatch_size: int,
+    no_mmap: bool,
     ignore_eos: bool,
     stats_json: Optional[str],
     verbose: bool,
@@ -347,7 +362,7 @@ def _generate(
     set_llama_log(verbose)  # llama.cpp's own lines only with -v
     from .session import CompressionConfig, Session
 
-    llm = load_model(path, validate=False, n_gpu_layers=n_gpu_layers)
+    llm = load_model(path, validate=False, n_gpu_layers=n_gpu_layers, use_mmap=not no_mmap)
     tokens = llm.tokenize(text, add_special=True, parse_special=False)
     if not tokens:
         raise click.ClickException("the prompt is empty")
@@ -369,8 +384,8 @@ def _generate(
         config.calibration = load_for_model(path)
     ctx_params = ContextParams(
         n_ctx=ctx_size,
-        n_batch=min(512, ctx_size),
-        n_ubatch=min(512, ctx_size),
+        n_batch=min(batch_size, ctx_size),
+        n_ubatch=min(ubatch_size, batch_size, ctx_size),
         n_threads=threads,
         flash_attn=flash_attn,
         type_k=cache_type_k,
@@ -606,6 +621,9 @@ def _chat(
     cache_type_v: str,
     threads: int,
     n_gpu_layers: Optional[int],
+    batch_size: int,
+    ubatch_size: int,
+    no_mmap: bool,
     quiet: bool,
     ignore_eos: bool,
 ) -> int:
@@ -632,6 +650,9 @@ def _chat(
         flash_attn=flash_attn,
         cache_type_k=cache_type_k,
         cache_type_v=cache_type_v,
+        n_batch=batch_size,
+        n_ubatch=ubatch_size,
+        use_mmap=not no_mmap,
     )
     n_train = engine.model.n_ctx_train
     if parsed is None:  # the default: 1024, or what a short trained context allows

@@ -156,6 +156,7 @@ def load_model(
     n_gpu_layers: Optional[int] = None,
     validate: bool = True,
     compress: bool = False,
+    use_mmap: bool = True,
 ) -> "Model":
     """Resolve, validate and load a model that amslocal can serve.
 
@@ -171,7 +172,7 @@ def load_model(
         check_compressible(resolved)
     from .backend import Model  # lazy: importing the backend checks for the patched library
 
-    model = Model(resolved, n_gpu_layers=n_gpu_layers)
+    model = Model(resolved, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
     if model.is_recurrent():
         arch = model.arch
         model.close()

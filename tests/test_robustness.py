@@ -286,3 +286,18 @@ def test_llama_cpp_spellings_and_samplers(tiny_gguf):
     quant = run_cli(*base, "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "--min-p", "0.1")
     assert quant.returncode == 0, quant.stderr
     assert_one_line_error(run_cli(*base, "--repeat-penalty", "0"), "repeat-penalty", 2)
+
+
+def test_batch_sizes_and_no_mmap(tiny_gguf, tiny_model):
+    """-b/-ub/--no-mmap reach llama.cpp: the CLI runs with them, and the API passes them through."""
+    proc = run_cli(
+        "generate", str(tiny_gguf), "-p", "Hello there", "-n", "3", "-t", "1", "-b", "64", "-ub", "16", "--no-mmap"
+    )
+    assert proc.returncode == 0, proc.stderr
+    from amslocal.api import Engine
+
+    engine = Engine(tiny_model.path, n_threads=1, n_batch=64, n_ubatch=16, use_mmap=False)
+    s = engine.session(budget=64, interval=16)
+    params = s.session.gen.ctx.params
+    assert (params.n_batch, params.n_ubatch) == (64, 16)
+    engine.close()
