@@ -152,9 +152,7 @@ class CacheView:
     def _apply_pending_shift(self) -> None:
         """K reads and row moves/shifts need the keys rotated as the cells say: apply a pending
         ``seq_add`` shift now, as the next decode would."""
-        if ams.llama_ams_shift_pending(self.ctx.ptr):
-            self.ctx.version += 1
-            ams.llama_ams_apply_shift(self.ctx.ptr)
+        self.ctx.apply_pending_shift()
 
     def _read(self, fn, il: int, cells: np.ndarray, head_dim: int) -> np.ndarray:
         li = self.layers[il]
@@ -407,25 +405,21 @@ class CacheView:
         ]
         self._q_end = 0  # one past the newest query (the same in every layer)
 
-    def _ring_push(self, il: int, q: np.ndarray) -> None:
-        """Append layer ``il``'s newest queries (the same count for every layer of one decode)."""
-        ring, w = self._q_ring[il], self.q_window
-        take = min(q.shape[0], w)
-        end = self._q_end
-        if end + take > ring.shape[0]:
-            keep = min(self._q_count, w - take)
-            ring[:keep] = ring[end - keep : end]
-            end = keep
-        ring[end : end + take] = q[q.shape[0] - take :]
-
-    def _ring_advance(self, n_tok: int) -> None:
-        """After every layer's :meth:`_ring_push` of one decode."""
+    def _ring_reserve(self, n_tok: int) -> int:
+        """Where one decode's newest queries go in every layer's buffer (the same offset in all);
+        when they would run past the end, the newest window first moves to the front of each."""
         w = self.q_window
         take = min(n_tok, w)
-        if self._q_end + take > 2 * w:
-            self._q_end = min(self._q_count, w - take)
-        self._q_end += take
+        end = self._q_end
+        if end + take > 2 * w:
+            keep = min(self._q_count, w - take)
+            for ring in self._q_ring:
+                if ring is not None:
+                    ring[:keep] = ring[end - keep : end]
+            end = keep
+        self._q_end = end + take
         self._q_count = min(self._q_count + n_tok, w)
+        return end
 
     def _resize_ring(self) -> None:
         """A new window size: keep the newest queries that fit."""
@@ -503,6 +497,9 @@ class CacheView:
         logged: dict[int, np.ndarray] = {}
         log_queries = event and bool(self.obs_flags & LLAMA_AMS_OBS_ATTN)
         ring_queries = bool(self.obs_flags & LLAMA_AMS_OBS_QUERIES)
+        if ring_queries:
+            take = min(n_tok, self.q_window)
+            start = self._ring_reserve(n_tok)
         if log_queries or ring_queries:
             tracked = set(self.tracked) if log_queries else ()
             for il in self.kv_layers:
@@ -518,13 +515,10 @@ class CacheView:
                 if il in tracked:
                     logged[il] = q
                 if ring_queries:
-                    self._ring_push(il, q)
-        if ring_queries:
-            w = self.q_window
-            self._ring_advance(n_tok)
-            if positions_of_batch is not None:
-                tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
-                self.query_pos = np.concatenate([self.query_pos, tail])[-w:]
+                    self._q_ring[il][start : start + take] = q[n_tok - take :]
+        if ring_queries and positions_of_batch is not None:
+            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
+            self.query_pos = np.concatenate([self.query_pos, tail])[-self.q_window :]
         self._last_n = 0
         if self.obs_flags & LLAMA_AMS_OBS_ATTN:
             self.n_queries += n_tok  # the divisor of the attention sums
