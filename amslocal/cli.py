@@ -82,6 +82,18 @@ def _clamp_threads(value: int) -> int:
     return value
 
 
+# -t as generate, chat and calibrate take it: 0 = the default, more than the cores is clamped
+_threads_option = click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="0 = every core but one (a busy core makes more threads collapse).",
+    callback=lambda ctx, param, value: _clamp_threads(value),
+)
+
+
 def _check_kv_memory(facts: dict, n_ctx: int, type_k: str, type_v: str) -> None:
     """Refuse a context whose KV cache cannot fit in this machine's memory, before allocating it."""
     sizes = facts.get("kv_bytes_per_token") or {}
@@ -247,15 +259,7 @@ _runtime_options = _options(
         show_default=True,
         help="A quantized V cache needs --flash-attn on.",
     ),
-    click.option(
-        "-t",
-        "--threads",
-        type=click.IntRange(min=0),
-        default=0,
-        show_default=True,
-        help="0 = every core but one (a busy core makes more threads collapse).",
-        callback=lambda ctx, param, value: _clamp_threads(value),
-    ),
+    _threads_option,
     click.option(
         "-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt batch (tokens)."
     ),
@@ -483,15 +487,7 @@ def _generate(
 @click.option(
     "--max-tokens", type=click.IntRange(min=64), default=2048, show_default=True, help="Tokens of text to run at most."
 )
-@click.option(
-    "-t",
-    "--threads",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="0 = every core but one (a busy core makes more threads collapse).",
-    callback=lambda ctx, param, value: _clamp_threads(value),
-)
+@_threads_option
 def calibrate(
     model: Optional[str], model_option: Optional[str], text_file: Optional[str], max_tokens: int, threads: int
 ) -> None:
