@@ -126,6 +126,8 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         self.logits_hook: Optional[Callable[[np.ndarray], None]] = None  # called with the next-token logits
+        # called for every generated token with the logits it was sampled from (log-probabilities)
+        self.token_hook: Optional[Callable[[int, np.ndarray], None]] = None
         self.last_turn = TurnStats()
         self.refeeds = 0
         self._cancel = threading.Event()
@@ -240,6 +242,7 @@ class ChatSession:
         max_tokens: Optional[int] = None,
         on_progress: Optional[ProgressFn] = None,
         ignore_eos: bool = False,
+        stop: Sequence[str] = (),
     ) -> Union[Iterator[str], str]:
         """Reply to a message (text) or to a whole conversation (a list of ``{"role", "content"}``).
 
@@ -248,7 +251,8 @@ class ChatSession:
         iterator of text pieces (``stream=True``) or the whole reply. The reply is added to
         :attr:`messages` when it ends, is cancelled, or the iterator is closed. ``on_progress(done,
         total)`` is called after each prefill chunk; ``ignore_eos`` (tests, benchmarks) lets a
-        reply run past end-of-generation tokens.
+        reply run past end-of-generation tokens; ``stop``: strings that end the reply (besides the
+        template's own), not shown.
         """
         conv = self._conversation(messages)
         self._acquire()
@@ -257,7 +261,9 @@ class ChatSession:
         finally:
             self._busy.release()
         self._cancel.clear()
-        it = self._chat_iter(plan, max_tokens if max_tokens is not None else self.max_tokens, on_progress, ignore_eos)
+        it = self._chat_iter(
+            plan, max_tokens if max_tokens is not None else self.max_tokens, on_progress, ignore_eos, tuple(stop)
+        )
         self._stream = weakref.ref(it)
         return it if stream else "".join(it)
 
@@ -372,18 +378,28 @@ class ChatSession:
         return ends
 
     def _chat_iter(
-        self, plan: _Plan, max_tokens: int, on_progress: Optional[ProgressFn], ignore_eos: bool
+        self,
+        plan: _Plan,
+        max_tokens: int,
+        on_progress: Optional[ProgressFn],
+        ignore_eos: bool,
+        stop: tuple[str, ...] = (),
     ) -> Iterator[str]:
         self._acquire()
         try:
             if plan.version != self._version:  # the session changed between chat() and the first next()
                 plan = self._prepare(plan.conv)
-            yield from self._run_turn(plan, max_tokens, on_progress, ignore_eos)
+            yield from self._run_turn(plan, max_tokens, on_progress, ignore_eos, stop)
         finally:
             self._busy.release()
 
     def _run_turn(
-        self, plan: _Plan, max_tokens: int, on_progress: Optional[ProgressFn], ignore_eos: bool
+        self,
+        plan: _Plan,
+        max_tokens: int,
+        on_progress: Optional[ProgressFn],
+        ignore_eos: bool,
+        stop: tuple[str, ...] = (),
     ) -> Iterator[str]:
         turn = TurnStats(refed=plan.start == 0 and bool(self._fed_text))
         self.last_turn = turn
@@ -409,7 +425,7 @@ class ChatSession:
         self._fed_text = plan.text
         if plan.tokens:
             self._have_logits = True
-        yield from self._reply(max_tokens, turn, chat=True, ignore_eos=ignore_eos)
+        yield from self._reply(max_tokens, turn, chat=True, ignore_eos=ignore_eos, stop=stop)
 
     def _cut_message(self, plan: _Plan, suffix: str, fed: int) -> None:
         """Prefill was cancelled after ``fed`` tokens: cut the last message to what the cache holds."""
@@ -477,16 +493,20 @@ class ChatSession:
             seed = (sp.seed * 1_000_003 + self._n_replies) & 0xFFFFFFFF
             self.session.set_sampler(replace(sp, seed=0 if seed == RANDOM_SEED else seed))
 
-    def _reply(self, max_tokens: int, turn: TurnStats, *, chat: bool, ignore_eos: bool = False) -> Iterator[str]:
+    def _reply(
+        self, max_tokens: int, turn: TurnStats, *, chat: bool, ignore_eos: bool = False, stop: Sequence[str] = ()
+    ) -> Iterator[str]:
         s = self.session
         if not self._have_logits:
             self._refresh_logits()
+        token_hook = self.token_hook
+        logits = s.logits() if self.logits_hook is not None or token_hook is not None else None
         if self.logits_hook is not None:
-            self.logits_hook(s.logits())
+            self.logits_hook(logits)
         self._reply_sampler()
         d0 = s.stats.decode_s
         text = TextStream(self.model)
-        stop = StopFilter(self.template.stops if chat else ())
+        stops = StopFilter((tuple(self.template.stops) if chat else ()) + tuple(stop))
         raw: list[str] = []
         shown: list[str] = []
         n = 0
@@ -495,13 +515,16 @@ class ChatSession:
         try:
             for tok in gen:
                 n += 1
+                if token_hook is not None:  # the logits ``tok`` was sampled from; the next ones are ready now
+                    token_hook(tok, logits)
+                    logits = s.logits()
                 piece = text.push(tok)
                 raw.append(piece)
-                out = stop.push(piece)
+                out = stops.push(piece)
                 if out:
                     shown.append(out)
                     yield out
-                if stop.hit:
+                if stops.hit:
                     turn.stop = "stop_string"
                     break
                 if self._cancel.is_set():
@@ -513,7 +536,7 @@ class ChatSession:
                     turn.stop = "context_full" if full else "eog"
             tail = text.flush()
             raw.append(tail)
-            out = stop.push(tail) + stop.flush()
+            out = stops.push(tail) + stops.flush()
             if out:
                 shown.append(out)
                 yield out
@@ -537,11 +560,13 @@ class ChatSession:
         stream: bool = True,
         ignore_eos: bool = False,
         on_progress: Optional[ProgressFn] = None,
+        stop: Sequence[str] = (),
     ) -> Union[Iterator[str], str]:
         """Continue the session's raw text with ``prompt`` (no template) and generate.
 
         The first call starts with BOS when the model wants it; later calls continue where the
         last one stopped, under the same budget. A session holds either a chat or raw text.
+        ``stop``: strings that end the text, not shown.
         """
         if self._busy.locked():  # busy first: the mode may be about to change under this call
             raise SessionBusyError("the session is busy with another call (use one thread per session at a time)")
@@ -549,13 +574,18 @@ class ChatSession:
             raise ChatError("this session holds a chat; clear() it before generate()")
         self._cancel.clear()
         it = self._generate_iter(
-            prompt, max_tokens if max_tokens is not None else self.max_tokens, ignore_eos, on_progress
+            prompt, max_tokens if max_tokens is not None else self.max_tokens, ignore_eos, on_progress, tuple(stop)
         )
         self._stream = weakref.ref(it)
         return it if stream else "".join(it)
 
     def _generate_iter(
-        self, prompt: str, max_tokens: int, ignore_eos: bool, on_progress: Optional[ProgressFn]
+        self,
+        prompt: str,
+        max_tokens: int,
+        ignore_eos: bool,
+        on_progress: Optional[ProgressFn],
+        stop: tuple[str, ...] = (),
     ) -> Iterator[str]:
         self._acquire()
         try:
@@ -577,11 +607,37 @@ class ChatSession:
                 return
             if tokens:
                 self._have_logits = True
-            yield from self._reply(max_tokens, turn, chat=False, ignore_eos=ignore_eos)
+            yield from self._reply(max_tokens, turn, chat=False, ignore_eos=ignore_eos, stop=stop)
         finally:
             self._busy.release()
 
     # --- live changes ---------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Optional[str]:
+        """What the session holds: "chat", "raw" (text from :meth:`generate`) or None (nothing yet)."""
+        return self._mode
+
+    @property
+    def fed_text(self) -> str:
+        """The text the cache has read, in order (a raw session: its prompts and outputs)."""
+        return self._fed_text
+
+    def set_sampling(self, **changes: Any) -> None:
+        """Sample the next replies with these :class:`SamplerParams` fields changed (``temp``,
+        ``top_p``, ``seed`` ...); a seed of None means random."""
+        if "seed" in changes:
+            seed = changes["seed"]
+            changes["seed"] = RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF
+        params = replace(self.sampler_params, **changes)
+        if params == self.sampler_params:
+            return
+        self._acquire()
+        try:
+            self.sampler_params = params
+            self.session.set_sampler(params)
+        finally:
+            self._busy.release()
 
     def clear(self) -> None:
         """Forget the conversation (the system prompt stays) and start a fresh cache and statistics."""

@@ -703,6 +703,248 @@ def _chat(
 @main.command()
 @click.argument("model", required=False)
 @_model_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option(
+    "--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True, help="0 picks a free port."
+)
+@click.option(
+    "--budget",
+    metavar="N|off",
+    default=None,
+    help="KV budget of every conversation (default 1024, or less for a short trained context); requests may "
+    "choose their own with kv_budget.",
+)
+@_compression_options
+@click.option(
+    "--chat-template",
+    metavar="STR|FILE",
+    help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.",
+)
+@_sampling_options
+@click.option(
+    "-n",
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Tokens per reply when a request does not say.",
+)
+@click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Context size with --budget off.",
+)
+@_runtime_options
+@click.option(
+    "--sessions", type=click.IntRange(min=1), default=4, show_default=True, help="Conversations kept live in memory."
+)
+@click.option(
+    "--session-dir",
+    metavar="DIR",
+    default=None,
+    help="Where idle conversations are saved (and found again after a restart) [default: a temporary "
+    "directory removed at exit].",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    envvar="AMSLOCAL_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on every route but /health and the chat page [$AMSLOCAL_API_KEY].",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="Requests waiting at most; more get 503 with Retry-After.",
+)
+@click.option("--alias", metavar="NAME", default=None, help="The model's name in the API [default: the file's stem].")
+@click.option(
+    "--max-body", type=click.IntRange(min=1), default=8, show_default=True, help="Largest request body, in MiB."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Print llama.cpp's log lines and one line per HTTP request.")
+def serve(**options: Any) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Every conversation keeps a bounded cache; a client that resends the whole history each turn
+    only has the new messages read. At most --sessions conversations stay in memory; the least
+    recently used one is saved to --session-dir and restored when its conversation comes back.
+    Ctrl-C or SIGTERM stop the server and save the live conversations.
+    """
+    try:
+        sys.exit(_serve(**_merge_model(options)))
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _serve(
+    model: Optional[str],
+    host: str,
+    port: int,
+    budget: Optional[str],
+    interval: int,
+    scorer: str,
+    no_ams: bool,
+    ams_variant: str,
+    no_question_aware: bool,
+    positions: str,
+    granularity: str,
+    aggregation: str,
+    chat_template: Optional[str],
+    temp: float,
+    seed: Optional[int],
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    max_tokens: int,
+    ctx_size: int,
+    flash_attn: str,
+    cache_type_k: str,
+    cache_type_v: str,
+    threads: int,
+    n_gpu_layers: Optional[int],
+    batch_size: int,
+    ubatch_size: int,
+    no_mmap: bool,
+    sessions: int,
+    session_dir: Optional[str],
+    api_key: Optional[str],
+    max_queue: int,
+    alias: Optional[str],
+    max_body: int,
+    verbose: bool,
+) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import ServerConfig, create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"amslocal serve needs the server extra ({exc.name} is missing): pip install 'amslocal[server]'"
+        ) from None
+    import socket
+
+    parsed = _parse_budget(budget)
+    template = _read_chat_template(chat_template)
+    if session_dir is not None and Path(session_dir).exists() and not Path(session_dir).is_dir():
+        raise click.BadParameter(f"{session_dir} is not a directory", param_hint="--session-dir")
+    from .backend import set_llama_log
+    from .models import check_compressible, check_request
+
+    set_llama_log(verbose)
+    compress = parsed != -1
+    facts = check_request(model, budget=parsed if compress else None, positions=positions if compress else None)
+    if compress and parsed is None:
+        check_compressible(facts, positions=positions)
+    path = Path(facts["path"])
+    per_session = ctx_size if parsed == -1 else (parsed or 1024) + interval
+    _check_kv_memory(facts, per_session * sessions, cache_type_k, cache_type_v)
+    try:  # bind first: a busy port is one line, before minutes of loading
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    from .api import Engine
+
+    engine = Engine(
+        path,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        n_batch=batch_size,
+        n_ubatch=ubatch_size,
+        use_mmap=not no_mmap,
+    )
+    n_train = engine.model.n_ctx_train
+    if parsed is None:
+        chosen: Optional[int] = min(1024, max(n_train - interval, 1))
+    elif parsed == -1:
+        chosen = None
+    else:
+        if parsed > n_train:
+            raise click.BadParameter(
+                f"the budget {parsed} is above the model's trained context ({n_train})", param_hint="--budget"
+            )
+        chosen = parsed
+    session = dict(
+        budget=chosen,
+        interval=interval,
+        scorer=scorer,
+        ams=not no_ams,
+        ams_variant=ams_variant,
+        question_aware=not no_question_aware,
+        positions=positions,
+        granularity=granularity,
+        aggregation=aggregation,
+        chat_template=template,
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        ctx_size=ctx_size,
+    )
+    engine.session(**session).close()  # a configuration that cannot work fails here, not at the first request
+    config = ServerConfig(
+        model_id=alias or path.stem,
+        session=session,
+        sessions=sessions,
+        session_dir=session_dir,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_body_bytes=max_body << 20,
+    )
+    app = create_app(engine, config)
+    bound = sock.getsockname()
+    shown_host = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+    budget_text = f"budget {chosen} (+{interval})" if chosen is not None else f"full cache of {ctx_size}"
+    _say(
+        f"serving {path.name} as '{config.model_id}' on http://{shown_host}:{bound[1]} ({budget_text}, scorer "
+        f"{scorer}{'' if no_ams else ' + AMS'}, {sessions} live sessions); the chat page is at /. Ctrl-C stops."
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # like uvicorn's, without re-raising the signal after the shutdown: a stop by Ctrl-C or
+            # SIGTERM is the normal end of a server (the sessions are saved), exit code 0
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
+            timeout_graceful_shutdown=3,
+            lifespan="on",
+        )
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        closed = getattr(app, "app", app).state.amslocal.get("closed")
+        engine.close()
+    if closed and closed["saved"]:
+        _say(f"saved {closed['saved']} live conversation(s) to {closed['dir']}")
+    return 0
+
+
+@main.command()
+@click.argument("model", required=False)
+@_model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def info(model: Optional[str], model_option: Optional[str], as_json: bool) -> None:
     """Show MODEL's architecture, sizes, KV bytes per token and whether its cache can be compressed.

@@ -3,7 +3,7 @@
 #
 #   1. .venv/                       (python3 -m venv, created if missing)
 #   2. patched llama-cpp-python     (native/build.py: cached wheel; 3-5 min on 2 cores the first time)
-#   3. amslocal in editable mode    (pip install -e '.[test]'; AFTER step 2 so pip keeps our wheel)
+#   3. amslocal in editable mode    (pip install -e '.[test,bench,server]'; AFTER step 2 so pip keeps our wheel)
 #   4. the default model            (models/fetch.py --quiet; skip with AMSLOCAL_SKIP_MODEL=1)
 #
 # Idempotent: a second run with nothing changed takes seconds.
@@ -50,8 +50,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     say "installing amslocal (editable, with test extras)"
     log=native/_work/pip-install-e.log
     mkdir -p native/_work
-    if ! "$VPY" -m pip install --disable-pip-version-check -e '.[test,bench]' >"$log" 2>&1; then
-        die "pip install -e '.[test,bench]' failed (log: $log)"
+    if ! "$VPY" -m pip install --disable-pip-version-check -e '.[test,bench,server]' >"$log" 2>&1; then
+        die "pip install -e '.[test,bench,server]' failed (log: $log)"
     fi
     # the unpinned llama-cpp-python dependency must still be OUR build (pip keeps it
     # unless something pins another version; patches/ may also have changed meanwhile)
