@@ -820,9 +820,9 @@ def _serve(
     verbose: bool,
 ) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from .server.app import ServerConfig, create_app
+        from .server.app import ServerConfig, create_app, make_server
     except ImportError as exc:
         raise click.ClickException(
             f"amslocal serve needs the server extra ({exc.name} is missing): pip install 'amslocal[server]'"
@@ -915,27 +915,11 @@ def _serve(
         f"{scorer}{'' if no_ams else ' + AMS'}, {sessions} live sessions); the chat page is at /. Ctrl-C stops."
     )
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # like uvicorn's, without re-raising the signal after the shutdown: a stop by Ctrl-C or
-            # SIGTERM is the normal end of a server (the sessions are saved), exit code 0
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
-
-    server = Server(
-        uvicorn.Config(
-            app,
-            log_level="info" if verbose else "warning",
-            access_log=verbose,
-            timeout_graceful_shutdown=3,
-            lifespan="on",
-        )
-    )
+    server = make_server(app, verbose=verbose)
     try:
         server.run(sockets=[sock])
     finally:
-        closed = getattr(app, "app", app).state.amslocal.get("closed")
+        closed = app.state.amslocal.get("closed")
         engine.close()
     if closed and closed["saved"]:
         _say(f"saved {closed['saved']} live conversation(s) to {closed['dir']}")

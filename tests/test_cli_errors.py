@@ -146,6 +146,14 @@ def test_help_without_backend(tmp_path: Path) -> None:
     assert "generate" in proc.stdout
 
 
+def test_serve_without_the_server_extra(tmp_path: Path, tiny_gguf: Path) -> None:
+    # a directory that shadows fastapi with a package that cannot be imported
+    (tmp_path / "fastapi").mkdir()
+    (tmp_path / "fastapi" / "__init__.py").write_text("raise ImportError('no fastapi', name='fastapi')\n")
+    proc = run_cli("serve", str(tiny_gguf), env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"})
+    assert_one_line_error(proc, "pip install 'amslocal[server]'")
+
+
 def test_backend_library_missing(tmp_path: Path, tiny_gguf: Path) -> None:
     proc = run_cli("generate", str(tiny_gguf), "-p", "hi", env={"LLAMA_CPP_LIB_PATH": str(tmp_path)})
     assert_one_line_error(proc, "native/setup.sh", 3)

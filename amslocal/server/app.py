@@ -38,7 +38,7 @@ from ..errors import AmsError, BudgetError, ChatError, OptionError, SessionBusyE
 from .pool import Conversation, SessionPool, Settings, check_session_id
 from .scheduler import Job, QueueFull, Scheduler
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "make_server"]
 
 PAGE = Path(__file__).with_name("static") / "chat.html"
 FINISH = {"eog": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
@@ -401,6 +401,7 @@ class _Guard:
 
     def __init__(self, app: Any, api_key: Optional[str], max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
+        self.state: Any = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -701,4 +702,31 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
     async def completions(request: Request) -> Response:
         return await completion(request, "raw")
 
-    return _Guard(app, config.api_key, config.max_body_bytes)
+    guard = _Guard(app, config.api_key, config.max_body_bytes)
+    guard.state = app.state  # the pool's shutdown report: state.amslocal["closed"]
+    return guard
+
+
+def make_server(app: Any, *, verbose: bool = False) -> Any:
+    """A uvicorn server for ``app`` (run it with ``.run(sockets=[sock])``): its logs only with
+    ``verbose``, 3 s for open streams to end at shutdown."""
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's, without re-raising the signal once shut down: a stop by Ctrl-C or SIGTERM
+            # is the normal end of a server (its sessions are saved), exit code 0
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=3,
+        lifespan="on",
+    )
+    return Server(config)
