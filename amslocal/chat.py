@@ -66,6 +66,26 @@ Messages = Union[str, Sequence[Mapping[str, Any]]]
 # --- the chat session ----------------------------------------------------------------------------
 
 
+class _CancelFlag:
+    """Raised from any thread or from a signal handler, read between tokens. Deliberately without a
+    lock: a handler that interrupts its own thread inside ``threading.Event.clear`` would wait
+    forever for the lock that thread holds."""
+
+    __slots__ = ("raised",)
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def set(self) -> None:
+        self.raised = True
+
+    def clear(self) -> None:
+        self.raised = False
+
+    def is_set(self) -> bool:
+        return self.raised
+
+
 @dataclass
 class TurnStats:
     """One reply: what was read, what was generated, and why it stopped.
@@ -130,7 +150,7 @@ class ChatSession:
         self.token_hook: Optional[Callable[[int, np.ndarray], None]] = None
         self.last_turn = TurnStats()
         self.refeeds = 0
-        self._cancel = threading.Event()
+        self._cancel = _CancelFlag()
         self._busy = threading.Lock()
         self._closed = False
         self._stream: Optional[weakref.ref] = None  # the reply iterator last handed out (close() ends it)
@@ -182,6 +202,11 @@ class ChatSession:
         return self.session.config
 
     @property
+    def n_ctx(self) -> int:
+        """Cells of the llama.cpp context (a budget's ``budget + interval``, rounded up by llama.cpp)."""
+        return self.session.n_ctx
+
+    @property
     def cells_used(self) -> int:
         return self.session.n_occupied
 
@@ -197,7 +222,8 @@ class ChatSession:
         return kept, len(self._system_ids)
 
     def cancel(self) -> None:
-        """Stop the reply (or prefill) in progress at the next token or chunk. Thread-safe."""
+        """Stop the reply (or prefill) in progress at the next token or chunk. Thread-safe, and
+        safe to call from a signal handler."""
         self._cancel.set()
 
     def close(self, timeout: float = 60.0) -> None:

@@ -352,7 +352,7 @@ def _generate(
     verbose: bool,
 ) -> None:
     text = _read_prompt(prompt, prompt_file)
-    from .models import check_request, load_model
+    from .models import check_request
 
     # Header-only checks before the backend loads, so they are reported even on a stock build: the
     # file, and with a budget whether the cache can be compressed and whether the budget can work.
@@ -360,17 +360,26 @@ def _generate(
     path = Path(facts["path"])
     _check_kv_memory(facts, ctx_size if budget is None else budget + interval, cache_type_k, cache_type_v)
     # Lazy: the backend import raises BackendMissingError on a stock llama.cpp build.
-    from .backend import ContextParams, SamplerParams, set_llama_log
-    from .engine import TextStream
+    from .backend import set_llama_log
 
     set_llama_log(verbose)  # llama.cpp's own lines only with -v
-    from .session import CompressionConfig, Session
+    from .api import Engine
 
-    llm = load_model(path, validate=False, n_gpu_layers=n_gpu_layers, use_mmap=not no_mmap)
-    tokens = llm.tokenize(text, add_special=True, parse_special=False)
+    engine = Engine(
+        path,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        n_batch=batch_size,
+        n_ubatch=ubatch_size,
+        use_mmap=not no_mmap,
+    )
+    tokens = engine.model.tokenize(text, add_special=True, parse_special=False)
     if not tokens:
         raise click.ClickException("the prompt is empty")
-    config = CompressionConfig(
+    session = engine.session(
         budget=budget,
         interval=interval,
         scorer=scorer,
@@ -380,57 +389,41 @@ def _generate(
         positions=positions,
         granularity=granularity,
         aggregation=aggregation,
-    )
-    config.validate(llm.n_ctx_train)  # the one check (config.py): budget, interval, trained context
-    if budget is not None and scorer == "triattention":
-        from .calibration import load_for_model
-
-        config.calibration = load_for_model(path)
-    ctx_params = ContextParams(
-        n_ctx=ctx_size,
-        n_batch=min(batch_size, ctx_size),
-        n_ubatch=min(ubatch_size, batch_size, ctx_size),
-        n_threads=threads,
-        flash_attn=flash_attn,
-        type_k=cache_type_k,
-        type_v=cache_type_v,
-    )
-    sampler_params = SamplerParams(
-        temp=temp,
+        chat_template="chatml",  # raw text: the model's own template is never rendered
+        temperature=temp,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
         repeat_penalty=repeat_penalty,
-        **({"seed": seed} if seed is not None else {}),
+        seed=seed,
+        max_tokens=max_tokens,
+        ctx_size=ctx_size,
     )
-    session = Session(llm, config, ctx_params, sampler_params)
     n_ctx = session.n_ctx
     if budget is None and len(tokens) > n_ctx:
         raise click.ClickException(
             f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; raise --ctx-size or set a --budget"
         )
 
-    stream = TextStream(llm)
     out = sys.stdout
     if hasattr(out, "reconfigure"):  # a non-UTF-8 terminal gets "?" for what it cannot show, not a crash
         out.reconfigure(errors="replace")
     last = ""  # the end of what was written, so the text can end with a newline
-    # Ctrl-C and SIGTERM only raise a flag that the loop reads between tokens: an exception raised
-    # by a signal handler while llama.cpp is calling back into Python (its log callback) would be
-    # swallowed by ctypes, and the run would not stop
+    # Ctrl-C and SIGTERM only raise the session's cancel flag (lock-free), read between prefill
+    # chunks and tokens: an exception raised by a signal handler while llama.cpp is calling back
+    # into Python (its log callback) would be swallowed by ctypes, and the run would not stop
     caught: list[str] = []
 
     def stop(signum: int, frame: Any) -> None:
         caught.append(signal.Signals(signum).name)
+        session.cancel()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for tok in session.generate(tokens, max_tokens, ignore_eos=ignore_eos, cancel=lambda: bool(caught)):
-            piece = stream.push(tok)
-            if piece:
-                out.write(piece)
-                out.flush()
-                last = piece
+        for piece in session.generate(text, max_tokens=max_tokens, ignore_eos=ignore_eos):
+            out.write(piece)
+            out.flush()
+            last = piece
     except BrokenPipeError:
         # The reader went away (`| head`): point stdout at /dev/null so the exit flush cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
@@ -439,12 +432,9 @@ def _generate(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     interrupted: Optional[str] = caught[0] if caught else None
-    tail = stream.flush()
-    last = tail or last
     if last and not last.endswith("\n"):  # the stats line and the shell prompt go on their own line
-        tail += "\n"
-    out.write(tail)
-    out.flush()
+        out.write("\n")
+        out.flush()
 
     st = session.stats
     if (
@@ -1069,6 +1059,20 @@ def _int_list(value: str, what: str) -> list[int]:
     is_flag=True,
     help="Score prompt compressions by the prompt read so far, not by its last tokens decoded ahead.",
 )
+@click.option(
+    "--aggregation",
+    type=click.Choice(["mean", "max", "rank"]),
+    default="mean",
+    show_default=True,
+    help="Every method: how per-layer, per-head scores become one ranking per token (token sets).",
+)
+@click.option(
+    "--positions",
+    type=click.Choice(["keep", "compact"]),
+    default="keep",
+    show_default=True,
+    help="Every method: kept tokens keep their positions, or are compacted at every event.",
+)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG pictures.")
 @click.option(
     "-t",
@@ -1117,6 +1121,8 @@ def bench_quality(
     turns: int,
     no_replay: bool,
     no_question_aware: bool,
+    aggregation: str,
+    positions: str,
     no_plots: bool,
     threads: int,
     shard: Optional[str],
@@ -1178,6 +1184,8 @@ def bench_quality(
         replay=not no_replay,
         question_aware=not no_question_aware,
         calibration=calibration,
+        aggregation=aggregation,
+        positions=positions,
     )
     out = Path(out_dir) if out_dir else Path("bench-results") / f"{task}-{path.stem}"
     llm = load_model(path, compress=any(m.compresses for m in method_list))

@@ -288,6 +288,16 @@ def test_bench_fidelity_run(tmp_path):
         assert r["kl"] >= 0 and 0 <= r["top1"] <= 1 and r["compressions"] > 0
         assert 0 <= r["first_divergence"] <= 40
 
+    # aggregation and positions are settings of the whole run: recorded, and they change the numbers
+    args = [a if a != str(out) else str(tmp_path / "fid2") for a in proc.args[3:]]
+    assert_one_line_error(run_cli(*proc.args[3:], "--aggregation", "rank"), "aggregation")
+    other = run_cli(*args, "--aggregation", "rank", "--positions", "compact")
+    assert other.returncode == 0, other.stderr
+    manifest = json.loads((tmp_path / "fid2" / "run.json").read_text())
+    assert (manifest["aggregation"], manifest["positions"]) == ("rank", "compact")
+    rows2 = {r["method"]: r for r in json.loads((tmp_path / "fid2" / "summary.json").read_text())["results"]}
+    assert rows2["ams-tova"]["kl"] != rows["ams-tova"]["kl"]
+
 
 @pytest.mark.parametrize(
     "args, phrase",

@@ -260,7 +260,7 @@ def test_soak_3000_tokens_at_budget_64_keeps_memory_flat(smollm2_model):
     s = Session(
         smollm2_model,
         CompressionConfig(budget=64, interval=16),
-        ContextParams(n_threads=2),
+        ContextParams(n_threads=1),  # 2 threads collapse when another process shares the 2 cores
         SamplerParams(temp=0.8, seed=3),
     )
     for _ in s.generate(smollm2_model.tokenize("Once upon a time"), 400, ignore_eos=True):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -207,3 +207,30 @@ def write_truncated_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str
     dst = Path(dst)
     dst.write_bytes(data[: len(data) // 2])
     return dst
+
+
+def add_kv(w: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        w.add_array(key, list(value))
+    else:
+        raise TypeError(key)
+
+
+def write_header_gguf(path: Path, arch: str, kv: dict[str, Any]) -> Path:
+    """A GGUF with metadata only (no tensors): enough for model_info, not for llama.cpp."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        add_kv(w, key if key.startswith(("general.", "tokenizer.")) else f"{arch}.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -224,12 +224,7 @@ def run_conversation(
         cfg = CompressionConfig(budget=None)
         ctx = ContextParams(n_ctx=n_ctx, n_batch=min(512, n_ctx), n_ubatch=min(512, n_ctx), n_threads=s.n_threads)
     elif method.kind == "session":
-        cfg = CompressionConfig(
-            budget=budget,
-            interval=s.interval,
-            **method.config,
-            calibration=s.calibration if method.scorer == "triattention" else None,
-        )
+        cfg = CompressionConfig(budget=budget, **s.session_fields(method))
         ctx = ContextParams(n_threads=s.n_threads)
     else:
         raise OptionError(f"{method.name} is not a chat session; leave it out of --methods for --task chat")

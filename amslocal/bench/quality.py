@@ -123,6 +123,8 @@ def _manifest(run: QualityRun, model: Model) -> dict:
         "replay": s.replay,
         "passkey_tokens": run.passkey_tokens if run.task == "passkey" else None,
         **({} if s.question_aware else {"question_aware": False}),
+        **({} if s.aggregation == "mean" else {"aggregation": s.aggregation}),
+        **({} if s.positions == "keep" else {"positions": s.positions}),
         **({"doc_tokens": run.doc_tokens} if run.task == "perplexity" else {}),
         **({"turns": run.turns} if run.task == "chat" else {}),
     }

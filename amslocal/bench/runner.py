@@ -38,6 +38,18 @@ class RunSettings:
     replay: bool = True
     question_aware: bool = True  # prompts: the last tokens observe compressions before them
     calibration: Optional[dict] = None  # TriAttention's statistics of this model
+    aggregation: str = "mean"  # how (layer, head) scores become one ranking per token (token sets)
+    positions: str = "keep"  # kept tokens keep their positions, or are compacted at every event
+
+    def session_fields(self, method: "Method") -> dict:
+        """The CompressionConfig fields of ``method`` under these settings (budget aside)."""
+        return {
+            "interval": self.interval,
+            **method.config,
+            "aggregation": self.aggregation,
+            "positions": self.positions,
+            "calibration": self.calibration if method.scorer == "triattention" else None,
+        }
 
     @property
     def greedy(self) -> bool:
@@ -130,11 +142,7 @@ def run_method(
         )
     else:
         cfg = CompressionConfig(
-            budget=kv_budget,
-            interval=settings.interval,
-            **method.config,
-            question_aware=settings.question_aware,
-            calibration=settings.calibration if method.scorer == "triattention" else None,
+            budget=kv_budget, question_aware=settings.question_aware, **settings.session_fields(method)
         )
         s = Session(model, cfg, ctx, sampler, observe_attention=True)
         rec = WipeoutRecorder(window=s.mass_window, group=s.group, keep_events=keep_events)
@@ -175,12 +183,7 @@ def _forcing_runner(model: Model, method: Method, n_prompt: int, kv_budget: int,
     if method.kind == "context-shift":
         n_keep = n_prompt if settings.n_keep < 0 else settings.n_keep
         return ContextShiftSession(model, kv_budget + settings.interval, n_keep, ctx), None
-    cfg = CompressionConfig(
-        budget=kv_budget,
-        interval=settings.interval,
-        **method.config,
-        calibration=settings.calibration if method.scorer == "triattention" else None,
-    )
+    cfg = CompressionConfig(budget=kv_budget, **settings.session_fields(method))
     s = Session(model, cfg, ctx, observe_attention=True)
     s.on_compress = WipeoutRecorder(window=s.mass_window, group=s.group)
     return s, s.on_compress
