@@ -930,12 +930,23 @@ def info(model: Optional[str], model_option: Optional[str], as_json: bool) -> No
 
     model = _merge_model({"model": model, "model_option": model_option})["model"]
     facts = model_info(locate_model(model))
+    try:  # the library this model would run on; info itself never needs it
+        from .backend import library_info
+
+        lib = library_info()
+        backend = {**lib, "available": True}
+        line = f"{' + '.join(lib['backends']) or 'unknown'} (llama-cpp-python {lib['llama_cpp_python']}, patched)"
+        if lib["gpu_offload"]:
+            line += "; layers offload to the GPU by default (-ngl)"
+    except AmsError as exc:
+        backend = {"available": False, "reason": str(exc)}
+        line = f"not available: {exc}"
     if as_json:
         import json
 
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps({**facts, "backend": backend}, indent=2))
     else:
-        click.echo(format_info(facts))
+        click.echo(format_info(facts, [("backend", line)]))
 
 
 @main.group(cls=click.Group)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
@@ -523,8 +523,9 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_info(info: Mapping[str, Any]) -> str:
-    """The facts of :func:`model_info` as an aligned text block (no trailing newline)."""
+def format_info(info: Mapping[str, Any], extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The facts of :func:`model_info` as an aligned text block (no trailing newline); ``extra``
+    (label, text) rows go at the end."""
     rows: list[tuple[str, str]] = []
     add = rows.append
     name = os.path.basename(info["path"])
@@ -634,6 +635,7 @@ def format_info(info: Mapping[str, Any]) -> str:
         add(("compression", f"supported: {comp['reason']}"))
     else:
         add(("compression", f"not supported: {comp['reason']}"))
+    rows.extend(extra)
 
     width = max(len(k) for k, v in rows if v) + 2
     return "\n".join(f"{k}" if not v else f"{k:<{width}}{v}" for k, v in rows)

@@ -634,13 +634,31 @@ def info_command() -> None:
 
 
 def test_cli_info(info_command: None, tiny_path: Path) -> None:
+    backend = _backend()
+    lib = backend.library_info()
+    line = f"{' + '.join(lib['backends'])} (llama-cpp-python {lib['llama_cpp_python']}, patched)"
+    if lib["gpu_offload"]:
+        line += "; layers offload to the GPU by default (-ngl)"
     proc = _run_cli("info", str(tiny_path))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == format_info(model_info(tiny_path))
+    assert proc.stdout.strip() == format_info(model_info(tiny_path), [("backend", line)])
+    assert "CPU" in lib["backends"] and lib["llama_cpp_python"] != "unknown"
     assert proc.stderr == ""
     proc = _run_cli("info", str(tiny_path), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == json.loads(json.dumps(model_info(tiny_path)))
+    facts = json.loads(proc.stdout)
+    assert facts.pop("backend") == {**lib, "available": True}
+    assert facts == json.loads(json.dumps(model_info(tiny_path)))
+
+
+def test_cli_info_without_the_backend_says_so(info_command: None, tiny_path: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LLAMA_CPP_LIB_PATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "amslocal", "info", str(tiny_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    label, text = proc.stdout.splitlines()[-1].split(None, 1)
+    assert label == "backend" and text.startswith("not available: ") and "native/setup.sh" in text
 
 
 def test_cli_info_unsupported_is_not_an_error(info_command: None, mamba_path: Path) -> None:

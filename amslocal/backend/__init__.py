@@ -14,6 +14,7 @@ from .handles import (
     Model,
     Sampler,
     SamplerParams,
+    library_info,
     set_llama_log,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "Model",
     "Sampler",
     "SamplerParams",
+    "library_info",
     "set_llama_log",
 ]

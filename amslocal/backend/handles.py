@@ -64,6 +64,24 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def library_info() -> dict:
+    """What the loaded libllama was built with: its backends (``CPU``, ``CUDA``, ``Metal`` ...),
+    whether it can offload layers, and llama-cpp-python's version."""
+    raw = llama.llama_print_system_info()
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    backends = []
+    for part in text.split("|"):
+        name, sep, _ = part.partition(" : ")
+        if sep and name.strip() and name.strip() not in backends:
+            backends.append(name.strip())
+    return {
+        "backends": backends,
+        "gpu_offload": bool(llama.llama_supports_gpu_offload()),
+        "llama_cpp_python": getattr(sys.modules.get("llama_cpp"), "__version__", "unknown"),
+        "system_info": text.strip(" |"),
+    }
+
+
 def gpu_layers_from_env() -> int:
     """Layers to offload when the caller does not say: $AMSLOCAL_N_GPU_LAYERS (-1 = all), else all
     of them when the library was built with a GPU backend (CUDA, Metal, ...), as llama.cpp does."""
