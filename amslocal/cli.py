@@ -1160,6 +1160,12 @@ def bench_quality(
         raise click.BadParameter("perplexity budgets are whole cells (there is no prompt)", param_hint="--budget-base")
     if task == "chat" and click.get_current_context().get_parameter_source("methods").name == "DEFAULT":
         method_list = [m for m in method_list if m.kind != "context-shift"]  # not a chat session
+    if task == "fidelity":  # the full cache is what every method is compared with, not a row
+        method_list = [m for m in method_list if m.kind != "full"]
+        if not method_list:
+            raise click.BadParameter(
+                "fidelity compares compressed methods with the full cache; name some", param_hint="--methods"
+            )
     budget_list = _int_list(
         budgets or {"perplexity": "256,512,1024", "chat": "256,512"}.get(task, "96,128,192"), "--budgets"
     )

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/fidelity-aggregation}
 common=(--task fidelity --budgets 128 --budget-base absolute --interval 64 --max-tokens 256 -n 6
-        --methods full,tova,ams-tova,ams-snapkv --no-plots -q -t 1)
+        --methods tova,ams-tova,ams-snapkv --no-plots -q -t 1)
 for agg in mean max rank; do
     .venv/bin/amslocal bench quality "${common[@]}" --aggregation "$agg" --out "$OUT/$agg"
 done

@@ -272,7 +272,7 @@ def test_bench_fidelity_run(tmp_path):
         "--interval",
         "8",
         "--methods",
-        "streaming,ams-tova",
+        "full,streaming,ams-tova",
         "--max-tokens",
         "40",
         "--n",
