@@ -112,6 +112,7 @@ class Engine:
         top_p: float = 0.95,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
+        grammar: Optional[str] = None,
         seed: Optional[int] = None,
         max_tokens: int = 512,
         ctx_size: int = 2048,
@@ -131,7 +132,9 @@ class Engine:
         (head where the model and scorer allow it, else token).
         ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
-        reproducible, also after ``load``. ``max_tokens``: the default reply length.
+        reproducible, also after ``load``. ``grammar``: GBNF text (a ``root`` rule) that every reply
+        must follow (:mod:`amslocal.grammar` turns a JSON schema into one). ``max_tokens``: the
+        default reply length.
 
         The returned :class:`~amslocal.chat.ChatSession` offers ``chat(messages_or_text)``,
         ``generate(prompt)``, ``cancel()``, ``save(path)``, ``load(path)``, ``clear()``,
@@ -167,6 +170,7 @@ class Engine:
             top_p=top_p,
             min_p=min_p,
             repeat_penalty=repeat_penalty,
+            grammar=grammar or None,
             seed=RANDOM_SEED if seed is None else int(seed) & 0xFFFFFFFF,
         )
         template = ChatTemplate.for_model(self.model, chat_template)

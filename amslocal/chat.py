@@ -363,8 +363,13 @@ class ChatSession:
         return _Plan(conv, text, start, tokens, flags, ends, ranges, self._version)
 
     @staticmethod
-    def _check_budget_for_system(cfg: CompressionConfig, n_system: int) -> None:
+    def _check_budget_for_system(cfg: CompressionConfig, n_system: int, what: Optional[str] = None) -> None:
         room = cfg.budget - cfg.n_sink - cfg.keep_last - 1
+        if n_system > room and what is not None:
+            raise BudgetError(
+                f"{what} keeps {n_system} prompt tokens, but a budget of {cfg.budget} protects at most {room} "
+                "(budget - n_sink - keep_last - 1); raise the budget or keep fewer tokens"
+            )
         if n_system > room:
             raise BudgetError(
                 f"the system prompt and its template take {n_system} tokens, but a budget of {cfg.budget} "
@@ -513,11 +518,13 @@ class ChatSession:
 
     def _reply_sampler(self) -> None:
         """With a fixed seed every reply gets its own seed, derived from the reply count, so a
-        loaded session samples what the saved one would have."""
+        loaded session samples what the saved one would have; a grammar starts over."""
         sp = self.sampler_params
         if sp.temp > 0 and sp.seed != RANDOM_SEED:
             seed = (sp.seed * 1_000_003 + self._n_replies) & 0xFFFFFFFF
             self.session.set_sampler(replace(sp, seed=0 if seed == RANDOM_SEED else seed))
+        elif sp.grammar:  # a grammar's state is where the last reply ended: every reply starts at its root
+            self.session.set_sampler(sp)
 
     def _reply(
         self, max_tokens: int, turn: TurnStats, *, chat: bool, ignore_eos: bool = False, stop: Sequence[str] = ()
@@ -587,21 +594,22 @@ class ChatSession:
         ignore_eos: bool = False,
         on_progress: Optional[ProgressFn] = None,
         stop: Sequence[str] = (),
+        keep: int = 0,
     ) -> Union[Iterator[str], str]:
         """Continue the session's raw text with ``prompt`` (no template) and generate.
 
         The first call starts with BOS when the model wants it; later calls continue where the
         last one stopped, under the same budget. A session holds either a chat or raw text.
-        ``stop``: strings that end the text, not shown.
+        ``stop``: strings that end the text, not shown. ``keep`` (first call only): the prompt's
+        first tokens that are never evicted, as llama.cpp's ``--keep`` (-1: the whole prompt).
         """
         if self._busy.locked():  # busy first: the mode may be about to change under this call
             raise SessionBusyError("the session is busy with another call (use one thread per session at a time)")
         if self._mode == "chat":
             raise ChatError("this session holds a chat; clear() it before generate()")
         self._cancel.clear()
-        it = self._generate_iter(
-            prompt, max_tokens if max_tokens is not None else self.max_tokens, ignore_eos, on_progress, tuple(stop)
-        )
+        n = max_tokens if max_tokens is not None else self.max_tokens
+        it = self._generate_iter(prompt, n, ignore_eos, on_progress, tuple(stop), keep)
         self._stream = weakref.ref(it)
         return it if stream else "".join(it)
 
@@ -612,20 +620,27 @@ class ChatSession:
         ignore_eos: bool,
         on_progress: Optional[ProgressFn],
         stop: tuple[str, ...] = (),
+        keep: int = 0,
     ) -> Iterator[str]:
         self._acquire()
         try:
             s = self.session
             first = s.n_occupied == 0
             tokens = self.model.tokenize(prompt, add_special=first, parse_special=False) if prompt or first else []
-            self._check_fits(tokens, [0] * len(tokens), refeed=False)
+            n_keep = (len(tokens) if keep < 0 else min(keep, len(tokens))) if first else 0
+            flags = [2] * n_keep + [0] * (len(tokens) - n_keep)
+            if n_keep and s.config.budget is not None:
+                self._check_budget_for_system(s.config, n_keep, what=f"--keep {keep}")
+            self._check_fits(tokens, flags, refeed=False)
+            if n_keep:
+                self._n_system = n_keep
             self._mode = "raw"
             self._version += 1
             turn = TurnStats()
             self.last_turn = turn
             st = s.stats
             p0 = st.prefill_s
-            fed = self._feed(tokens, [0] * len(tokens), on_progress)
+            fed = self._feed(tokens, flags, on_progress)
             turn.prompt_tokens, turn.prefill_s = fed, st.prefill_s - p0
             self._fed_text += prompt if fed == len(tokens) else ""
             if fed < len(tokens):

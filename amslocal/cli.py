@@ -246,6 +246,15 @@ _sampling_options = _options(
         help="Penalise tokens seen in the last 64 (1.0 = off).",
     ),
 )
+# llama.cpp's constrained sampling, for generate and chat
+_grammar_options = _options(
+    click.option("--grammar", metavar="GBNF", default=None, help="Only sample what this GBNF grammar allows."),
+    click.option("--grammar-file", metavar="FILE", default=None, help="The same, from a file."),
+    click.option(
+        "-j", "--json-schema", metavar="SCHEMA", default=None, help="Only sample JSON that this JSON schema allows."
+    ),
+    click.option("-jf", "--json-schema-file", metavar="FILE", default=None, help="The same, from a file."),
+)
 _runtime_options = _options(
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option(
@@ -296,6 +305,14 @@ _runtime_options = _options(
 )
 @_compression_options
 @_sampling_options
+@_grammar_options
+@click.option(
+    "--keep",
+    type=click.IntRange(min=-1),
+    default=0,
+    show_default=True,
+    help="Prompt tokens that are never evicted, as llama.cpp's --keep (-1: the whole prompt).",
+)
 @click.option(
     "-c",
     "--ctx-size",
@@ -338,6 +355,11 @@ def _generate(
     top_p: float,
     min_p: float,
     repeat_penalty: float,
+    grammar: Optional[str],
+    grammar_file: Optional[str],
+    json_schema: Optional[str],
+    json_schema_file: Optional[str],
+    keep: int,
     ctx_size: int,
     flash_attn: str,
     cache_type_k: str,
@@ -352,7 +374,10 @@ def _generate(
     verbose: bool,
 ) -> None:
     text = _read_prompt(prompt, prompt_file)
+    from .grammar import read_grammar_options
     from .models import check_request
+
+    gbnf = read_grammar_options(grammar, grammar_file, json_schema, json_schema_file)
 
     # Header-only checks before the backend loads, so they are reported even on a stock build: the
     # file, and with a budget whether the cache can be compressed and whether the budget can work.
@@ -395,6 +420,7 @@ def _generate(
         top_p=top_p,
         min_p=min_p,
         repeat_penalty=repeat_penalty,
+        grammar=gbnf,
         seed=seed,
         max_tokens=max_tokens,
         ctx_size=ctx_size,
@@ -420,7 +446,7 @@ def _generate(
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for piece in session.generate(text, max_tokens=max_tokens, ignore_eos=ignore_eos):
+        for piece in session.generate(text, max_tokens=max_tokens, ignore_eos=ignore_eos, keep=keep):
             out.write(piece)
             out.flush()
             last = piece
@@ -554,6 +580,7 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
     help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.",
 )
 @_sampling_options
+@_grammar_options
 @click.option(
     "-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per reply at most."
 )
@@ -600,6 +627,10 @@ def _chat(
     top_p: float,
     min_p: float,
     repeat_penalty: float,
+    grammar: Optional[str],
+    grammar_file: Optional[str],
+    json_schema: Optional[str],
+    json_schema_file: Optional[str],
     max_tokens: int,
     ctx_size: int,
     flash_attn: str,
@@ -617,8 +648,10 @@ def _chat(
         raise click.UsageError("standard input is closed: amslocal chat reads your messages from it")
     parsed = _parse_budget(budget)
     template = _read_chat_template(chat_template)
+    from .grammar import read_grammar_options
     from .models import check_compressible, check_request
 
+    gbnf = read_grammar_options(grammar, grammar_file, json_schema, json_schema_file)
     # header checks before the backend loads: the file, the budget, and whether the cache compresses
     compress = parsed != -1
     facts = check_request(model, budget=parsed if compress else None, positions=positions if compress else None)
@@ -668,6 +701,7 @@ def _chat(
         top_p=top_p,
         min_p=min_p,
         repeat_penalty=repeat_penalty,
+        grammar=gbnf,
         seed=seed,
         max_tokens=max_tokens,
         ctx_size=ctx_size,

@@ -188,3 +188,4 @@ class SamplerParams:
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
     repeat_penalty: float = 1.0  # 1.0 = off (llama.cpp's default)
     repeat_last_n: int = 64  # tokens the penalty looks back over
+    grammar: Optional[str] = None  # GBNF text with a 'root' rule: only what it allows is sampled

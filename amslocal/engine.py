@@ -68,7 +68,7 @@ class Generator:
         self.ctx = Context(model, ctx_params)
         self.view = CacheView(self.ctx)
         self.batch = Batch(ctx_params.n_batch)
-        self.sampler = Sampler(sampler_params, model.n_vocab)
+        self.sampler = Sampler(sampler_params, model.n_vocab, model.vocab)
         self.tokens_at: dict[int, int] = {}  # live position -> token id
 
     # --- state ----------------------------------------------------------------------------

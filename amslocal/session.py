@@ -291,7 +291,7 @@ class Session:
 
     def set_sampler(self, params: SamplerParams) -> None:
         """Sample from now on with ``params``."""
-        self.gen.sampler = Sampler(params, self.model.n_vocab)
+        self.gen.sampler = Sampler(params, self.model.n_vocab, self.model.vocab)
 
     def close(self) -> None:
         """Free the llama.cpp context (the session cannot be used afterwards)."""

@@ -90,6 +90,37 @@ def test_openai_client_completions(smol):
     assert _usage(follow)["prompt_tokens_fed"] < _usage(follow)["prompt_tokens"]
 
 
+@needs_model
+def test_response_format_constrains_the_reply(smol):
+    client = _client(smol)
+    person = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    ask = [{"role": "user", "content": "Invent a person; answer in JSON."}]
+    r = client.chat.completions.create(
+        model="amslocal",
+        messages=ask,
+        max_tokens=80,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}},
+    )
+    assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
+    r = client.chat.completions.create(
+        model="amslocal", messages=ask, max_tokens=120, temperature=0, response_format={"type": "json_object"}
+    )
+    assert r.choices[0].message.content.lstrip().startswith("{")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model="amslocal", messages=ask, max_tokens=4, response_format={"type": "json_schema", "json_schema": {}}
+        )
+    with pytest.raises(openai.BadRequestError, match="does not parse"):
+        client.chat.completions.create(
+            model="amslocal", messages=ask, max_tokens=4, extra_body={"grammar": "root ::= ("}
+        )
+
+
 # --- reuse --------------------------------------------------------------------------------------
 
 

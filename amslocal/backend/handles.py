@@ -7,16 +7,18 @@ compression; the cache view and the engine sit on top.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..config import ContextParams, SamplerParams
-from ..errors import DecodeError, ModelError
+from ..errors import AmsError, DecodeError, ModelError, OptionError
 from . import _ams_raw as ams
 from ._ams_raw import _llama as llama
 
@@ -369,14 +371,48 @@ class Batch:
         self.close()
 
 
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collect what native code writes to file descriptor 2 meanwhile (``.text`` afterwards)."""
+    out = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.text = tmp.read().decode("utf-8", "replace")
+
+
 class Sampler:
     """llama.cpp's sampler chain."""
 
-    def __init__(self, params: SamplerParams = SamplerParams(), n_vocab: int = 0):
-        """``n_vocab``: the model's vocabulary size (this llama.cpp's repetition penalty asks for it)."""
+    def __init__(self, params: SamplerParams = SamplerParams(), n_vocab: int = 0, vocab=None):
+        """``n_vocab``: the model's vocabulary size (this llama.cpp's repetition penalty asks for it);
+        ``vocab``: the model's vocabulary, needed for a grammar (``params.grammar``, GBNF text), which
+        constrains every sampled token and is accepted token by token (llama.cpp's grammar sampler)."""
         sp = llama.llama_sampler_chain_default_params()
         sp.no_perf = True
         self._ptr = llama.llama_sampler_chain_init(sp)
+        if params.grammar:
+            if vocab is None:
+                raise AmsError("a grammar needs the model's vocabulary")
+            with _stderr_captured() as said:  # llama.cpp's grammar parser prints its reason to stderr itself
+                grammar = llama.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                self.close()
+                why = " ".join(said.text.split())[:300]
+                message = "the grammar does not parse as GBNF with a 'root' rule"
+                raise OptionError(message + (f" ({why})" if why else ""))
+            llama.llama_sampler_chain_add(self._ptr, grammar)
         if params.temp <= 0:
             if params.repeat_penalty != 1.0:  # llama.cpp applies penalties before greedy picking too
                 llama.llama_sampler_chain_add(

@@ -195,6 +195,39 @@ class Sampling:
     ignore_eos: bool
     logprobs: bool
     top_logprobs: int
+    grammar: Optional[str] = None
+
+
+def _grammar(body: dict) -> Optional[str]:
+    """GBNF from ``response_format`` (OpenAI: json_object, json_schema) or llama-server's ``grammar``."""
+    from ..grammar import JSON_GRAMMAR, json_schema_grammar
+
+    grammar = body.get("grammar")
+    fmt = body.get("response_format")
+    if grammar is not None and fmt is not None:
+        raise APIError(400, "give response_format or grammar, not both", param="grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise APIError(400, "grammar must be GBNF text", param="grammar")
+        return grammar
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = fmt.get("schema")  # llama-server's extension
+            return JSON_GRAMMAR if schema is None else json_schema_grammar(schema)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON schema", param="response_format")
+            return json_schema_grammar(schema)
+    except OptionError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
+    raise APIError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
 
 
 class _Requests:
@@ -267,6 +300,7 @@ class _Requests:
             ignore_eos=bool(_flag(body, "ignore_eos")),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            grammar=_grammar(body),
         )
 
     def settings(self, body: dict) -> Settings:
@@ -353,7 +387,13 @@ def _run(job: Job, pool: SessionPool, kind: str, payload: Any, sid: Optional[str
     recorder = _LogprobRecorder(chat.model, s.top_logprobs) if s.logprobs else None
     try:
         chat.set_sampling(
-            temp=s.temp, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repeat_penalty=s.repeat_penalty, seed=s.seed
+            temp=s.temp,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            seed=s.seed,
+            grammar=s.grammar,
         )
         st = chat.stats
         before = (st.compressions, st.evicted_tokens)
