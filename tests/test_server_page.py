@@ -62,7 +62,7 @@ def test_chat_page_streams_a_reply_and_shows_the_cache_meter(browser):
         browser.get(server.base + "/")
         wait = WebDriverWait(browser, 120)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "SmolLM2-135M-Instruct.Q4_1")
-        assert browser.find_element(By.ID, "meter").text == "0 / 64"
+        assert browser.find_element(By.ID, "meter").text == "0 / 64 (+32)"
         assert browser.find_element(By.ID, "scorer").get_attribute("value") == "rkv"
 
         def ask(text: str):
@@ -75,7 +75,7 @@ def test_chat_page_streams_a_reply_and_shows_the_cache_meter(browser):
 
         first = ask("Tell me a long story about a lighthouse keeper.")
         assert first.find_element(By.CLASS_NAME, "text").text.strip()
-        used, budget = re.fullmatch(r"(\d+) / (\d+)", browser.find_element(By.ID, "meter").text).groups()
+        used, budget = re.fullmatch(r"(\d+) / (\d+) \(\+32\)", browser.find_element(By.ID, "meter").text).groups()
         assert budget == "64" and 0 < int(used) <= 64 + 32
         second = ask("And what happened next?")
         meta = second.find_element(By.CLASS_NAME, "meta").text

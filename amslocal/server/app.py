@@ -370,6 +370,7 @@ def _usage(conv: Conversation, prompt_tokens: int, before: tuple[int, int]) -> d
         "prompt_tokens_fed": fed,
         "cells_used": chat.cells_used,
         "kv_budget": chat.config.budget,
+        "kv_capacity": chat.config.capacity,  # budget + interval: the most cells ever in use
         "compressions": st.compressions - before[0],
         "evicted_tokens": st.evicted_tokens - before[1],
         "session_restored": conv.restored,
