@@ -766,6 +766,13 @@ def _chat(
     "--sessions", type=click.IntRange(min=1), default=4, show_default=True, help="Conversations kept live in memory."
 )
 @click.option(
+    "--max-saved",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Conversations kept on disk; the least recently used beyond it are forgotten.",
+)
+@click.option(
     "--session-dir",
     metavar="DIR",
     default=None,
@@ -836,6 +843,7 @@ def _serve(
     ubatch_size: int,
     no_mmap: bool,
     sessions: int,
+    max_saved: int,
     session_dir: Optional[str],
     api_key: Optional[str],
     max_queue: int,
@@ -925,6 +933,7 @@ def _serve(
         model_id=alias or path.stem,
         session=session,
         sessions=sessions,
+        max_saved=max_saved,
         session_dir=session_dir,
         api_key=api_key,
         max_queue=max_queue,

@@ -387,6 +387,21 @@ def test_pool_matches_the_longest_absorbed_prefix_and_keeps_kinds_apart(tiny_ggu
             pool.acquire("chat", messages=u1, session_id=[c for c in pool._table if pool._table[c].busy][0])
         pool.close()
 
+        # at most max_saved conversations stay on disk; the oldest beyond it is forgotten
+        small = SessionPool(new, max_live=1, max_saved=1, session_dir=tmp_path / "small")
+        ids = []
+        for text in ("first", "second", "third"):
+            msgs = [{"role": "user", "content": text}]
+            conv = small.acquire("chat", messages=msgs)
+            conv.chat.chat(msgs, stream=False, max_tokens=2)
+            small.release(conv)
+            ids.append(conv.id)
+        assert small.forgotten == 1 and [p.stem for p in (tmp_path / "small").glob("*.amss")] == [ids[1]]
+        again = small.acquire("chat", messages=[{"role": "user", "content": "first"}, {"role": "user", "content": "x"}])
+        assert again.id not in ids  # forgotten: a new session
+        small.release(again)
+        small.close()
+
 
 def test_serve_refuses_bad_options_in_one_line(tiny_gguf, tmp_path):
     import subprocess

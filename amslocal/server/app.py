@@ -52,6 +52,7 @@ class ServerConfig:
     model_id: str
     session: dict = field(default_factory=dict)
     sessions: int = 4
+    max_saved: int = 64
     session_dir: Optional[str] = None
     api_key: Optional[str] = None
     max_queue: int = 16
@@ -509,6 +510,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
         state["pool"] = SessionPool(
             new_session,
             max_live=config.sessions,
+            max_saved=config.max_saved,
             session_dir=config.session_dir,
             model_identity=model_identity(engine.model),
             default_ams=bool(config.session.get("ams", True)),
@@ -561,6 +563,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
             "live_sessions": pool.live,
             "live_sessions_peak": pool.live_peak,
             "max_sessions": pool.max_live,
+            "saved_sessions": sum(1 for r in pool.describe() if not r["live"]),
+            "forgotten_sessions": pool.forgotten,
             "waiting": sched.waiting,
             "running": sched.current is not None,
         }

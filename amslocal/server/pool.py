@@ -77,8 +77,10 @@ class SessionPool:
     """Live and saved conversations of one model.
 
     ``new_session(settings)`` makes a fresh :class:`ChatSession` with the server's defaults and
-    the request's ``settings``; ``max_live`` is K; ``session_dir`` None uses a private temporary
-    directory that :meth:`close` removes (then nothing outlives the server).
+    the request's ``settings``; ``max_live`` is K; at most ``max_saved`` conversations stay on
+    disk (the least recently used beyond it are forgotten: their next request starts a new
+    session); ``session_dir`` None uses a private temporary directory that :meth:`close` removes
+    (then nothing outlives the server).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class SessionPool:
         new_session: Callable[[Settings], ChatSession],
         *,
         max_live: int = 4,
+        max_saved: int = 64,
         session_dir: Optional[os.PathLike] = None,
         model_identity: Optional[dict] = None,
         default_ams: bool = True,
@@ -94,6 +97,8 @@ class SessionPool:
             raise ValueError("max_live must be at least 1")
         self._new_session = new_session
         self.max_live = max_live
+        self.max_saved = max_saved  # files kept; beyond it the least recently used conversation is forgotten
+        self.forgotten = 0
         self.default_ams = default_ams
         self.persistent = session_dir is not None
         if session_dir is None:
@@ -114,6 +119,7 @@ class SessionPool:
         self._clock = 0
         if self.persistent:
             self._index_saved()
+            self._limit_saved()
 
     # --- the table ------------------------------------------------------------------------------
 
@@ -269,6 +275,7 @@ class SessionPool:
             finally:
                 with self._lock:
                     victim.busy = False
+            self._limit_saved()
 
     def _save(self, conv: Conversation) -> None:
         chat = conv.chat
@@ -285,6 +292,21 @@ class SessionPool:
         if conv.path is None:
             with self._lock:
                 self._table.pop(conv.id, None)
+
+    def _limit_saved(self) -> None:
+        """Forget the least recently used saved conversations beyond ``max_saved`` (their files too):
+        a cache on disk is as large as in memory, so the directory must not grow without end."""
+        with self._lock:
+            saved = sorted(
+                (c for c in self._table.values() if c.chat is None and c.path is not None and not c.busy),
+                key=lambda c: c.last_used,
+            )
+            extra = saved[: max(0, len(saved) - self.max_saved)]
+            for c in extra:
+                self._table.pop(c.id, None)
+        for c in extra:
+            c.path.unlink(missing_ok=True)
+            self.forgotten += 1
 
     def release(self, conv: Conversation) -> None:
         """The request is done with ``conv``: record what it has absorbed now."""
