@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
+from .errors import CacheError
 from .evidence import attention_per_query
 from .layers import LayerInfo
 
@@ -134,7 +135,7 @@ class CacheView:
         buf = self._pos_buf[cache]
         n = ams.llama_ams_cell_pos(self.ctx.ptr, cache, 0, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), buf.size)
         if n != buf.size:
-            raise RuntimeError("llama_ams_cell_pos failed")
+            raise CacheError("llama_ams_cell_pos failed")
         return buf.copy()
 
     def occupied(self, cache: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +175,7 @@ class CacheView:
             out.size,
         )
         if n != out.size:
-            raise RuntimeError(f"reading layer {il} of the KV cache failed (code {n})")
+            raise CacheError(f"reading layer {il} of the KV cache failed (code {n})")
         out.flags.writeable = False  # shared with the next reader of the same rows
         self._read_memo[key] = (self.ctx.version, cells, out)
         return out
@@ -236,7 +237,7 @@ class CacheView:
         self.ctx.version += 1
         rc = ams.llama_ams_shift_rows(self.ctx.ptr, 0, full.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), stride)
         if rc != 0:
-            raise RuntimeError(f"shifting KV rows failed (code {rc})")
+            raise CacheError(f"shifting KV rows failed (code {rc})")
         rows[:, :, cells] += delta
 
     def relabel_rows(self, cells: np.ndarray, labels: np.ndarray) -> None:
@@ -276,7 +277,7 @@ class CacheView:
             stride,
         )
         if rc != 0:
-            raise RuntimeError(f"moving KV rows between cells failed (code {rc})")
+            raise CacheError(f"moving KV rows between cells failed (code {rc})")
         moving = src >= 0
         l_idx, h_idx, j_idx = np.nonzero(moving)
         from_cells = src[moving]

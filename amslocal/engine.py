@@ -15,6 +15,7 @@ import numpy as np
 
 from .backend import Batch, Context, ContextParams, Model, Sampler, SamplerParams
 from .cache import CacheView
+from .errors import CacheError
 
 
 def position_runs(positions: Iterable[int]) -> list[tuple[int, int]]:
@@ -143,7 +144,7 @@ class Generator:
         runs = position_runs(positions)
         for p0, p1 in runs:
             if not self.ctx.seq_rm(p0, p1):
-                raise RuntimeError(f"llama_memory_seq_rm refused [{p0}, {p1})")
+                raise CacheError(f"llama_memory_seq_rm refused [{p0}, {p1})")
             for p in range(p0, p1):
                 self.tokens_at.pop(p, None)
         return len(runs)
@@ -154,7 +155,7 @@ class Generator:
         All shifts are issued before the next decode, which re-rotates K once for all of them.
         """
         if not self.ctx.can_shift():
-            raise RuntimeError("this model's cache cannot shift positions")
+            raise CacheError("this model's cache cannot shift positions")
         self.view.settle()  # logged queries saw the old positions (event-mode evidence)
         pos, toks = self.kept_tokens()
         shifts = compaction_shifts(pos, start)

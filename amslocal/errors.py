@@ -40,6 +40,12 @@ class DecodeError(AmsError):
     exit_code = 4
 
 
+class CacheError(AmsError):
+    """llama.cpp refused an operation on the KV cache (remove, shift, move or read cells)."""
+
+    exit_code = 4
+
+
 class OptionError(AmsError):
     """An option (CLI flag or API argument) that cannot work with this model."""
 

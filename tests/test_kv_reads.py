@@ -8,6 +8,7 @@ from reference import TinyWeights
 
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
+from amslocal.errors import CacheError
 
 TEXT = "Keys and values, read back from the cache, must match the weights."
 
@@ -57,5 +58,5 @@ def test_q8_0_reads_agree_with_f16_on_a_real_model(smollm2_model):
 def test_bad_cells_are_refused(tiny_model):
     g = Generator(tiny_model, ContextParams(n_ctx=256), SamplerParams(temp=0))
     g.eval(tiny_model.tokenize(TEXT))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CacheError, match="reading layer 0"):  # one AmsError line, not a RuntimeError
         g.view.read_k(0, np.array([10_000]))

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
-from amslocal.errors import AmsError, BudgetError
+from amslocal.errors import AmsError, BudgetError, CacheError
 from amslocal.scorers.rope import rope_rotate
 from amslocal.select.kernels import row_keep, row_keep_ref
 from amslocal.select.rows import RowAMSSelector, RowTopKSelector, place_rows
@@ -73,7 +73,7 @@ def test_move_rows_refuses_bad_cells(tiny_model):
     g.eval(tiny_model.tokenize(TEXT)[:20])
     v = g.view
     H = v.layers[0].n_head_kv
-    with pytest.raises(RuntimeError, match="code -1"):
+    with pytest.raises(CacheError, match="code -1"):
         v.move_rows(v.kv_layers, np.array([0]), np.full((len(v.kv_layers), H, 1), 10_000))
 
 
