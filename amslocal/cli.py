@@ -246,6 +246,15 @@ _sampling_options = _options(
         help="Penalise tokens seen in the last 64 (1.0 = off).",
     ),
 )
+# chat's and serve's context when the budget is off
+_ctx_size_budget_off = click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Context size with --budget off.",
+)
 # llama.cpp's constrained sampling, for generate and chat
 _grammar_options = _options(
     click.option("--grammar", metavar="GBNF", default=None, help="Only sample what this GBNF grammar allows."),
@@ -290,6 +299,77 @@ _runtime_options = _options(
         help="Layers to offload to the GPU (-1 = all) [default: all on a GPU build, $AMSLOCAL_N_GPU_LAYERS].",
     ),
 )
+
+
+def _make_engine(
+    path: Path,
+    threads: int,
+    n_gpu_layers: Optional[int],
+    flash_attn: str,
+    cache_type_k: str,
+    cache_type_v: str,
+    batch_size: int,
+    ubatch_size: int,
+    no_mmap: bool,
+) -> Any:
+    """The runtime of generate, chat and serve, from their shared runtime options."""
+    from .api import Engine
+
+    return Engine(
+        path,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        n_batch=batch_size,
+        n_ubatch=ubatch_size,
+        use_mmap=not no_mmap,
+    )
+
+
+def _chat_budget(parsed: Optional[int], interval: int, n_train: int) -> Optional[int]:
+    """chat's and serve's budget: given, None for off (-1), or by default 1024 (less for a short
+    trained context)."""
+    if parsed is None:
+        return min(1024, max(n_train - interval, 1))
+    if parsed == -1:
+        return None
+    if parsed > n_train:
+        raise click.BadParameter(
+            f"the budget {parsed} is above the model's trained context ({n_train})", param_hint="--budget"
+        )
+    return parsed
+
+
+def _compression_kwargs(
+    interval: int,
+    scorer: str,
+    no_ams: bool,
+    ams_variant: str,
+    no_question_aware: bool,
+    positions: str,
+    granularity: str,
+    aggregation: str,
+) -> dict:
+    """:meth:`Engine.session` keywords of the shared compression options."""
+    return dict(
+        interval=interval,
+        scorer=scorer,
+        ams=not no_ams,
+        ams_variant=ams_variant,
+        question_aware=not no_question_aware,
+        positions=positions,
+        granularity=granularity,
+        aggregation=aggregation,
+    )
+
+
+def _sampling_kwargs(
+    temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: Optional[int]
+) -> dict:
+    """:meth:`Engine.session` keywords of the shared sampling options."""
+    return dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
 
 
 @main.command()
@@ -388,40 +468,20 @@ def _generate(
     from .backend import set_llama_log
 
     set_llama_log(verbose)  # llama.cpp's own lines only with -v
-    from .api import Engine
-
-    engine = Engine(
-        path,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v,
-        n_batch=batch_size,
-        n_ubatch=ubatch_size,
-        use_mmap=not no_mmap,
+    engine = _make_engine(
+        path, threads, n_gpu_layers, flash_attn, cache_type_k, cache_type_v, batch_size, ubatch_size, no_mmap
     )
     tokens = engine.model.tokenize(text, add_special=True, parse_special=False)
     if not tokens:
         raise click.ClickException("the prompt is empty")
     session = engine.session(
         budget=budget,
-        interval=interval,
-        scorer=scorer,
-        ams=not no_ams,
-        ams_variant=ams_variant,
-        question_aware=not no_question_aware,
-        positions=positions,
-        granularity=granularity,
-        aggregation=aggregation,
+        **_compression_kwargs(
+            interval, scorer, no_ams, ams_variant, no_question_aware, positions, granularity, aggregation
+        ),
         chat_template="chatml",  # raw text: the model's own template is never rendered
-        temperature=temp,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
+        **_sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, seed),
         grammar=gbnf,
-        seed=seed,
         max_tokens=max_tokens,
         ctx_size=ctx_size,
     )
@@ -584,14 +644,7 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
 @click.option(
     "-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per reply at most."
 )
-@click.option(
-    "-c",
-    "--ctx-size",
-    type=click.IntRange(min=1),
-    default=2048,
-    show_default=True,
-    help="Context size with --budget off.",
-)
+@_ctx_size_budget_off
 @_runtime_options
 @click.option("-q", "--quiet", is_flag=True, help="No status line after each reply.")
 @click.option("--ignore-eos", is_flag=True, hidden=True)  # tests: replies that only stop when told to
@@ -660,49 +713,19 @@ def _chat(
     path = Path(facts["path"])
     if parsed == -1:  # a budget bounds the cache by itself
         _check_kv_memory(facts, ctx_size, cache_type_k, cache_type_v)
-    from .api import Engine
-
-    engine = Engine(
-        path,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v,
-        n_batch=batch_size,
-        n_ubatch=ubatch_size,
-        use_mmap=not no_mmap,
+    engine = _make_engine(
+        path, threads, n_gpu_layers, flash_attn, cache_type_k, cache_type_v, batch_size, ubatch_size, no_mmap
     )
-    n_train = engine.model.n_ctx_train
-    if parsed is None:  # the default: 1024, or what a short trained context allows
-        chosen: Optional[int] = min(1024, max(n_train - interval, 1))
-    elif parsed == -1:
-        chosen = None
-    else:
-        if parsed > n_train:
-            raise click.BadParameter(
-                f"the budget {parsed} is above the model's trained context ({n_train})", param_hint="--budget"
-            )
-        chosen = parsed
+    chosen = _chat_budget(parsed, interval, engine.model.n_ctx_train)
     session = engine.session(
         budget=chosen,
-        interval=interval,
-        scorer=scorer,
-        ams=not no_ams,
-        ams_variant=ams_variant,
-        question_aware=not no_question_aware,
-        positions=positions,
-        granularity=granularity,
-        aggregation=aggregation,
+        **_compression_kwargs(
+            interval, scorer, no_ams, ams_variant, no_question_aware, positions, granularity, aggregation
+        ),
         system=system,
         chat_template=template,
-        temperature=temp,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
+        **_sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, seed),
         grammar=gbnf,
-        seed=seed,
         max_tokens=max_tokens,
         ctx_size=ctx_size,
     )
@@ -753,14 +776,7 @@ def _chat(
     show_default=True,
     help="Tokens per reply when a request does not say.",
 )
-@click.option(
-    "-c",
-    "--ctx-size",
-    type=click.IntRange(min=1),
-    default=2048,
-    show_default=True,
-    help="Context size with --budget off.",
-)
+@_ctx_size_budget_off
 @_runtime_options
 @click.option(
     "--sessions", type=click.IntRange(min=1), default=4, show_default=True, help="Conversations kept live in memory."
@@ -884,47 +900,17 @@ def _serve(
         sock.listen(128)
     except (OSError, OverflowError) as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
-    from .api import Engine
-
-    engine = Engine(
-        path,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v,
-        n_batch=batch_size,
-        n_ubatch=ubatch_size,
-        use_mmap=not no_mmap,
+    engine = _make_engine(
+        path, threads, n_gpu_layers, flash_attn, cache_type_k, cache_type_v, batch_size, ubatch_size, no_mmap
     )
-    n_train = engine.model.n_ctx_train
-    if parsed is None:
-        chosen: Optional[int] = min(1024, max(n_train - interval, 1))
-    elif parsed == -1:
-        chosen = None
-    else:
-        if parsed > n_train:
-            raise click.BadParameter(
-                f"the budget {parsed} is above the model's trained context ({n_train})", param_hint="--budget"
-            )
-        chosen = parsed
+    chosen = _chat_budget(parsed, interval, engine.model.n_ctx_train)
     session = dict(
         budget=chosen,
-        interval=interval,
-        scorer=scorer,
-        ams=not no_ams,
-        ams_variant=ams_variant,
-        question_aware=not no_question_aware,
-        positions=positions,
-        granularity=granularity,
-        aggregation=aggregation,
+        **_compression_kwargs(
+            interval, scorer, no_ams, ams_variant, no_question_aware, positions, granularity, aggregation
+        ),
         chat_template=template,
-        temperature=temp,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
+        **_sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, seed),
         max_tokens=max_tokens,
         ctx_size=ctx_size,
     )
