@@ -42,7 +42,15 @@ import numpy as np
 from . import __version__, savefile
 from .backend import ContextParams, Model, SamplerParams
 from .engine import TextStream
-from .errors import AmsError, ChatError, SaveFileError, SessionBusyError, TemplateError, UnknownScorerError
+from .errors import (
+    AmsError,
+    ChatError,
+    ContextFullError,
+    SaveFileError,
+    SessionBusyError,
+    TemplateError,
+    UnknownScorerError,
+)
 from .session import BudgetError, CompressionConfig, Session, SessionStats
 from .templates import CHATML_TEMPLATE, ChatTemplate, StopFilter
 
@@ -384,9 +392,9 @@ class ChatSession:
             used = 0 if refeed else s.n_occupied
             free = s.n_ctx - used
             if len(tokens) + 1 > free:
-                raise ChatError(
+                raise ContextFullError(
                     f"the message needs {len(tokens)} cells but the context has {free} free of "
-                    f"{s.n_ctx}; /clear, or chat with a --budget"
+                    f"{s.n_ctx}; clear the conversation (/clear), or use a budget"
                 )
         elif refeed:
             self._check_budget_for_system(cfg, sum(1 for f in flags if f == 2))

@@ -928,10 +928,13 @@ def _serve(
     app = create_app(engine, config)
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-    budget_text = f"budget {chosen} (+{interval})" if chosen is not None else f"full cache of {ctx_size}"
+    if chosen is not None:
+        cache_text = f"budget {chosen} (+{interval}), scorer {scorer}{'' if no_ams else ' + AMS'}"
+    else:
+        cache_text = f"full cache of {ctx_size}"
     _say(
-        f"serving {path.name} as '{config.model_id}' on http://{shown_host}:{bound[1]} ({budget_text}, scorer "
-        f"{scorer}{'' if no_ams else ' + AMS'}, {sessions} live sessions); the chat page is at /. Ctrl-C stops."
+        f"serving {path.name} as '{config.model_id}' on http://{shown_host}:{bound[1]} ({cache_text}, "
+        f"{sessions} live sessions); the chat page is at /. Ctrl-C stops."
     )
 
     server = make_server(app, verbose=verbose)

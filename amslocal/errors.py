@@ -65,6 +65,10 @@ class ChatError(AmsError):
     """A chat request that cannot be served (bad messages, a full context, a wrong mode)."""
 
 
+class ContextFullError(ChatError):
+    """A message does not fit the free cells of a session without a budget."""
+
+
 class TemplateError(ChatError):
     """The chat template does not compile or refuses the conversation."""
 

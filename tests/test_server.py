@@ -318,6 +318,21 @@ def test_bad_requests_get_openai_error_bodies(tiny_gguf):
         assert s.post("/v1/chat/completions", {**ok, "model": "tiny", "unknown_field": {"a": 1}})[0] == 200
 
 
+def test_a_server_without_budget_refuses_what_does_not_fit(tiny_gguf):
+    with Server(tiny_gguf, "--budget", "off", "-c", "256", "-t", "1", "--chat-template", "chatml") as s:
+        long = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 2}
+        err = _error(s.post("/v1/chat/completions", long), 400, "context_length_exceeded")
+        assert "free of 256" in err["message"] and err["param"] == "messages"
+        _error(
+            s.post("/v1/chat/completions", {**long, "messages": [{"role": "user", "content": "hi"}], "kv_budget": 64}),
+            400,
+        )
+        assert (
+            s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})[0] == 200
+        )
+    assert any("full cache of 256" in line and "scorer" not in line for line in s.lines), s.lines
+
+
 def test_api_key_guards_every_route_but_health(tiny_gguf):
     with Server(tiny_gguf, *TINY, "--api-key", "s3cret") as s:
         assert s.get("/health")[0] == 200

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..api import Engine
-from ..errors import AmsError, BudgetError, ChatError, OptionError, SessionBusyError
+from ..errors import AmsError, BudgetError, ChatError, ContextFullError, OptionError, SessionBusyError
 from .pool import Conversation, SessionPool, Settings, check_session_id
 from .scheduler import Job, QueueFull, Scheduler
 
@@ -100,6 +100,8 @@ def _from_ams(exc: BaseException) -> APIError:
         return APIError(409, str(exc), code="session_busy")
     if isinstance(exc, BudgetError):
         return APIError(400, str(exc), param="kv_budget")
+    if isinstance(exc, ContextFullError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (ChatError, OptionError)):
         return APIError(400, str(exc))
     if isinstance(exc, AmsError):
