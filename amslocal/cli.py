@@ -811,6 +811,13 @@ def _chat(
 )
 @click.option("--alias", metavar="NAME", default=None, help="The model's name in the API [default: the file's stem].")
 @click.option(
+    "--cors-origin",
+    "cors_origins",
+    metavar="ORIGIN",
+    multiple=True,
+    help="Let web pages from ORIGIN call the API from a browser ('*': any); repeatable [default: none].",
+)
+@click.option(
     "--max-body", type=click.IntRange(min=1), default=8, show_default=True, help="Largest request body, in MiB."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Print llama.cpp's log lines and one line per HTTP request.")
@@ -864,6 +871,7 @@ def _serve(
     api_key: Optional[str],
     max_queue: int,
     alias: Optional[str],
+    cors_origins: tuple,
     max_body: int,
     verbose: bool,
 ) -> int:
@@ -924,6 +932,7 @@ def _serve(
         api_key=api_key,
         max_queue=max_queue,
         max_body_bytes=max_body << 20,
+        cors_origins=tuple(cors_origins),
     )
     app = create_app(engine, config)
     bound = sock.getsockname()

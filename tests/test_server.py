@@ -343,6 +343,19 @@ def test_api_key_guards_every_route_but_health(tiny_gguf):
         with pytest.raises(openai.AuthenticationError):
             _client(s, "wrong").models.list()
         assert _client(s, "s3cret").models.list().data
+        assert "access-control-allow-origin" not in s.get("/health", headers={"Origin": "http://x"})[1]  # no CORS
+
+
+def test_cors_lets_a_named_origin_call_from_a_browser(tiny_gguf):
+    with Server(tiny_gguf, *TINY, "--api-key", "k", "--cors-origin", "http://app.local") as s:
+        pre = {"Origin": "http://app.local", "Access-Control-Request-Method": "POST"}
+        pre["Access-Control-Request-Headers"] = "authorization,content-type"
+        status, headers, _ = s.request("OPTIONS", "/v1/chat/completions", headers=pre)
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.local"
+        status, headers, _ = s.get("/v1/models", headers={"Origin": "http://app.local", "Authorization": "Bearer k"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.local"
+        status, headers, _ = s.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in headers
 
 
 def test_a_full_queue_gets_503_with_retry_after(tiny_gguf):

@@ -57,6 +57,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_queue: int = 16
     max_body_bytes: int = 8 << 20
+    cors_origins: tuple = ()  # browser origins allowed to call the API ("*": any); none by default
     max_tokens_limit: int = 1 << 16
 
     def __post_init__(self) -> None:
@@ -749,9 +750,19 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
     async def completions(request: Request) -> Response:
         return await completion(request, "raw")
 
-    guard = _Guard(app, config.api_key, config.max_body_bytes)
-    guard.state = app.state  # the pool's shutdown report: state.amslocal["closed"]
-    return guard
+    outer: Any = _Guard(app, config.api_key, config.max_body_bytes)
+    if config.cors_origins:  # outside the key check: a browser's preflight carries no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        outer = CORSMiddleware(
+            outer,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Session-Id", "Retry-After"],
+        )
+    outer.state = app.state  # the pool's shutdown report: state.amslocal["closed"]
+    return outer
 
 
 def make_server(app: Any, *, verbose: bool = False) -> Any:
