@@ -1091,7 +1091,7 @@ def _int_list(value: str, what: str) -> list[int]:
     "--step",
     type=click.IntRange(min=1),
     default=None,
-    help="perplexity: tokens per lockstep slice [default: the interval]; 1 feeds token by token "
+    help="perplexity: tokens per lockstep slice [default: the interval, at most 128]; 1 feeds token by token "
     "(the same numbers, slower: for checking).",
 )
 @click.option(
