@@ -167,8 +167,13 @@ class ChatSession:
         self.session = self._new_session(replace(config))
         self._reset_conversation()
         # fail now, not at the first message, on a template that cannot render a plain exchange or
-        # a system prompt that does not fit the budget
-        self._prepare(self.messages + [{"role": "user", "content": "Hello."}])
+        # a system prompt that does not fit the budget; a default system prompt of the template's
+        # own is checked at the first chat message (raw generate() never renders the template)
+        try:
+            self._prepare(self.messages + [{"role": "user", "content": "Hello."}])
+        except BudgetError:
+            if self.system:
+                raise
 
     # --- construction ---------------------------------------------------------------------------
 
