@@ -660,18 +660,17 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
         session_id = await first_event(job, request)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
         headers = {"X-Session-Id": session_id}
         base = {"id": rid, "created": created, "model": model, "system_fingerprint": f"amslocal-{__version__}"}
         if not s.stream:
-            return await collect(job, request, kind, base, obj, session_id, headers)
+            return await collect(job, request, kind, base, session_id, headers)
         return StreamingResponse(
-            stream(job, request, kind, base, obj, session_id, s),
+            stream(job, request, kind, base, session_id, s),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def collect(job, request, kind, base, obj, session_id, headers) -> JSONResponse:
+    async def collect(job, request, kind, base, session_id, headers) -> JSONResponse:
         pieces: list[str] = []
         lp: list[dict] = []
         try:
@@ -695,10 +694,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
         choice["finish_reason"] = value["finish_reason"]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
         out = {**base, "object": obj, "choices": [choice], "usage": value["usage"], "session_id": session_id}
         return JSONResponse(out, headers=headers)
 
-    async def stream(job, request, kind, base, obj, session_id, s: Sampling) -> AsyncIterator[bytes]:
+    async def stream(job, request, kind, base, session_id, s: Sampling) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(delta: Optional[dict], text: Optional[str], finish: Optional[str], logprobs=None) -> dict:
