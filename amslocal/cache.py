@@ -68,7 +68,11 @@ class CacheView:
         self.cache_sizes = [int(ams.llama_ams_cache_size(ctx.ptr, c)) for c in range(self.n_caches)]
         self.layers = [self._layer_info(il) for il in range(self.n_layer)]
         self.kv_layers = [il for il, li in enumerate(self.layers) if li.cache >= 0]
-        self._head_stride = max(li.n_head_kv for li in self.layers)  # row moves/shifts index heads by it
+        self._head_stride = max(li.n_head_kv for li in self.layers)
+        # floats of one token's queries per layer (0 for layers without KV)
+        self._q_row_floats = np.array(
+            [li.n_head * li.n_embd_head_k if li.cache >= 0 else 0 for li in self.layers], dtype=np.int64
+        )  # row moves/shifts index heads by it
         self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
         self._read_memo: dict[tuple[bool, int], tuple[int, np.ndarray, np.ndarray]] = {}
         self.n_obs = 0
@@ -343,10 +347,19 @@ class CacheView:
         self._rows_layers = None  # the per-row map starts over with the evidence (a cleared cache)
         self._q_count = 0
         self.query_pos = np.empty(0, dtype=np.int32)
-        # event mode: the observed decodes not yet settled, oldest first, as (positions [n],
-        # {layer: queries [n, n_head, head_dim]}); and the attention of the last observed decode
-        self._qlog: list[tuple[np.ndarray, dict[int, np.ndarray]]] = []
+        # event mode: the observed decodes not yet settled, oldest first: their positions, and
+        # their queries in one growing buffer per logged layer ([capacity, n_head, head_dim], the
+        # first _qlog_n rows in use), written in place by the patch; and the attention of the
+        # last observed decode
+        self._qlog_pos: list[np.ndarray] = []
         self._qlog_n = 0
+        self._qlog_layers: list[int] = []  # the layers logged since the last settle
+        self._qlog_bad: set[int] = set()  # logged layers whose queries could not be read once
+        self._qlog_buf: dict[int, np.ndarray] = {}
+        # per layer: where its log buffer starts and how many rows it holds (0 = not logged)
+        self._qlog_addr = np.zeros(self.n_layer, dtype=np.int64)
+        self._qlog_rows = np.zeros(self.n_layer, dtype=np.int64)
+        self._qlog_step = np.zeros(self.n_layer, dtype=np.int64)  # bytes per query, 0 = not logged
         self._last_n = 0  # queries of the last decode if it was observed (0: it was not)
         self._last_attn: dict[int, np.ndarray] = {}
         self.reset_window()
@@ -404,6 +417,9 @@ class CacheView:
             np.zeros((2 * w, li.n_head, li.n_embd_head_k), dtype=np.float32) if li.cache >= 0 else None
             for li in self.layers
         ]
+        # where each layer's ring starts ([n_layer] addresses, 0 = no ring), for the bulk capture
+        self._q_ring_addr = np.array([0 if r is None else r.ctypes.data for r in self._q_ring], dtype=np.int64)
+        self._q_ring_step = np.where(self._q_ring_addr > 0, 4 * self._q_row_floats, 0)  # bytes per query
         self._q_end = 0  # one past the newest query (the same in every layer)
 
     def _ring_reserve(self, n_tok: int) -> int:
@@ -495,45 +511,91 @@ class CacheView:
                 if ok:
                     acc = total[:, :, :n_kv]
                     np.add(acc, buf[:, :size].reshape(len(members), h, n_kv), out=acc)
-        logged: dict[int, np.ndarray] = {}
-        log_queries = event and bool(self.obs_flags & LLAMA_AMS_OBS_ATTN)
+        log_queries = event and bool(self.obs_flags & LLAMA_AMS_OBS_ATTN) and bool(self.tracked)
         ring_queries = bool(self.obs_flags & LLAMA_AMS_OBS_QUERIES)
-        if ring_queries:
-            take = min(n_tok, self.q_window)
-            start = self._ring_reserve(n_tok)
         if log_queries or ring_queries:
-            tracked = set(self.tracked) if log_queries else ()
-            for il in self.kv_layers:
-                li = self.layers[il]
-                if not (ring_queries or il in tracked):
-                    continue
-                q = np.empty((n_tok, li.n_head, li.n_embd_head_k), dtype=np.float32)
-                if (
-                    ams.llama_ams_get_queries(ptr, il, q.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.size)
-                    != q.size
-                ):
-                    continue
-                if il in tracked:
-                    logged[il] = q
-                if ring_queries:
-                    self._q_ring[il][start : start + take] = q[n_tok - take :]
-        if ring_queries and positions_of_batch is not None:
-            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
-            self.query_pos = np.concatenate([self.query_pos, tail])[-self.q_window :]
+            self._capture_queries(n_tok, log_queries, ring_queries, positions_of_batch)
         self._last_n = 0
         if self.obs_flags & LLAMA_AMS_OBS_ATTN:
             self.n_queries += n_tok  # the divisor of the attention sums
             self._last_n = n_tok
-            if log_queries and logged:
-                if positions_of_batch is None:
-                    raise ValueError("event-mode evidence needs the positions of the decoded batch")
-                q_pos = np.asarray(positions_of_batch, dtype=np.int64)[-n_tok:]
-                self._qlog.append((q_pos, logged))
-                self._qlog_n += n_tok
+            if log_queries:
                 # a sliding-window cache reuses cells inside a window: settle before the next decode
-                if self._qlog_n >= _LOG_LIMIT or any(self.layers[il].cache != 0 for il in logged):
+                if self._qlog_n >= _LOG_LIMIT or any(self.layers[il].cache != 0 for il in self._qlog_layers):
                     self._settle()
         return n_tok
+
+    def _capture_queries(self, n_tok: int, log: bool, ring: bool, positions_of_batch: np.ndarray | None) -> None:
+        """Copy the last decode's observed queries into the event log (tracked layers) and the
+        window ring, straight from the patch into preallocated rows. This runs on every observed
+        step, so it allocates nothing per layer and calls the patch once per destination for all
+        layers (a Python loop over the layers costs more than the copies)."""
+        ptr = self.ctx.ptr
+        floats = self._q_row_floats
+        if log:
+            if positions_of_batch is None:
+                raise ValueError("event-mode evidence needs the positions of the decoded batch")
+            if not self._qlog_n:
+                self._start_log()
+            self._reserve_log(self._qlog_n + n_tok)
+            at = self._qlog_n
+            dst = self._qlog_addr + at * self._qlog_step  # 0 stays 0: a layer not logged
+            room = (self._qlog_rows - at) * floats
+            if ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, self.n_layer) != len(
+                self._qlog_layers
+            ):
+                for il in self._qlog_layers:  # find the layers that could not be read
+                    size = n_tok * int(floats[il])
+                    if ams.llama_ams_get_queries(ptr, il, int(dst[il]), size) != size:
+                        self._qlog_bad.add(il)
+        if ring:
+            take = min(n_tok, self.q_window)
+            start = self._ring_reserve(n_tok)
+            if take == n_tok:  # the whole decode fits the ring: straight into it
+                dst = self._q_ring_addr + start * self._q_ring_step  # 0 stays 0: a layer without ring
+                room = (2 * self.q_window - start) * floats
+                ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, self.n_layer)
+            else:  # more observed queries than the window keeps: the newest
+                for il in self.kv_layers:
+                    li = self.layers[il]
+                    q = np.empty((n_tok, li.n_head, li.n_embd_head_k), dtype=np.float32)
+                    if ams.llama_ams_get_queries(ptr, il, q.ctypes.data, q.size) == q.size:
+                        self._q_ring[il][start : start + take] = q[n_tok - take :]
+        if ring and positions_of_batch is not None:
+            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
+            self.query_pos = np.concatenate([self.query_pos, tail])[-self.q_window :]
+        if log:
+            self._qlog_pos.append(np.asarray(positions_of_batch, dtype=np.int64)[-n_tok:])
+            self._qlog_n += n_tok
+
+    def _start_log(self) -> None:
+        """A new log: the layers tracked now are the ones it holds until it settles."""
+        self._qlog_layers = list(self.tracked)
+        self._qlog_bad = set()
+        self._qlog_addr[:] = 0
+        self._qlog_rows[:] = 0
+        self._qlog_step[:] = 0
+        self._qlog_step[self._qlog_layers] = 4 * self._q_row_floats[self._qlog_layers]
+        for il in self._qlog_layers:
+            buf = self._qlog_buf.get(il)
+            if buf is not None:
+                self._qlog_addr[il] = buf.ctypes.data
+                self._qlog_rows[il] = buf.shape[0]
+
+    def _reserve_log(self, n: int) -> None:
+        """Room for ``n`` logged queries in every logged layer's buffer (grown by doubling)."""
+        for il in self._qlog_layers:
+            old = self._qlog_buf.get(il)
+            if old is not None and old.shape[0] >= n:
+                continue
+            li = self.layers[il]
+            cap = max(n, 32 if old is None else 2 * old.shape[0])
+            buf = np.empty((cap, li.n_head, li.n_embd_head_k), dtype=np.float32)
+            if old is not None and self._qlog_n:
+                buf[: self._qlog_n] = old[: self._qlog_n]
+            self._qlog_buf[il] = buf
+            self._qlog_addr[il] = buf.ctypes.data
+            self._qlog_rows[il] = cap
 
     def unobserved_decode(self) -> None:
         """A decode ran without observation: there is no last observed decode any more."""
@@ -566,24 +628,23 @@ class CacheView:
                 self.collect_s += time.perf_counter() - t0
 
     def _settle(self) -> None:
-        log, n_total = self._qlog, self._qlog_n
-        self._qlog, self._qlog_n = [], 0
+        n_total = self._qlog_n
+        q_pos = np.concatenate(self._qlog_pos) if len(self._qlog_pos) > 1 else self._qlog_pos[0]
+        layers = [il for il in self._qlog_layers if il not in self._qlog_bad]
+        self._qlog_pos, self._qlog_n = [], 0
         self._zero_moved()
-        q_pos = np.concatenate([p for p, _ in log])
         first = self.n_queries - n_total  # n_queries before the first logged query
         # pending marks: the totals at the mark, i.e. before the log's query number (n - first)
         pending = {key: n - first for key, (snap, n) in self._marks.items() if snap is None}
         snaps = {key: [total.copy() for _, _, total, _, _ in self._groups] for key in pending}
-        last_from = n_total - self._last_n if self._last_n and log else n_total
+        last_from = n_total - self._last_n if self._last_n else n_total
         if last_from < n_total:
             self._last_attn = {}
         cells_of = [self.occupied(c) for c in range(self.n_caches)]
-        for il in log[0][1]:
-            if any(il not in q for _, q in log):
-                continue
+        for il in layers:
             li = self.layers[il]
             cells, pos = cells_of[li.cache]
-            q = np.concatenate([q[il] for _, q in log]) if len(log) > 1 else log[0][1][il]
+            q = self._qlog_buf[il][:n_total]  # read before the next capture overwrites it
             k = self.read_k(il, cells)
             a = attention_per_query(q, k, q_pos, pos, self.kq_scale(il), li.n_swa)  # [W, H, n]
             g, j = self._group_of[il]

@@ -140,3 +140,27 @@ def test_sliding_window_model_has_two_caches_and_exact_evidence(fa):
         cells, pos = v.occupied(li.cache)
         want = attention_mass(v.last_queries(il), v.read_k(il, cells), q_pos, pos, v.kq_scale(il), li.n_swa)
         np.testing.assert_allclose(v.last_attn(il)[:, cells], want, rtol=1e-3, atol=1e-6, err_msg=f"layer {il}")
+
+
+def test_queries_of_every_layer_in_one_call(smollm2_model):
+    """llama_ams_get_queries_all copies what llama_ams_get_queries gives, layer by layer, skips a
+    NULL destination and one too small, and counts only what it copied."""
+    from amslocal.backend import ams
+
+    g = make(smollm2_model, "off")
+    g.view.observe(3, attn=False, queries=True)
+    g.eval(smollm2_model.tokenize(PROMPT))
+    n_layer = smollm2_model.n_layer
+    want = [g.view.last_queries(il) for il in range(n_layer)]
+    bufs = [np.full(w.size, -7.0, dtype=np.float32) for w in want]
+    dst = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
+    room = np.array([b.size for b in bufs], dtype=np.int64)
+    dst[0] = 0  # not wanted
+    room[1] -= 1  # does not fit
+    ptr = g.ctx.ptr
+    assert ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, n_layer) == n_layer - 2
+    assert (bufs[0] == -7).all() and (bufs[1] == -7).all()
+    for il in range(2, n_layer):
+        np.testing.assert_array_equal(bufs[il], want[il].ravel())
+    assert n_layer > 2
+    assert ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, n_layer + 1) == -1

@@ -51,7 +51,10 @@ _SIGNATURES = {
     "llama_ams_obs_n_tokens": ([_ctx_p], ctypes.c_int32),
     "llama_ams_obs_n_kv": ([_ctx_p, ctypes.c_int32], ctypes.c_int32),
     "llama_ams_get_attn": ([_ctx_p, ctypes.c_int32, _f32_p, ctypes.c_int64], ctypes.c_int64),
-    "llama_ams_get_queries": ([_ctx_p, ctypes.c_int32, _f32_p, ctypes.c_int64], ctypes.c_int64),
+    # the destination is a void pointer so that the per-step capture can pass a plain address into
+    # a preallocated buffer (a float pointer object costs more to build than the call itself)
+    "llama_ams_get_queries": ([_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64),
+    "llama_ams_get_queries_all": ([_ctx_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
     "llama_ams_get_layer_info": ([_ctx_p, ctypes.c_int32, ctypes.POINTER(llama_ams_layer_info_t)], ctypes.c_int32),
     "llama_ams_n_caches": ([_ctx_p], ctypes.c_int32),
     "llama_ams_cache_size": ([_ctx_p, ctypes.c_int32], ctypes.c_int32),
@@ -82,6 +85,7 @@ llama_ams_obs_n_tokens = _lib.llama_ams_obs_n_tokens
 llama_ams_obs_n_kv = _lib.llama_ams_obs_n_kv
 llama_ams_get_attn = _lib.llama_ams_get_attn
 llama_ams_get_queries = _lib.llama_ams_get_queries
+llama_ams_get_queries_all = _lib.llama_ams_get_queries_all
 llama_ams_get_layer_info = _lib.llama_ams_get_layer_info
 llama_ams_n_caches = _lib.llama_ams_n_caches
 llama_ams_cache_size = _lib.llama_ams_cache_size
