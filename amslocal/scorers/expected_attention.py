@@ -9,7 +9,8 @@ import numpy as np
 
 from ._common import require, softmax_rows
 from .base import NEEDS_KEYS, NEEDS_QUERIES, NEEDS_VALUES, ScoreInput
-from .rope import rope_mean_matrix, rope_rotate
+from .kernels import unrotate_center
+from .rope import rope_mean_matrix, rope_omega, rope_pairs
 
 
 @dataclass
@@ -48,70 +49,64 @@ class ExpectedAttention:
         keys = require(inp, "keys", self.name, "post-RoPE keys per layer")
         values = require(inp, "values", self.name, "values per layer") if self.use_vnorm else None
         future = int(inp.next_position) + np.arange(self.n_future_positions)
-        # layers with the same RoPE share one averaged rotation (LayerInfo is hashable)
-        rotations: dict = {}
-        for li in inp.layers:
-            if li not in rotations:
-                rotations[li] = rope_mean_matrix(li, future)
-        # the window's queries un-rotated to pre-RoPE, one rotation for all layers that share RoPE
         n = min(self.window, min(np.asarray(q).shape[0] for q in queries), len(qpos))
         if n == 0:
             raise ValueError(f"scorer {self.name!r}: no observed queries")
         qpos = np.asarray(qpos)[-n:]
-        pre: dict[int, np.ndarray] = {}
-        for li in rotations:
-            ls = [l for l in range(len(inp.layers)) if inp.layers[l] == li]
-            stacked = np.stack([np.asarray(queries[l])[-n:] for l in ls], axis=1)  # [n, L', n_head, d]
-            # float32 for a long window (the same precision as the captured queries)
-            stacked = rope_rotate(
-                stacked, qpos, li, inverse=True, dtype=np.float32 if n > li.n_embd_head_k else np.float64
-            )
-            pre.update({l: stacked[:, j] for j, l in enumerate(ls)})
+        # layers with the same RoPE (LayerInfo is hashable) share the averaged future rotation
+        # and the angles that un-rotate the window's queries
+        rope: dict = {}
+        for li in inp.layers:
+            if li not in rope:
+                theta = qpos.astype(np.float64)[:, None] * rope_omega(li)  # [n, F]
+                rope[li] = (rope_mean_matrix(li, future), np.cos(theta), np.sin(theta), *rope_pairs(li))
         return np.stack(
             [
-                self._layer(inp, l, pre[l], keys(l), None if values is None else values(l), rotations[inp.layers[l]])
-                for l in range(len(inp.layers))
+                self._layer(inp, q, keys(l), None if values is None else values(l), rope[inp.layers[l]])
+                for l, q in enumerate(queries)
             ]
         )
 
-    def _layer(self, inp, l, q, k, v, R) -> np.ndarray:
-        """Layer ``l``'s scores from its window's pre-RoPE queries ``q`` [n, n_head, d]."""
-        T = inp.n_tokens
-        n = q.shape[0]
-        d = q.shape[-1]
-        mu_pre = q.mean(axis=0, dtype=np.float64)  # [n_head, d]
-        mu = mu_pre @ R.T
-        if self.use_covariance:
-            # Sigma' = R C^T C R^T / n with C the centred queries, so k^T Sigma' k = |C R^T k|^2 / n:
-            # O(T n d) per head while the window n <= d, else Sigma' (d x d) once and O(T d^2)
-            if n <= d:
-                c = ((q - mu_pre) @ R.T).transpose(1, 2, 0)  # [n_head, d, n]
-            else:  # float32 for the big products (the scores need ~1e-6, not 1e-15)
-                cen = (q - mu_pre).astype(np.float32).transpose(1, 0, 2)  # [n_head, n, d]
-                Rf = R.astype(np.float32)
-                sigma_all = Rf @ (cen.transpose(0, 2, 1) @ cen) @ Rf.T  # [n_head, d, d], times n
-        k = np.asarray(k, dtype=np.float64)  # [T, Hkv, d]
-        Hkv = k.shape[1]
-        G = q.shape[1] // Hkv
+    def _layer(self, inp, q, k, v, rope) -> np.ndarray:
+        """One layer's scores from the post-RoPE queries ``q`` [>= n, n_head, d] of its window."""
+        R, cos, sin, re, im = rope
+        n = cos.shape[0]
+        d = R.shape[0]
+        # centred pre-RoPE queries [n_head, n, d] (float32) and their mean [n_head, d]
+        cen, mu_pre = unrotate_center(np.ascontiguousarray(np.asarray(q)[-n:], dtype=np.float32), cos, sin, re, im)
+        k32 = np.asarray(k, dtype=np.float32)  # [T, Hkv, d]
+        T, Hkv = k32.shape[0], k32.shape[1]
+        k64 = k32.astype(np.float64)
+        mu = mu_pre @ R.T  # mu' = R mu
+        G = mu.shape[0] // Hkv
+        if self.use_covariance and n > d:
+            # a long window: Sigma (d x d) once per head and k^T Sigma' k = (R^T k)^T Sigma (R^T k),
+            # R applied to all keys of the layer in one product; in float32 (the scores need ~1e-6,
+            # not 1e-15). A short window: k^T Sigma' k = |C R^T k|^2 / n, O(T n d), in float64
+            sigma = cen.transpose(0, 2, 1) @ cen  # [n_head, d, d], times n
+            kr = (k32.reshape(T * Hkv, d) @ R.astype(np.float32)).reshape(T, Hkv, d)  # rows R^T k
+        elif self.use_covariance:
+            kr = (k64.reshape(T * Hkv, d) @ R).reshape(T, Hkv, d)
         out = np.empty((Hkv, T))
         s0 = min(self.n_sink, T)
         for kv in range(Hkv):
-            K = k[:, kv, :]  # [T, d]
             heads = slice(kv * G, (kv + 1) * G)
-            logits = mu[heads] @ K.T / np.sqrt(d)  # [G, T]
+            logits = mu[heads] @ k64[:, kv, :].T / np.sqrt(d)  # [G, T]
             if self.use_covariance:
+                K = np.ascontiguousarray(kr[:, kv, :])  # [T, d]
                 if n <= d:
-                    proj = K[None] @ c[heads]  # [G, T, n]
-                    logits += np.einsum("gtw,gtw->gt", proj, proj) / (n * 2 * d)
-                else:  # a long window: Sigma' itself, O(T d^2) instead of O(T n d)
-                    Kf = K.astype(np.float32)
-                    quad = ((Kf[None] @ sigma_all[heads]) * Kf[None]).sum(axis=-1)  # [G, T]
+                    proj = cen[heads].astype(np.float64) @ K.T  # [G, n, T]
+                    logits += np.einsum("gwt,gwt->gt", proj, proj) / (n * 2 * d)
+                else:  # the G heads' Sigma side by side: one [T, d] x [d, G d] product
+                    P = K @ sigma[heads].transpose(1, 0, 2).reshape(d, G * d)  # [T, G d]
+                    quad = np.einsum("tgd,td->gt", P.reshape(T, G, d), K)
                     logits += quad.astype(np.float64) / (n * 2 * d)
             p = np.zeros((G, T))
             p[:, s0:] = softmax_rows(logits[:, s0:])
             out[kv] = p.mean(axis=0)
         if v is not None:
-            out = (out + self.epsilon) * np.linalg.norm(np.asarray(v, dtype=np.float64), axis=-1).T
+            vnorm = np.linalg.norm(np.asarray(v, dtype=np.float32), axis=-1).T  # [Hkv, T]
+            out = (out + self.epsilon) * vnorm
         if 0 < s0 < T:
             out[:, :s0] = out[:, s0:].max(axis=1, keepdims=True)
         return out

@@ -10,6 +10,9 @@ their reductions vectorise; results then differ from the references in the last 
 - :func:`cos_to_mean_direction`: each key's cosine to the mean direction of its head's keys (KeyDiff).
 - :func:`mean_cos_redundancy`: each key's mean cosine similarity to the other keys (R-KV).
 - :func:`tri_series`: TriAttention's trigonometric series averaged over future distances.
+- :func:`unrotate_center`: captured queries back to pre-RoPE, centred per head (Expected Attention).
+  It takes the float32 queries as captured (a float64 copy of 256 queries × every head would
+  cost more than the kernel).
 """
 
 from __future__ import annotations
@@ -299,6 +302,58 @@ def tri_series_ref(k_re, k_im, q_re, q_im, q_abs, omega, delta0, offsets, group)
     return series + extra
 
 
+# --- Expected Attention: pre-RoPE query statistics -----------------------------------------
+
+
+@numba.njit(cache=True)
+def unrotate_center(
+    q: np.ndarray, cos: np.ndarray, sin: np.ndarray, re: np.ndarray, im: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Un-rotate post-RoPE queries ``q`` [n, H, d] (float32) and centre them per head.
+
+    Query ``i``'s pair ``f`` (dims ``re[f]``, ``im[f]``) turned by the angle whose cosine and sine
+    are ``cos[i, f]``, ``sin[i, f]``; it is turned back. Returns the centred pre-RoPE queries
+    [H, n, d] float32 (heads first, ready for a batched ``C^T C``) and their mean [H, d] float64
+    (accumulated in float64 before rounding).
+    """
+    n, H, d = q.shape
+    F = re.shape[0]
+    pre = np.empty((H, n, d), dtype=np.float32)
+    mu = np.zeros((H, d), dtype=np.float64)
+    row = np.empty(d, dtype=np.float64)
+    for i in range(n):
+        for h in range(H):
+            for j in range(d):
+                row[j] = q[i, h, j]
+            for f in range(F):
+                x0 = row[re[f]]
+                x1 = row[im[f]]
+                c = cos[i, f]
+                s = sin[i, f]
+                row[re[f]] = x0 * c + x1 * s
+                row[im[f]] = x1 * c - x0 * s
+            for j in range(d):
+                mu[h, j] += row[j]
+                pre[h, i, j] = row[j]
+    for h in range(H):
+        for j in range(d):
+            mu[h, j] /= n
+    for h in range(H):
+        for i in range(n):
+            for j in range(d):
+                pre[h, i, j] = pre[h, i, j] - mu[h, j]
+    return pre, mu
+
+
+def unrotate_center_ref(q, cos, sin, re, im) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of :func:`unrotate_center`: the inverse rotation as a complex product."""
+    x = np.asarray(q, dtype=np.float64).copy()
+    z = (x[..., re] + 1j * x[..., im]) * np.exp(-1j * np.arctan2(sin, cos))[:, None, :]
+    x[..., re], x[..., im] = z.real, z.imag
+    mu = x.mean(axis=0)
+    return (x.astype(np.float32) - mu).astype(np.float32).transpose(1, 0, 2), mu
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     x = np.ones((1, 4))
@@ -310,3 +365,5 @@ def warmup() -> None:
     z = np.ones((4, 1, 1))
     q = np.ones((1, 1))
     tri_series(z, z, q, q, q, np.ones(1), np.ones(4), np.ones(2), 1)
+    pairs = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+    unrotate_center(np.ones((2, 1, 2), dtype=np.float32), np.ones((2, 1)), np.zeros((2, 1)), *pairs)
