@@ -68,11 +68,11 @@ class CacheView:
         self.cache_sizes = [int(ams.llama_ams_cache_size(ctx.ptr, c)) for c in range(self.n_caches)]
         self.layers = [self._layer_info(il) for il in range(self.n_layer)]
         self.kv_layers = [il for il, li in enumerate(self.layers) if li.cache >= 0]
-        self._head_stride = max(li.n_head_kv for li in self.layers)
+        self._head_stride = max(li.n_head_kv for li in self.layers)  # row moves/shifts index heads by it
         # floats of one token's queries per layer (0 for layers without KV)
         self._q_row_floats = np.array(
             [li.n_head * li.n_embd_head_k if li.cache >= 0 else 0 for li in self.layers], dtype=np.int64
-        )  # row moves/shifts index heads by it
+        )
         self._pos_buf = [np.empty(size, dtype=np.int32) for size in self.cache_sizes]
         self._read_memo: dict[tuple[bool, int], tuple[int, np.ndarray, np.ndarray]] = {}
         self.n_obs = 0
