@@ -106,6 +106,7 @@ class Engine:
         granularity: str = "auto",
         aggregation: str = "mean",
         system: Optional[str] = None,
+        keep: int = 0,
         chat_template: Optional[str] = None,
         temperature: float = 0.8,
         top_k: int = 40,
@@ -130,7 +131,9 @@ class Engine:
         ``positions``: keep | compact. ``granularity``: token (one token set for every layer and
         head), layer, head (each (layer, KV head) keeps its own tokens in the same cells), or auto
         (head where the model and scorer allow it, else token).
-        ``system``: the system prompt (never evicted). ``chat_template``: jinja text or "chatml"
+        ``system``: the system prompt (never evicted). ``keep``: as llama.cpp's ``--keep``, the
+        first tokens of the conversation's first message are never evicted either (-1: all of
+        it; the system prompt counts apart). ``chat_template``: jinja text or "chatml"
         instead of the model's own. ``temperature`` 0 is greedy; with a ``seed`` every reply is
         reproducible, also after ``load``. ``grammar``: GBNF text (a ``root`` rule) that every reply
         must follow (:mod:`amslocal.grammar` turns a JSON schema into one). ``max_tokens``: the
@@ -176,7 +179,14 @@ class Engine:
         template = ChatTemplate.for_model(self.model, chat_template)
         with self._lock:  # contexts are made one at a time; decoding in them runs in parallel
             session = ChatSession(
-                self.model, config, ctx_params, sampler_params, system=system, template=template, max_tokens=max_tokens
+                self.model,
+                config,
+                ctx_params,
+                sampler_params,
+                system=system,
+                template=template,
+                max_tokens=max_tokens,
+                keep=keep,
             )
             self._sessions.add(session)
             return session

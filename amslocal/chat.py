@@ -144,9 +144,15 @@ class ChatSession:
         system: Optional[str] = None,
         template: Union[ChatTemplate, str, None] = None,
         max_tokens: int = 512,
+        keep: int = 0,
         observe_attention: bool = False,
     ):
+        if keep < -1:
+            raise ValueError(f"keep must be -1 (the whole first message), 0 or a number of tokens (got {keep})")
         self.model = model
+        # as llama.cpp's --keep: the conversation's start, through the first ``keep`` tokens of its
+        # first message (-1: all of it), is never evicted, like the system prompt
+        self.keep = keep
         self.observe_attention = observe_attention  # diagnostics (benchmarks), see Session
         self.ctx_params = ctx_params
         self.sampler_params = sampler_params
@@ -372,8 +378,20 @@ class ChatSession:
             )
             flags = [2 if k < n_sys else (1 if self.model.is_control(t) else 0) for k, t in enumerate(tokens)]
 
+        if self.keep and start == 0:
+            flags = self._keep_first_message(flags)
         self._check_fits(tokens, flags, refeed=start == 0)
         return _Plan(conv, text, start, tokens, flags, ends, ranges, self._version)
+
+    def _keep_first_message(self, flags: list[int]) -> list[int]:
+        """Protect the rendering's start through the first ``keep`` tokens of the first message's
+        content (its first run of content tokens; -1: the whole run) as the system prompt is
+        protected: one protected prefix, so releasing template tokens never reaches it."""
+        i = next((k for k, f in enumerate(flags) if f == 0), len(flags))
+        end = i
+        while end < len(flags) and flags[end] == 0 and (self.keep < 0 or end - i < self.keep):
+            end += 1
+        return [2] * end + flags[end:] if end > i else flags
 
     @staticmethod
     def _check_budget_for_system(cfg: CompressionConfig, n_system: int, what: Optional[str] = None) -> None:
@@ -402,7 +420,8 @@ class ChatSession:
                     f"{s.n_ctx}; clear the conversation (/clear), or use a budget"
                 )
         elif refeed:
-            self._check_budget_for_system(cfg, sum(1 for f in flags if f == 2))
+            what = f"--keep {self.keep} (with the system prompt)" if self.keep else None
+            self._check_budget_for_system(cfg, sum(1 for f in flags if f == 2), what=what)
 
     def _token_ends(self, tokens: list[int], suffix: str) -> Optional[list[int]]:
         """Byte end of each token in ``suffix``, or None if the pieces do not spell the suffix."""
@@ -789,6 +808,7 @@ class ChatSession:
                     "n_replies": self._n_replies,
                     "refeeds": self.refeeds,
                     "max_tokens": self.max_tokens,
+                    "keep": self.keep,
                     "template": {
                         "source": self.template.source,
                         "kind": self.template.kind,
@@ -843,6 +863,7 @@ class ChatSession:
                 int(chat["refeeds"]),
                 chat["system"],
                 int(chat["max_tokens"]),
+                int(chat.get("keep", 0)),  # files saved before --keep had none
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SaveFileError(f"the saved session is incomplete ({exc.__class__.__name__}: {exc})") from None
@@ -867,6 +888,7 @@ class ChatSession:
             self.refeeds,
             self.system,
             self.max_tokens,
+            self.keep,
         ) = fields
         self._have_logits = False
         self._version += 1

@@ -635,6 +635,13 @@ def _read_chat_template(value: Optional[str]) -> Optional[str]:
 @_compression_options
 @click.option("-sys", "--system", metavar="TEXT", help="System prompt (never evicted).")
 @click.option(
+    "--keep",
+    type=click.IntRange(min=-1),
+    default=0,
+    show_default=True,
+    help="Tokens of the first message that are never evicted, as llama.cpp's --keep (-1: the whole message).",
+)
+@click.option(
     "--chat-template",
     metavar="STR|FILE",
     help="Jinja chat template (text or a file), or 'chatml'; default: the model's own.",
@@ -673,6 +680,7 @@ def _chat(
     granularity: str,
     aggregation: str,
     system: Optional[str],
+    keep: int,
     chat_template: Optional[str],
     temp: float,
     seed: Optional[int],
@@ -723,6 +731,7 @@ def _chat(
             interval, scorer, no_ams, ams_variant, no_question_aware, positions, granularity, aggregation
         ),
         system=system,
+        keep=keep,
         chat_template=template,
         **_sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, seed),
         grammar=gbnf,
@@ -1061,7 +1070,8 @@ def _int_list(value: str, what: str) -> list[int]:
     type=int,
     default=0,
     show_default=True,
-    help="context-shift: tokens kept at the start, like llama.cpp's --keep (-1: the whole prompt).",
+    help="context-shift: tokens kept at the start, like llama.cpp's --keep (-1: the whole prompt); "
+    "chat task: tokens of the first message never evicted.",
 )
 @click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)

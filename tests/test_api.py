@@ -191,6 +191,52 @@ def test_chat_and_raw_generation_do_not_mix(engine):
     assert s.chat("hi", stream=False) is not None
 
 
+FACT = "Remember this: my locker code is 7341 and my name is Ada."
+
+
+def _first_message_kept(engine, s) -> bool:
+    """Whether the live cache still holds every token of FACT, in order, right after the system turn."""
+    fact = engine.model.tokenize(FACT, add_special=False, parse_special=False)
+    _, toks = s.session.gen.kept_tokens()
+    return any(toks[i : i + len(fact)] == fact for i in range(len(toks) - len(fact) + 1))
+
+
+def test_keep_protects_the_first_message_like_llama_keep(engine, tmp_path):
+    """--keep -1: the conversation's start through its whole first message survives compression;
+    without it the same conversation loses it; the setting survives a save and a load."""
+    plain = engine.session(system=SYSTEM, **SMALL)
+    kept = engine.session(system=SYSTEM, keep=-1, **SMALL)
+    for s in (plain, kept):
+        s.chat(FACT + " " + TALK[0], stream=False)
+        for q in TALK[1:]:
+            s.chat(q, stream=False)
+            assert s.cells_used <= 96 + 32
+        assert s.stats.compressions >= 3
+    assert _first_message_kept(engine, kept) and not _first_message_kept(engine, plain)
+    # one protected prefix: system turn, the first message's header and its content
+    k, total = kept.system_tokens_in_cache()
+    assert k == total and total > len(engine.model.tokenize(SYSTEM + FACT, add_special=False))
+    kept.save(tmp_path / "k.ams")
+    again = engine.session(**SMALL)
+    again.load(tmp_path / "k.ams")
+    assert again.keep == -1
+    again.clear()  # a new conversation: its first message is kept again
+    again.chat(FACT + " " + TALK[0], stream=False)
+    for q in TALK[1:]:
+        again.chat(q, stream=False)
+    assert _first_message_kept(engine, again)
+
+
+def test_keep_that_does_not_fit_the_budget_is_refused_in_one_line(engine):
+    from amslocal.errors import BudgetError
+
+    s = engine.session(keep=-1, **SMALL)
+    with pytest.raises(BudgetError, match=r"--keep -1 \(with the system prompt\) keeps \d+ prompt tokens"):
+        s.chat(" ".join(TALK * 6), stream=False)
+    with pytest.raises(ValueError, match="keep must be"):
+        engine.session(keep=-2, **SMALL)
+
+
 def test_budget_and_scorer_change_on_a_live_session(engine):
     s = engine.session(system=SYSTEM, **SMALL)
     s.chat(TALK[0], stream=False)

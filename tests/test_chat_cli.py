@@ -204,6 +204,18 @@ def test_piped_chat_runs_to_the_end() -> None:
 
 
 @needs_model
+def test_piped_keep_too_long_for_the_budget_is_one_line_and_the_chat_goes_on() -> None:
+    """--keep -1 with a first message longer than the budget can protect: that message is refused in
+    one line, nothing else is lost, and the next (short) message is kept and answered."""
+    proc = _chat_piped("word " * 300 + "\nWhat is the capital of France?\n", *COMPRESSING, "--keep", "-1")
+    assert proc.returncode == 1, proc.stderr  # a message failed
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"--keep -1 \(with the system prompt\) keeps \d+ prompt tokens", proc.stderr), proc.stderr
+    assert len(STATUS.findall(proc.stderr)) == 1, proc.stderr  # the second message was answered
+    assert proc.stdout.strip()
+
+
+@needs_model
 def test_piped_bad_input_keeps_the_session(tmp_path: Path) -> None:
     damaged = tmp_path / "damaged.ams"
     damaged.write_bytes(b"AMSCHAT\x00" + os.urandom(200))
@@ -268,6 +280,7 @@ def test_piped_chat_on_a_model_without_template(tiny_gguf: Path) -> None:
         (["--chat-template", "{% for %}"], "chat template (custom): syntax error", 1),
         (["--chat-template", "no-such-file.jinja"], "neither a file nor template text", 2),
         (["--chat-template", "{{ raise_exception('no chatting here') }}"], "no chatting here", 1),
+        (["--keep", "-2"], "--keep", 2),
     ],
 )
 def test_chat_startup_errors(tiny_gguf: Path, flags: list[str], phrase: str, code: int) -> None:

@@ -17,6 +17,8 @@ recall is right when the code appears in the reply.
   method list for this task).
 - Budgets are absolute KV cells (``budget_base`` must be ``absolute``); a session holds at most
   ``budget + interval`` cells, by construction, and its peak is recorded from llama.cpp's cell map.
+- ``--n-keep N`` protects the conversation's start through the first ``N`` tokens of the first
+  message (-1: all of it, the fact included), as ``amslocal chat --keep``.
 - Every turn is decoded (no replay of the full cache's answer: the conversations part after the
   first compression and a per-turn replay would not save much); ``samples`` must be 1.
 
@@ -229,7 +231,11 @@ def run_conversation(
     else:
         raise OptionError(f"{method.name} is not a chat session; leave it out of --methods for --task chat")
     t0 = time.perf_counter()
-    chat = ChatSession(model, cfg, ctx, _sampler(s, 0), template=template, max_tokens=s.max_new, observe_attention=True)
+    # --n-keep: the first message's first tokens are never evicted (ChatSession's keep, llama.cpp's --keep)
+    keep = s.n_keep if method.kind == "session" else 0
+    chat = ChatSession(
+        model, cfg, ctx, _sampler(s, 0), template=template, max_tokens=s.max_new, keep=keep, observe_attention=True
+    )
     recorders: list[WipeoutRecorder] = []
     turns = []
     try:
