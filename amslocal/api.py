@@ -99,7 +99,7 @@ class Engine:
         budget: Optional[int] = 1024,
         interval: int = 128,
         scorer: str = "rkv",
-        ams: bool = True,
+        ams: Optional[bool] = None,
         ams_variant: str = "vote",
         question_aware: bool = True,
         positions: str = "keep",
@@ -124,7 +124,8 @@ class Engine:
         ``budget``: KV cells kept after each compression (None: no compression, a ``ctx_size``
         cache). ``interval``: tokens between compressions. ``scorer``: tova, snapkv, h2o, streaming,
         keydiff, expected-attention, rkv or triattention (needs ``amslocal calibrate``). ``ams``:
-        Adaptive Mass-Segmented selection (else global top-k); ``ams_variant``: mean (one mass
+        Adaptive Mass-Segmented selection (False: global top-k; None: AMS when the budget leaves
+        at least 128 cells beyond the sinks and the recent window, else top-k); ``ams_variant``: mean (one mass
         curve), peaked (rows weighted by how peaked they are) or vote (per-row AMS with voting).
         ``question_aware``: a message compressed before its end is read is scored by the attention
         of its last tokens (decoded ahead, then removed).

@@ -180,7 +180,12 @@ _compression_options = _options(
         help="Compress when budget + interval cells are occupied.",
     ),
     click.option("--scorer", type=click.Choice(_scorer_names()), default="rkv", show_default=True),
-    click.option("--no-ams", is_flag=True, help="Global top-k selection instead of AMS segments."),
+    click.option(
+        "--no-ams",
+        is_flag=True,
+        help="Global top-k selection instead of AMS segments (without it: AMS when the budget leaves "
+        "128 cells or more beyond the sinks and the recent window, else top-k).",
+    ),
     click.option(
         "--ams-variant",
         type=click.Choice(["mean", "peaked", "vote"]),
@@ -356,7 +361,7 @@ def _compression_kwargs(
     return dict(
         interval=interval,
         scorer=scorer,
-        ams=not no_ams,
+        ams=False if no_ams else None,  # None: AMS when the budget leaves room for it (CompressionConfig)
         ams_variant=ams_variant,
         question_aware=not no_question_aware,
         positions=positions,
@@ -750,7 +755,7 @@ def _chat(
         rows = session.config.granularity if chosen is not None else "token"
         sets = {"head": ", a token set per KV head", "layer": ", a token set per layer"}.get(rows, "")
         _say(
-            f"chat with {path.name}: {budget_text}, scorer {scorer}{'' if no_ams else ' + AMS'}{sets}, "
+            f"chat with {path.name}: {budget_text}, scorer {scorer}{' + AMS' if session.config.ams else ''}{sets}, "
             f"template {session.template.kind}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits."
         )
     return ui.run()
@@ -931,7 +936,9 @@ def _serve(
         max_tokens=max_tokens,
         ctx_size=ctx_size,
     )
-    engine.session(**session).close()  # a configuration that cannot work fails here, not at the first request
+    probe = engine.session(**session)  # a configuration that cannot work fails here, not at the first request
+    session["ams"] = probe.config.ams  # resolved for --budget (create_app would decide the same)
+    probe.close()
     config = ServerConfig(
         model_id=alias or path.stem,
         session=session,
@@ -947,7 +954,7 @@ def _serve(
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     if chosen is not None:
-        cache_text = f"budget {chosen} (+{interval}), scorer {scorer}{'' if no_ams else ' + AMS'}"
+        cache_text = f"budget {chosen} (+{interval}), scorer {scorer}{' + AMS' if session['ams'] else ''}"
     else:
         cache_text = f"full cache of {ctx_size}"
     _say(

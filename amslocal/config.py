@@ -28,6 +28,7 @@ NO_ROW_SETS = {"triattention": "it un-rotates keys by one position per cell"}
 
 DEFAULT_N_SINK = 4
 DEFAULT_KEEP_LAST = 32
+AMS_MIN_ROOM = 128  # cells left to choose below which the default (auto) selects with top-k
 
 
 @dataclass
@@ -102,7 +103,12 @@ class CompressionConfig:
     interval: int = 128
     # defaults by measurement: the best on long documents (BENCHMARKS.md, long context)
     scorer: str = "rkv"
-    ams: bool = True
+    # True: AMS; False: global top-k; None (auto): AMS when the budget leaves at least
+    # AMS_MIN_ROOM cells to choose (budget - n_sink - keep_last), else top-k, resolved once when
+    # the session is made. With less room AMS fits too few segments and its per-segment quotas
+    # take cells from what the scorer ranks highest (BENCHMARKS §7.7: GSM8K at 128 cells in all,
+    # the default under AMS 2/60 against 10/60 with top-k; at 192: 16 against 19)
+    ams: Optional[bool] = None
     # how AMS reads the rows of one token set: "mean" (one mass curve, the row average),
     # "peaked" (rows weighted by how peaked their attention is), "vote" (every (layer, KV head)
     # row runs its own AMS; tokens kept by the most rows win)
@@ -123,6 +129,12 @@ class CompressionConfig:
     @property
     def capacity(self) -> Optional[int]:
         return None if self.budget is None else self.budget + self.interval
+
+    def resolved_ams(self) -> bool:
+        """Whether AMS selects: ``ams`` when it is set, else the auto rule (see the field)."""
+        if self.ams is not None:
+            return bool(self.ams)
+        return self.budget is not None and self.budget - self.n_sink - self.keep_last >= AMS_MIN_ROOM
 
     def validate(self, n_ctx_train: Optional[int] = None) -> "CompressionConfig":
         """Raise :class:`BudgetError` (or :class:`OptionError` for an unknown scorer) with the reason

@@ -148,6 +148,8 @@ class Session:
             raise AmsError(f"{model.arch}: this model's memory is not a KV cache that can be compressed")
         if cfg.budget is not None and cfg.positions == "compact" and not self.gen.ctx.can_shift():
             raise AmsError(f"{model.arch}: this model's cache cannot shift positions; use --positions keep")
+        if cfg.ams is None:  # resolved once, here, as the granularity: stats and save files name what ran
+            cfg = self.config = replace(cfg, ams=cfg.resolved_ams())
         if cfg.granularity == "auto":  # resolved once, here: stats and save files name what ran
             row_sets = (
                 cfg.budget is not None and cfg.scorer not in NO_ROW_SETS and self._row_sets_refusal("head") is None

@@ -20,7 +20,7 @@ TALK = [
     "And about the planets?",
     "And the stars?",
 ]
-SMALL = dict(budget=96, interval=32, temperature=0, max_tokens=40)  # compresses within two turns
+SMALL = dict(budget=96, interval=32, ams=True, temperature=0, max_tokens=40)  # compresses within two turns
 
 
 @pytest.fixture(scope="module")

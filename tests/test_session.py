@@ -153,7 +153,8 @@ def test_cli_stats_json(tmp_path):
     ):
         assert key in st
     assert st["kv_budget"] == 128 and st["kv_cells_peak"] <= 192 and st["generated_tokens"] == 100
-    assert st["compressions"] > 0 and st["scorer"] == "keydiff" and st["ams"] is True
+    # 128 cells leave 92 to choose beyond the sinks and the recent window: the default is top-k there
+    assert st["compressions"] > 0 and st["scorer"] == "keydiff" and st["ams"] is False
     assert np.isfinite(st["decode_tok_per_s"]) and st["decode_tok_per_s"] > 0
 
 
@@ -199,3 +200,18 @@ def test_triattention_needs_and_finds_its_calibration(tmp_path, tiny_gguf):
     assert ok.returncode == 0, ok.stderr
     st = json.loads((tmp_path / "s.json").read_text())
     assert st["compressions"] > 0 and st["kv_cells_peak"] <= 64
+
+
+def test_default_selects_with_ams_only_where_the_budget_leaves_room(tiny_model):
+    """ams=None (the default): AMS from 128 cells to choose (budget - n_sink - keep_last) up, top-k
+    below; resolved once when the session is made; an explicit choice is kept as it is."""
+    assert CompressionConfig(budget=164).resolved_ams() and not CompressionConfig(budget=163).resolved_ams()
+    assert not CompressionConfig(budget=None).resolved_ams()
+    small = Session(tiny_model, CompressionConfig(budget=96, interval=32))
+    assert small.config.ams is False and not small.stats.ams and small.mass_window == 0
+    large = Session(tiny_model, CompressionConfig(budget=256, interval=32))
+    assert large.config.ams is True and large.stats.ams
+    forced = Session(tiny_model, CompressionConfig(budget=96, interval=32, ams=True))
+    assert forced.config.ams is True and forced.mass_window > 0
+    large.set_budget(96)  # resolved once: the session keeps its selector
+    assert large.config.ams is True

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..api import Engine
+from ..config import CompressionConfig
 from ..errors import AmsError, BudgetError, ChatError, ContextFullError, OptionError, SessionBusyError
 from .pool import Conversation, SessionPool, Settings, check_session_id
 from .scheduler import Job, QueueFull, Scheduler
@@ -497,9 +498,14 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
     scorers = sorted(SCORERS)
     requests = _Requests(config, scorers)
     state: dict[str, Any] = {}
+    # AMS or not, decided once for the server's budget when not given: a conversation saved and
+    # matched again after a restart must name the same selector as the request that made it
+    defaults = dict(config.session)
+    if defaults.get("ams") is None:
+        defaults["ams"] = CompressionConfig(budget=defaults.get("budget", 1024)).resolved_ams()
 
     def new_session(settings: Settings):
-        kwargs = dict(config.session)
+        kwargs = dict(defaults)
         if settings.budget is not None:
             kwargs["budget"] = settings.budget
         if settings.scorer is not None:
@@ -516,7 +522,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
             max_saved=config.max_saved,
             session_dir=config.session_dir,
             model_identity=model_identity(engine.model),
-            default_ams=bool(config.session.get("ams", True)),
+            default_ams=bool(defaults["ams"]),
         )
         state["scheduler"] = Scheduler(config.max_queue)
         state["started"] = time.time()
@@ -588,7 +594,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Any:
             "kv_budget": d.get("budget"),
             "interval": d.get("interval"),
             "scorer": d.get("scorer"),
-            "ams": d.get("ams", True),
+            "ams": defaults["ams"],
             "scorers": scorers,
             "max_tokens": d.get("max_tokens"),
             "sessions": config.sessions,
