@@ -585,7 +585,7 @@ class CacheView:
             if buf is not None:
                 self._qlog_addr[il] = buf.ctypes.data
                 self._qlog_rows[il] = buf.shape[0]
-        self._qlog_cap = int(self._qlog_rows[self._qlog_layers].min()) if self._qlog_layers else 0
+        self._qlog_cap = 0  # the next _reserve_log measures the buffers found here
 
     def _reserve_log(self, n: int) -> None:
         """Room for ``n`` logged queries in every logged layer's buffer (grown by doubling)."""

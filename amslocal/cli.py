@@ -937,7 +937,7 @@ def _serve(
         ctx_size=ctx_size,
     )
     probe = engine.session(**session)  # a configuration that cannot work fails here, not at the first request
-    session["ams"] = probe.config.ams  # resolved for --budget (create_app would decide the same)
+    ams_on = probe.config.ams  # what create_app decides for --budget too
     probe.close()
     config = ServerConfig(
         model_id=alias or path.stem,
@@ -954,7 +954,7 @@ def _serve(
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     if chosen is not None:
-        cache_text = f"budget {chosen} (+{interval}), scorer {scorer}{' + AMS' if session['ams'] else ''}"
+        cache_text = f"budget {chosen} (+{interval}), scorer {scorer}{' + AMS' if ams_on else ''}"
     else:
         cache_text = f"full cache of {ctx_size}"
     _say(
