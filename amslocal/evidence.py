@@ -13,10 +13,10 @@ window's queries in one matrix product per layer, replaces the per-step side bra
 
 from __future__ import annotations
 
-import signal
-
 import numba
 import numpy as np
+
+from . import compute_threads
 
 # fast math without the no-NaN/no-Inf assumptions (the kernel never makes either)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -99,43 +99,12 @@ def attention_rows_ref(
     return p.reshape(W, H, G, n).sum(axis=2)
 
 
-_threads_started = False
-
-
-def _start_threads_without_signals() -> None:
-    """Numba starts its worker threads at the first parallel call, and each inherits the calling
-    thread's signal mask. Start them with SIGINT and SIGTERM blocked: a signal must reach the main
-    thread, or a Ctrl-C that lands on a worker never wakes the main thread's blocking read (the
-    chat prompt would ignore it)."""
-    global _threads_started
-    if _threads_started:
-        return
-    _threads_started = True
-    blockable = [s for s in (signal.SIGINT, signal.SIGTERM) if s is not None]
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to do
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blockable)
-    try:
-        out = np.empty((1, 1, 1), dtype=np.float32)
-        attention_rows(
-            np.ones((1, 1, 1), np.float32),
-            np.ones((1, 1, 1), np.float32),
-            np.zeros(1, np.int64),
-            np.zeros(1, np.int64),
-            1.0,
-            0,
-            out,
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def attention_per_query(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int = 0
 ) -> np.ndarray:
     """Each query's attention probability on each key, summed over each KV group's heads:
     [W, H_kv, n] float32 (see :func:`attention_rows`)."""
-    _start_threads_without_signals()
+    compute_threads.start_workers()
     out = np.empty((q.shape[0], k.shape[1], k.shape[0]), dtype=np.float32)
     attention_rows(
         np.ascontiguousarray(q, dtype=np.float32),

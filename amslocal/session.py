@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import compute_threads
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Model, Sampler
 from .config import NO_ROW_SETS, CompressionConfig, ContextParams, SamplerParams
 from .engine import Generator
@@ -518,6 +519,7 @@ class Session:
         """
         cfg = self.config
         t0 = time.perf_counter()
+        compute_threads.use(self.gen.ctx.n_threads)  # as many as decoding: no oversubscribed core
         transient = np.zeros(0, dtype=np.int64)
         fit = cfg.capacity - self.n_occupied if cfg.capacity is not None else 0
         if observers and self.n_occupied > cfg.budget and fit > 0:

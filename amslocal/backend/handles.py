@@ -212,6 +212,7 @@ class Context:
         cp.n_ubatch = min(params.n_ubatch, params.n_batch)
         cp.n_seq_max = 1
         threads = params.n_threads or default_threads()
+        self.n_threads = threads  # the controller's arithmetic uses as many (compute_threads)
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.flash_attn_type = FLASH_ATTN[params.flash_attn]

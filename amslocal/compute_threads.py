@@ -1,0 +1,95 @@
+"""How many threads the controller's arithmetic (Numba's parallel kernels, numpy's BLAS) may use.
+
+llama.cpp decodes with ``-t`` threads (by default every core but one). Numba and OpenBLAS start
+one thread per core and wait for each other at every barrier, so when another process holds a
+core an event collapses: SmolLM2 at ``-t 1`` with the other of 2 cores busy, TOVA's event took
+244 ms and Expected Attention's 3.1 s, against 12 and 41 ms idle (BENCHMARKS.md §9.2). The
+controller therefore uses the session's own thread count, set at every event: Numba's setting
+belongs to the calling thread (a server runs sessions on several), BLAS's to the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import signal
+import threading
+from typing import Callable, Optional
+
+import numba
+import numpy as np
+
+# OpenBLAS's thread count under the names numpy's wheels export it (scipy-openblas, 64-bit ints or not)
+_BLAS_PREFIXES = ("scipy_openblas_", "openblas_")
+_BLAS_SUFFIXES = ("64_", "_64_", "")
+
+_lock = threading.Lock()
+_state: dict = {"started": False, "blas": None, "blas_found": False, "blas_n": 0}
+
+
+def _find_blas() -> Optional[tuple[Callable[[int], None], Callable[[], int]]]:
+    """numpy's bundled OpenBLAS's (set, get) thread count, or None (another BLAS: left as it is)."""
+    root = os.path.dirname(np.__file__)
+    for d in (os.path.join(os.path.dirname(root), "numpy.libs"), os.path.join(root, ".dylibs")):
+        for path in sorted(glob.glob(os.path.join(d, "*openblas*"))):
+            try:
+                lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
+            except OSError:
+                continue
+            for prefix in _BLAS_PREFIXES:
+                for suffix in _BLAS_SUFFIXES:
+                    set_n = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+                    get_n = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                    if set_n is not None and get_n is not None:
+                        set_n.argtypes, set_n.restype = [ctypes.c_int], None
+                        get_n.argtypes, get_n.restype = [], ctypes.c_int
+                        return set_n, get_n
+    return None
+
+
+def _blas():
+    with _lock:
+        if not _state["blas_found"]:
+            _state["blas"], _state["blas_found"] = _find_blas(), True
+        return _state["blas"]
+
+
+def start_workers() -> None:
+    """Start Numba's worker threads with SIGINT and SIGTERM blocked (once per process).
+
+    Each worker inherits the starting thread's signal mask, and a signal must reach the main
+    thread: a Ctrl-C that lands on a worker never wakes the main thread's blocking read (the
+    chat prompt would ignore it)."""
+    with _lock:
+        if _state["started"]:
+            return
+        _state["started"] = True
+        if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to block
+            numba.get_num_threads()
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+        try:
+            numba.get_num_threads()  # launches the threading layer's workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def use(n_threads: int) -> int:
+    """Let the calling thread's Numba kernels and the process's BLAS use ``n_threads`` (at most
+    one per core); returns the count in force."""
+    start_workers()
+    n = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    blas = _blas()
+    if blas is not None and _state["blas_n"] != n:
+        blas[0](n)
+        _state["blas_n"] = n
+    return n
+
+
+def blas_threads() -> Optional[int]:
+    """The thread count numpy's BLAS uses, where it can be read here (else None)."""
+    blas = _blas()
+    return None if blas is None else int(blas[1]())

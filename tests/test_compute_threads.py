@@ -1,0 +1,50 @@
+"""The controller's arithmetic uses the session's thread count, not one thread per core."""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import pytest
+
+from amslocal import compute_threads
+from amslocal.backend import ContextParams, SamplerParams
+from amslocal.session import CompressionConfig, Session
+
+
+def test_use_sets_numba_and_blas_threads():
+    assert compute_threads.use(1) == 1
+    assert numba.get_num_threads() == 1
+    if compute_threads.blas_threads() is not None:  # numpy's bundled OpenBLAS (the wheels)
+        assert compute_threads.blas_threads() == 1
+    top = numba.config.NUMBA_NUM_THREADS
+    assert compute_threads.use(top + 5) == top  # at most one per core
+    assert numba.get_num_threads() == top
+    if compute_threads.blas_threads() is not None:
+        assert compute_threads.blas_threads() == top
+
+
+def test_numba_setting_belongs_to_the_calling_thread():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: nothing to tell apart")
+    compute_threads.use(2)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append((compute_threads.use(1), numba.get_num_threads())))
+    worker.start()
+    worker.join()
+    assert seen == [(1, 1)]
+    assert numba.get_num_threads() == 2  # this thread's setting did not change
+
+
+def test_an_event_runs_with_the_sessions_thread_count(tiny_model):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: every count is 1")
+    compute_threads.use(numba.config.NUMBA_NUM_THREADS)
+    cfg = CompressionConfig(budget=64, interval=16, scorer="tova", ams=False)
+    s = Session(tiny_model, cfg, ContextParams(n_threads=1), SamplerParams(temp=0))
+    list(s.generate(tiny_model.tokenize("abcdefghij" * 10), 16, ignore_eos=True))
+    assert s.stats.compressions > 0
+    assert numba.get_num_threads() == 1
+    if compute_threads.blas_threads() is not None:
+        assert compute_threads.blas_threads() == 1
+    s.close()
