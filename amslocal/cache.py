@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -56,6 +57,31 @@ _STEP_ONLY_ARCHS = frozenset(
 
 # the query log settles on its own past this many queries (bounded memory without events)
 _LOG_LIMIT = 1024
+
+
+def _row_tables(addr: np.ndarray, n_rows: int, row_floats: np.ndarray, rows: np.ndarray | None = None) -> tuple:
+    """For buffers at ``addr`` [n_layer] (0 = none) of ``rows`` rows each (default ``n_rows``) and
+    ``row_floats`` floats per row: [n_rows, n_layer] tables of where row r of each starts and how
+    many floats fit from there (0 where there is no buffer), as llama_ams_get_queries_all takes them."""
+    r = np.arange(n_rows, dtype=np.int64)[:, None]
+    rows = np.full(addr.shape, n_rows, dtype=np.int64) if rows is None else rows
+    dst = np.where(addr > 0, addr + r * 4 * row_floats, 0).astype(np.int64)
+    room = np.where(addr > 0, (rows - r) * row_floats, 0).astype(np.int64)
+    return np.ascontiguousarray(dst), np.ascontiguousarray(room)
+
+
+def _table_addresses(tables: tuple) -> tuple[int, int, int]:
+    """(address of the destinations, of the rooms, bytes from one row of them to the next)."""
+    dst, room = tables
+    return dst.ctypes.data, room.ctypes.data, dst.strides[0]
+
+
+def _put_tail(buf: np.ndarray, at: int, positions, n: int) -> None:
+    """buf[at : at + n] = the last ``n`` of ``positions`` (one decoded token: one item set)."""
+    if n == 1:
+        buf[at] = positions[-1]
+    else:
+        buf[at : at + n] = np.asarray(positions)[len(positions) - n :]
 
 
 class CacheView:
@@ -349,12 +375,12 @@ class CacheView:
         self.evidence_pos = [np.full(size, -1, dtype=np.int32) for size in self.cache_sizes]
         self._rows_layers = None  # the per-row map starts over with the evidence (a cleared cache)
         self._q_count = 0
-        self.query_pos = np.empty(0, dtype=np.int32)
-        # event mode: the observed decodes not yet settled, oldest first: their positions, and
-        # their queries in one growing buffer per logged layer ([capacity, n_head, head_dim], the
-        # first _qlog_n rows in use), written in place by the patch; and the attention of the
-        # last observed decode
-        self._qlog_pos: list[np.ndarray] = []
+        self._q_end = 0
+        # event mode: the observed decodes not yet settled, oldest first: their positions (one
+        # growing buffer) and their queries in one growing buffer per logged layer ([capacity,
+        # n_head, head_dim], the first _qlog_n rows in use), written in place by the patch; and
+        # the attention of the last observed decode
+        self._qlog_pos = np.zeros(32, dtype=np.int64)
         self._qlog_n = 0
         self._qlog_layers: list[int] = []  # the layers logged since the last settle
         self._qlog_bad: set[int] = set()  # logged layers whose queries could not be read once
@@ -362,8 +388,9 @@ class CacheView:
         # per layer: where its log buffer starts and how many rows it holds (0 = not logged)
         self._qlog_addr = np.zeros(self.n_layer, dtype=np.int64)
         self._qlog_rows = np.zeros(self.n_layer, dtype=np.int64)
-        self._qlog_step = np.zeros(self.n_layer, dtype=np.int64)  # bytes per query, 0 = not logged
         self._qlog_cap = 0  # rows every logged layer's buffer has
+        self._qlog_tab = (0, 0, 0)  # see _log_tables
+        self._qlog_tables: tuple = ()
         self._last_n = 0  # queries of the last decode if it was observed (0: it was not)
         self._last_attn: dict[int, np.ndarray] = {}
         self.reset_window()
@@ -422,8 +449,10 @@ class CacheView:
             for li in self.layers
         ]
         # where each layer's ring starts ([n_layer] addresses, 0 = no ring), for the bulk capture
-        self._q_ring_addr = np.array([0 if r is None else r.ctypes.data for r in self._q_ring], dtype=np.int64)
-        self._q_ring_step = np.where(self._q_ring_addr > 0, 4 * self._q_row_floats, 0)  # bytes per query
+        self._q_pos_ring = np.full(2 * w, -1, dtype=np.int32)  # the queries' positions, alongside
+        addr = np.array([0 if r is None else r.ctypes.data for r in self._q_ring], dtype=np.int64)
+        self._q_ring_tables = _row_tables(addr, 2 * w, self._q_row_floats)
+        self._q_ring_tab = _table_addresses(self._q_ring_tables)
         self._q_end = 0  # one past the newest query (the same in every layer)
 
     def _ring_reserve(self, n_tok: int) -> int:
@@ -437,6 +466,7 @@ class CacheView:
             for ring in self._q_ring:
                 if ring is not None:
                     ring[:keep] = ring[end - keep : end]
+            self._q_pos_ring[:keep] = self._q_pos_ring[end - keep : end]
             end = keep
         self._q_end = end + take
         self._q_count = min(self._q_count + n_tok, w)
@@ -444,7 +474,7 @@ class CacheView:
 
     def _resize_ring(self) -> None:
         """A new window size: keep the newest queries that fit."""
-        old = self.queries
+        old, old_pos = self.queries, self.query_pos
         n = min(self._q_count, self.q_window)
         self._alloc_ring()
         self._q_count = n
@@ -452,12 +482,18 @@ class CacheView:
         for r, o in zip(self._q_ring, old):
             if r is not None and o is not None and n:
                 r[:n] = o[o.shape[0] - n :]
+        self._q_pos_ring[:n] = old_pos[len(old_pos) - n :]
 
     @property
     def queries(self) -> list[np.ndarray | None]:
         """Per layer the window's observed queries [t, n_head, head_dim] (t <= n_obs), oldest first."""
         n, end = self._q_count, self._q_end
         return [None if r is None or n == 0 else r[end - n : end] for r in self._q_ring]
+
+    @property
+    def query_pos(self) -> np.ndarray:
+        """The positions of the window's observed queries [t] int32, oldest first."""
+        return self._q_pos_ring[self._q_end - self._q_count : self._q_end]
 
     @property
     def evidence(self) -> list[np.ndarray | None]:
@@ -482,7 +518,7 @@ class CacheView:
             same = occupied & (self.evidence_pos[c] >= 0)
             self.evidence_pos[c][same] = pos[same]
 
-    def collect(self, positions_of_batch: np.ndarray | None = None) -> int:
+    def collect(self, positions_of_batch: Sequence[int] | None = None) -> int:
         """Add the evidence of the last decode to the accumulators; returns observed query tokens.
 
         Columns of cells whose position changed since they were last accumulated (evicted, reused)
@@ -494,7 +530,7 @@ class CacheView:
         finally:
             self.collect_s += time.perf_counter() - t0
 
-    def _collect(self, positions_of_batch: np.ndarray | None) -> int:
+    def _collect(self, positions_of_batch: Sequence[int] | None) -> int:
         ptr = self.ctx.ptr
         n_tok = int(ams.llama_ams_obs_n_tokens(ptr))
         if n_tok == 0:
@@ -529,13 +565,15 @@ class CacheView:
                     self._settle()
         return n_tok
 
-    def _capture_queries(self, n_tok: int, log: bool, ring: bool, positions_of_batch: np.ndarray | None) -> None:
+    def _capture_queries(self, n_tok: int, log: bool, ring: bool, positions_of_batch: Sequence[int] | None) -> None:
         """Copy the last decode's observed queries into the event log (tracked layers) and the
         window ring, straight from the patch into preallocated rows. This runs on every observed
         step, so it allocates nothing per layer and calls the patch once per destination for all
         layers (a Python loop over the layers costs more than the copies)."""
+        # Right after a decode the interpreter's and numpy's state is cold in the CPU caches, and
+        # each numpy operation costs ~10 us: the destinations come from tables made when the
+        # buffers were (row r of every layer at dst0 + r * stride), indexed with Python integers
         ptr = self.ctx.ptr
-        floats = self._q_row_floats
         if log:
             if positions_of_batch is None:
                 raise ValueError("event-mode evidence needs the positions of the decoded batch")
@@ -543,34 +581,33 @@ class CacheView:
                 self._start_log()
             self._reserve_log(self._qlog_n + n_tok)
             at = self._qlog_n
-            dst = self._qlog_addr + at * self._qlog_step  # 0 stays 0: a layer not logged
-            room = (self._qlog_rows - at) * floats
-            if ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, self.n_layer) != len(
+            dst0, room0, stride = self._qlog_tab
+            if ams.llama_ams_get_queries_all(ptr, dst0 + at * stride, room0 + at * stride, self.n_layer) != len(
                 self._qlog_layers
             ):
+                dst = self._qlog_tables[0][at]
                 for il in self._qlog_layers:  # find the layers that could not be read
-                    size = n_tok * int(floats[il])
+                    size = n_tok * int(self._q_row_floats[il])
                     if ams.llama_ams_get_queries(ptr, il, int(dst[il]), size) != size:
                         self._qlog_bad.add(il)
+            _put_tail(self._qlog_pos, at, positions_of_batch, n_tok)
+            self._qlog_n += n_tok
         if ring:
             take = min(n_tok, self.q_window)
             start = self._ring_reserve(n_tok)
             if take == n_tok:  # the whole decode fits the ring: straight into it
-                dst = self._q_ring_addr + start * self._q_ring_step  # 0 stays 0: a layer without ring
-                room = (2 * self.q_window - start) * floats
-                ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, self.n_layer)
+                dst0, room0, stride = self._q_ring_tab
+                ams.llama_ams_get_queries_all(ptr, dst0 + start * stride, room0 + start * stride, self.n_layer)
             else:  # more observed queries than the window keeps: the newest
                 for il in self.kv_layers:
                     li = self.layers[il]
                     q = np.empty((n_tok, li.n_head, li.n_embd_head_k), dtype=np.float32)
                     if ams.llama_ams_get_queries(ptr, il, q.ctypes.data, q.size) == q.size:
                         self._q_ring[il][start : start + take] = q[n_tok - take :]
-        if ring and positions_of_batch is not None:
-            tail = np.asarray(positions_of_batch, dtype=np.int32)[-n_tok:]
-            self.query_pos = np.concatenate([self.query_pos, tail])[-self.q_window :]
-        if log:
-            self._qlog_pos.append(np.asarray(positions_of_batch, dtype=np.int64)[-n_tok:])
-            self._qlog_n += n_tok
+            if positions_of_batch is None:
+                self._q_pos_ring[start : start + take] = -1
+            else:
+                _put_tail(self._q_pos_ring, start, positions_of_batch, take)
 
     def _start_log(self) -> None:
         """A new log: the layers tracked now are the ones it holds until it settles."""
@@ -578,19 +615,22 @@ class CacheView:
         self._qlog_bad = set()
         self._qlog_addr[:] = 0
         self._qlog_rows[:] = 0
-        self._qlog_step[:] = 0
-        self._qlog_step[self._qlog_layers] = 4 * self._q_row_floats[self._qlog_layers]
         for il in self._qlog_layers:
             buf = self._qlog_buf.get(il)
             if buf is not None:
                 self._qlog_addr[il] = buf.ctypes.data
                 self._qlog_rows[il] = buf.shape[0]
         self._qlog_cap = 0  # the next _reserve_log measures the buffers found here
+        self._qlog_tables = ()
 
     def _reserve_log(self, n: int) -> None:
         """Room for ``n`` logged queries in every logged layer's buffer (grown by doubling)."""
         if n <= self._qlog_cap:
             return
+        if self._qlog_pos.shape[0] < n:
+            pos = np.zeros(max(n, 2 * self._qlog_pos.shape[0]), dtype=np.int64)
+            pos[: self._qlog_n] = self._qlog_pos[: self._qlog_n]
+            self._qlog_pos = pos
         for il in self._qlog_layers:
             old = self._qlog_buf.get(il)
             if old is not None and old.shape[0] >= n:
@@ -604,6 +644,10 @@ class CacheView:
             self._qlog_addr[il] = buf.ctypes.data
             self._qlog_rows[il] = cap
         self._qlog_cap = int(self._qlog_rows[self._qlog_layers].min()) if self._qlog_layers else n
+        self._qlog_cap = min(self._qlog_cap, self._qlog_pos.shape[0])
+        # destinations of every row a capture may start at (a layer's room: its own rows)
+        self._qlog_tables = _row_tables(self._qlog_addr, self._qlog_cap, self._q_row_floats, self._qlog_rows)
+        self._qlog_tab = _table_addresses(self._qlog_tables)
 
     def unobserved_decode(self) -> None:
         """A decode ran without observation: there is no last observed decode any more."""
@@ -640,9 +684,9 @@ class CacheView:
 
     def _settle(self) -> None:
         n_total = self._qlog_n
-        q_pos = np.concatenate(self._qlog_pos) if len(self._qlog_pos) > 1 else self._qlog_pos[0]
+        q_pos = self._qlog_pos[:n_total].copy()
         layers = [il for il in self._qlog_layers if il not in self._qlog_bad]
-        self._qlog_pos, self._qlog_n = [], 0
+        self._qlog_n = 0
         self._zero_moved()
         first = self.n_queries - n_total  # n_queries before the first logged query
         # pending marks: the totals at the mark, i.e. before the log's query number (n - first)
@@ -737,7 +781,11 @@ class CacheView:
                 self._q_ring[il][:q_count] = arrays[f"q_{il}"]
         self._q_count, self._q_end = q_count, q_count
         self.n_queries = int(meta["n_queries"])
-        self.query_pos = arrays["query_pos"].astype(np.int32)
+        saved_pos = arrays["query_pos"]
+        self._q_pos_ring[:q_count] = -1
+        n_pos = min(q_count, len(saved_pos))
+        if n_pos:
+            self._q_pos_ring[q_count - n_pos : q_count] = saved_pos[len(saved_pos) - n_pos :]
         self.collect_s = float(meta["collect_s"])
 
     def last_attn(self, il: int) -> np.ndarray | None:

@@ -118,7 +118,7 @@ class Generator:
             for p, t in zip(pchunk, chunk):
                 self.tokens_at[p] = t
             if self.view.n_obs:
-                self.view.collect(np.asarray(pchunk, dtype=np.int32))
+                self.view.collect(pchunk)
             else:
                 self.view.unobserved_decode()
         return np.concatenate(rows) if logits_all else None
