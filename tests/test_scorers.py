@@ -384,9 +384,10 @@ def test_kernels_equal_references(seed):
     n, F = T, 3
     q = rng.normal(size=(n, 4, 8)).astype(np.float32)
     theta = rng.uniform(-50, 50, size=(n, F))
+    r = rng.uniform(0.2, 1.0, size=(n, F))  # a factor that is no unit turn (a mean rotation)
     for re, im in ((np.arange(0, 6, 2), np.arange(1, 6, 2)), (np.arange(3), np.arange(3, 6))):  # NORM, NEOX
-        got = kernels.unrotate_center(q, np.cos(theta), np.sin(theta), re, im)
-        want = kernels.unrotate_center_ref(q, np.cos(theta), np.sin(theta), re, im)
+        got = kernels.turn_center(q, r * np.cos(theta), r * np.sin(theta), re, im)
+        want = kernels.turn_center_ref(q, r * np.cos(theta), r * np.sin(theta), re, im)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     for retain in (False, True):

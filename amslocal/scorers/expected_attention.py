@@ -9,8 +9,8 @@ import numpy as np
 
 from ._common import require, softmax_rows
 from .base import NEEDS_KEYS, NEEDS_QUERIES, NEEDS_VALUES, ScoreInput
-from .kernels import unrotate_center
-from .rope import rope_mean_matrix, rope_omega, rope_pairs
+from .kernels import turn_center
+from .rope import rope_mean_turn, rope_omega, rope_pairs
 
 
 @dataclass
@@ -53,57 +53,57 @@ class ExpectedAttention:
         if n == 0:
             raise ValueError(f"scorer {self.name!r}: no observed queries")
         qpos = np.asarray(qpos)[-n:]
-        # layers with the same RoPE (LayerInfo is hashable) share the averaged future rotation
-        # and the angles that un-rotate the window's queries
-        rope: dict = {}
+        # per RoPE (LayerInfo is hashable; layers with the same RoPE share it): the complex factor
+        # that turns each window query back to pre-RoPE and on by the future's mean rotation R,
+        # so the statistics come out as mu' = R mu and Sigma' = R Sigma R^T directly
+        turn: dict = {}
         for li in inp.layers:
-            if li not in rope:
+            if li not in turn:
                 theta = qpos.astype(np.float64)[:, None] * rope_omega(li)  # [n, F]
-                rope[li] = (rope_mean_matrix(li, future), np.cos(theta), np.sin(theta), *rope_pairs(li))
+                c, s = rope_mean_turn(li, future)
+                # (c + i s) e^{-i theta} = cos' - i sin'
+                cos, sin = c * np.cos(theta) + s * np.sin(theta), c * np.sin(theta) - s * np.cos(theta)
+                turn[li] = (cos, sin, *rope_pairs(li))
         return np.stack(
             [
-                self._layer(inp, q, keys(l), None if values is None else values(l), rope[inp.layers[l]])
+                self._layer(q, keys(l), None if values is None else values(l), turn[inp.layers[l]])
                 for l, q in enumerate(queries)
             ]
         )
 
-    def _layer(self, inp, q, k, v, rope) -> np.ndarray:
-        """One layer's scores from the post-RoPE queries ``q`` [>= n, n_head, d] of its window."""
-        R, cos, sin, re, im = rope
+    def _layer(self, q, k, v, turn) -> np.ndarray:
+        """One layer's scores [Hkv, T] from the post-RoPE queries ``q`` [>= n, n_head, d] of its window."""
+        cos = turn[0]
         n = cos.shape[0]
-        d = R.shape[0]
-        # centred pre-RoPE queries [n_head, n, d] (float32) and their mean [n_head, d]
-        cen, mu_pre = unrotate_center(np.ascontiguousarray(np.asarray(q)[-n:], dtype=np.float32), cos, sin, re, im)
-        k32 = np.asarray(k, dtype=np.float32)  # [T, Hkv, d]
-        T, Hkv = k32.shape[0], k32.shape[1]
-        k64 = k32.astype(np.float64)
-        mu = mu_pre @ R.T  # mu' = R mu
+        # the turned window queries, centred [n_head, n, d] float32, and their mean mu' [n_head, d]
+        cen, mu = turn_center(np.ascontiguousarray(np.asarray(q)[-n:], dtype=np.float32), *turn)
+        k32 = np.asarray(k, dtype=np.float32)
+        T, Hkv, d = k32.shape
         G = mu.shape[0] // Hkv
-        if self.use_covariance and n > d:
-            # a long window: Sigma (d x d) once per head and k^T Sigma' k = (R^T k)^T Sigma (R^T k),
-            # R applied to all keys of the layer in one product; in float32 (the scores need ~1e-6,
-            # not 1e-15). A short window: k^T Sigma' k = |C R^T k|^2 / n, O(T n d), in float64
-            sigma = cen.transpose(0, 2, 1) @ cen  # [n_head, d, d], times n
-            kr = (k32.reshape(T * Hkv, d) @ R.astype(np.float32)).reshape(T, Hkv, d)  # rows R^T k
-        elif self.use_covariance:
-            kr = (k64.reshape(T * Hkv, d) @ R).reshape(T, Hkv, d)
-        out = np.empty((Hkv, T))
+        kt = k32.transpose(1, 0, 2)  # [Hkv, T, d] (a view: BLAS reads the strides)
+        if not self.use_covariance:
+            logits = np.einsum("kgd,ktd->kgt", mu.reshape(Hkv, G, d), kt.astype(np.float64)) / np.sqrt(d)
+        elif n > d:
+            # a long window: Sigma' (d x d, times n) once per head, then for a KV group's keys one
+            # [T, d] x [d, G (d + 1)] product gives every head's k^T Sigma' k / (2 n d) (the first
+            # G d columns, summed against k) and mu' . k / sqrt(d) (the last G); float32: the
+            # scores only rank tokens and need ~1e-6, not 1e-15
+            sigma = cen.transpose(0, 2, 1) @ cen  # [n_head, d, d]
+            m = np.empty((Hkv, d, G * (d + 1)), dtype=np.float32)
+            m[:, :, : G * d] = (sigma / (n * 2 * d)).reshape(Hkv, G, d, d).transpose(0, 2, 1, 3).reshape(Hkv, d, G * d)
+            m[:, :, G * d :] = (mu / np.sqrt(d)).reshape(Hkv, G, d).transpose(0, 2, 1)
+            p = kt @ m  # [Hkv, T, G (d + 1)]
+            quad = np.einsum("ktgd,ktd->kgt", p[:, :, : G * d].reshape(Hkv, T, G, d), kt)
+            logits = (quad + p[:, :, G * d :].transpose(0, 2, 1)).astype(np.float64)
+        else:
+            # a short window: k^T Sigma' k = |C k|^2 / n, O(T n d), in float64
+            k64 = kt.astype(np.float64)
+            proj = cen.astype(np.float64).reshape(Hkv, G * n, d) @ k64.transpose(0, 2, 1)  # [Hkv, G n, T]
+            quad = np.einsum("kgwt,kgwt->kgt", *(proj.reshape(Hkv, G, n, T),) * 2)
+            logits = np.einsum("kgd,ktd->kgt", mu.reshape(Hkv, G, d), k64) / np.sqrt(d) + quad / (n * 2 * d)
         s0 = min(self.n_sink, T)
-        for kv in range(Hkv):
-            heads = slice(kv * G, (kv + 1) * G)
-            logits = mu[heads] @ k64[:, kv, :].T / np.sqrt(d)  # [G, T]
-            if self.use_covariance:
-                K = np.ascontiguousarray(kr[:, kv, :])  # [T, d]
-                if n <= d:
-                    proj = cen[heads].astype(np.float64) @ K.T  # [G, n, T]
-                    logits += np.einsum("gwt,gwt->gt", proj, proj) / (n * 2 * d)
-                else:  # the G heads' Sigma side by side: one [T, d] x [d, G d] product
-                    P = K @ sigma[heads].transpose(1, 0, 2).reshape(d, G * d)  # [T, G d]
-                    quad = np.einsum("tgd,td->gt", P.reshape(T, G, d), K)
-                    logits += quad.astype(np.float64) / (n * 2 * d)
-            p = np.zeros((G, T))
-            p[:, s0:] = softmax_rows(logits[:, s0:])
-            out[kv] = p.mean(axis=0)
+        out = np.zeros((Hkv, T))
+        out[:, s0:] = softmax_rows(logits[:, :, s0:]).mean(axis=1)  # per head, then the group's mean
         if v is not None:
             vnorm = np.linalg.norm(np.asarray(v, dtype=np.float32), axis=-1).T  # [Hkv, T]
             out = (out + self.epsilon) * vnorm

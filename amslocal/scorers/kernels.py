@@ -10,7 +10,8 @@ their reductions vectorise; results then differ from the references in the last 
 - :func:`cos_to_mean_direction`: each key's cosine to the mean direction of its head's keys (KeyDiff).
 - :func:`mean_cos_redundancy`: each key's mean cosine similarity to the other keys (R-KV).
 - :func:`tri_series`: TriAttention's trigonometric series averaged over future distances.
-- :func:`unrotate_center`: captured queries back to pre-RoPE, centred per head (Expected Attention).
+- :func:`turn_center`: captured queries turned (back to pre-RoPE, then to the future's mean
+  rotation) and centred per head (Expected Attention).
   It takes the float32 queries as captured (a float64 copy of 256 queries × every head would
   cost more than the kernel).
 """
@@ -306,19 +307,19 @@ def tri_series_ref(k_re, k_im, q_re, q_im, q_abs, omega, delta0, offsets, group)
 
 
 @numba.njit(cache=True)
-def unrotate_center(
+def turn_center(
     q: np.ndarray, cos: np.ndarray, sin: np.ndarray, re: np.ndarray, im: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Un-rotate post-RoPE queries ``q`` [n, H, d] (float32) and centre them per head.
+    """Turn each pair of the vectors ``q`` [n, H, d] (float32) and centre them per head.
 
-    Query ``i``'s pair ``f`` (dims ``re[f]``, ``im[f]``) turned by the angle whose cosine and sine
-    are ``cos[i, f]``, ``sin[i, f]``; it is turned back. Returns the centred pre-RoPE queries
-    [H, n, d] float32 (heads first, ready for a batched ``C^T C``) and their mean [H, d] float64
-    (accumulated in float64 before rounding).
+    Pair ``f`` of vector ``i`` (dims ``re[f]``, ``im[f]``, as the complex ``x_re + i x_im``) is
+    multiplied by ``cos[i, f] - i sin[i, f]`` (any complex factor, not only a unit one); the
+    other dims stay. Returns the centred results [H, n, d] float32 (heads first, ready for a
+    batched ``C^T C``) and their mean [H, d] float64 (accumulated in float64 before rounding).
     """
     n, H, d = q.shape
     F = re.shape[0]
-    pre = np.empty((H, n, d), dtype=np.float32)
+    out = np.empty((H, n, d), dtype=np.float32)
     mu = np.zeros((H, d), dtype=np.float64)
     row = np.empty(d, dtype=np.float64)
     for i in range(n):
@@ -334,21 +335,21 @@ def unrotate_center(
                 row[im[f]] = x1 * c - x0 * s
             for j in range(d):
                 mu[h, j] += row[j]
-                pre[h, i, j] = row[j]
+                out[h, i, j] = row[j]
     for h in range(H):
         for j in range(d):
             mu[h, j] /= n
     for h in range(H):
         for i in range(n):
             for j in range(d):
-                pre[h, i, j] = pre[h, i, j] - mu[h, j]
-    return pre, mu
+                out[h, i, j] = out[h, i, j] - mu[h, j]
+    return out, mu
 
 
-def unrotate_center_ref(q, cos, sin, re, im) -> tuple[np.ndarray, np.ndarray]:
-    """Reference of :func:`unrotate_center`: the inverse rotation as a complex product."""
+def turn_center_ref(q, cos, sin, re, im) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of :func:`turn_center`: each pair times the complex ``cos - i sin``."""
     x = np.asarray(q, dtype=np.float64).copy()
-    z = (x[..., re] + 1j * x[..., im]) * np.exp(-1j * np.arctan2(sin, cos))[:, None, :]
+    z = (x[..., re] + 1j * x[..., im]) * (cos - 1j * sin)[:, None, :]
     x[..., re], x[..., im] = z.real, z.imag
     mu = x.mean(axis=0)
     return (x.astype(np.float32) - mu).astype(np.float32).transpose(1, 0, 2), mu
@@ -366,4 +367,4 @@ def warmup() -> None:
     q = np.ones((1, 1))
     tri_series(z, z, q, q, q, np.ones(1), np.ones(4), np.ones(2), 1)
     pairs = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
-    unrotate_center(np.ones((2, 1, 2), dtype=np.float32), np.ones((2, 1)), np.zeros((2, 1)), *pairs)
+    turn_center(np.ones((2, 1, 2), dtype=np.float32), np.ones((2, 1)), np.zeros((2, 1)), *pairs)

@@ -109,15 +109,20 @@ def rest_dims(x: np.ndarray, layer: LayerInfo) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)[..., 2 * n_freqs(layer) :]
 
 
+def rope_mean_turn(layer: LayerInfo, positions) -> tuple[np.ndarray, np.ndarray]:
+    """The rotation averaged over ``positions``, per pair: (mean cos, mean sin), [F] each. Pair
+    ``f`` of ``R x`` (see :func:`rope_mean_matrix`) is ``(c[f] + i s[f]) * (x_re + i x_im)``."""
+    theta = np.asarray(positions, dtype=np.float64).reshape(-1, 1) * rope_omega(layer)  # [P, F]
+    return np.cos(theta).mean(axis=0), np.sin(theta).mean(axis=0)
+
+
 def rope_mean_matrix(layer: LayerInfo, positions) -> np.ndarray:
     """The rotation matrix averaged over ``positions``: [d, d], with ``rotate(x, p) = R_p @ x``."""
     d = layer.n_embd_head_k
     R = np.eye(d)
-    F = n_freqs(layer)
-    if F == 0:
+    if n_freqs(layer) == 0:
         return R
-    theta = np.asarray(positions, dtype=np.float64).reshape(-1, 1) * rope_omega(layer)  # [P, F]
-    c, s = np.cos(theta).mean(axis=0), np.sin(theta).mean(axis=0)
+    c, s = rope_mean_turn(layer, positions)
     re, im = rope_pairs(layer)
     R[re, re] = c
     R[re, im] = -s
