@@ -3,9 +3,11 @@
 llama.cpp decodes with ``-t`` threads (by default every core but one). Numba and OpenBLAS start
 one thread per core and wait for each other at every barrier, so when another process holds a
 core an event collapses: SmolLM2 at ``-t 1`` with the other of 2 cores busy, TOVA's event took
-244 ms and Expected Attention's 3.1 s, against 12 and 41 ms idle (BENCHMARKS.md §9.2). The
-controller therefore uses the session's own thread count, set at every event: Numba's setting
-belongs to the calling thread (a server runs sessions on several), BLAS's to the process.
+238 ms and Expected Attention's 2.9 s, against 7 and 30 ms now (BENCHMARKS.md §9.2). So the
+Numba kernels use the session's own thread count, set at every event (Numba's setting belongs to
+the calling thread: a server runs sessions on several). numpy's BLAS runs on one thread: the
+controller's products are small (a few MFLOP per layer), and OpenBLAS's pool, spinning after a
+product, starved the Numba kernel that came next (TOVA+AMS's event on 2 threads: 11 -> 352 ms).
 """
 
 from __future__ import annotations
@@ -76,16 +78,16 @@ def start_workers() -> None:
 
 
 def use(n_threads: int) -> int:
-    """Let the calling thread's Numba kernels and the process's BLAS use ``n_threads`` (at most
-    one per core); returns the count in force."""
+    """Let the calling thread's Numba kernels use ``n_threads`` (at most one per core) and the
+    process's BLAS one; returns the Numba count in force."""
     start_workers()
     n = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
     blas = _blas()
-    if blas is not None and _state["blas_n"] != n:
-        blas[0](n)
-        _state["blas_n"] = n
+    if blas is not None and _state["blas_n"] != 1:
+        blas[0](1)
+        _state["blas_n"] = 1
     return n
 
 
