@@ -262,6 +262,27 @@ def test_row_selectors_keep_budget_and_protected(selector):
             assert set(np.flatnonzero(kept[r] & ~prot)) == set(best)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_fill_holes_matches_reference(seed):
+    from amslocal.select import kernels as K
+
+    rng = np.random.default_rng(seed)
+    R, T = int(rng.integers(1, 6)), int(rng.integers(4, 40))
+    B = int(rng.integers(1, T))
+    kept = np.zeros((R, T), dtype=bool)
+    for r in range(R):
+        kept[r, rng.choice(T, B, replace=False)] = True
+    in_dst = np.zeros(T, dtype=bool)
+    in_dst[rng.choice(T, B, replace=False)] = True
+    pos = np.stack([rng.permutation(T) for _ in range(R)]).astype(np.int64)
+    pos[:, : T // 3] = 7  # ties: the stable order decides
+    slot_of = np.full(T, -1, dtype=np.int64)
+    slot_of[in_dst] = np.arange(B)
+    np.testing.assert_array_equal(
+        K.fill_holes(kept, in_dst, pos, slot_of), K.fill_holes_ref(kept, in_dst, pos, slot_of)
+    )
+
+
 def test_place_rows_keeps_every_row_set():
     scores, pos, prot = _random_rows()
     kept = RowTopKSelector().select_rows(scores, 20, prot, pos)

@@ -77,6 +77,12 @@ def test_window_evidence_matches_reference():
         np.testing.assert_allclose(
             K.window_evidence(rows, win, w), K.window_evidence_ref(rows, win, w), rtol=1e-12, atol=1e-14
         )
+        per_row = K.window_evidence_rows(rows, win, w)
+        assert per_row.shape == (R, T)
+        for r in range(R):
+            np.testing.assert_allclose(
+                per_row[r], K.window_evidence_ref(rows[r : r + 1], win, w), rtol=1e-12, atol=1e-14
+            )
 
 
 def test_segment_bounds_matches_reference_and_guards_lengths():

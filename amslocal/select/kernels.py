@@ -6,12 +6,15 @@ Inputs are contiguous float64 / int64 / bool arrays so that every kernel compile
 
 - :func:`moving_average_rows`: centred moving average of each row (SnapKV-style smoothing).
 - :func:`window_evidence`: smoothed evidence outside the observation window, row max inside,
-  averaged over rows (method step 1 without the final normalisation).
+  averaged over rows (method step 1 without the final normalisation); per row:
+  :func:`window_evidence_rows`.
 - :func:`segment_bounds`: segments from cumulative mass (cut, split long, merge short).
 - :func:`allocate_quotas`: per-segment keep quotas (minimum, proportional share, round-robin fix).
 - :func:`select_in_segments`: protected + per-segment top-k + global fill -> kept mask.
 - :func:`row_votes`: AMS steps 3-5 on every row of [R, T] scores and masses, each row on its own
   segments and quotas; returns how many rows keep each token (the voting selector's tally).
+- :func:`row_keep`: the same, returning each row's kept mask (per-row token sets).
+- :func:`fill_holes`: which cell's row moves into each destination cell (per-row token sets).
 """
 
 from __future__ import annotations
@@ -102,6 +105,39 @@ def window_evidence(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndar
         for t in range(T):
             acc[t] /= R
     return acc
+
+
+@numba.njit(cache=True)
+def window_evidence_rows(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
+    """:func:`window_evidence` of every row on its own: [R, T] (per-row selectors)."""
+    R, T = rows.shape
+    n = 0
+    for t in range(T):
+        if not window[t]:
+            n += 1
+    idx = np.empty(n, dtype=np.int64)
+    n = 0
+    for t in range(T):
+        if not window[t]:
+            idx[n] = t
+            n += 1
+    out = np.zeros((R, T), dtype=np.float64)
+    buf = np.empty(n, dtype=np.float64)
+    sm = np.empty(n, dtype=np.float64)
+    for r in range(R):
+        for j in range(n):
+            v = rows[r, idx[j]]
+            buf[j] = v if np.isfinite(v) else 0.0
+        _smooth_into(buf, width, sm)
+        mx = -np.inf
+        for j in range(n):
+            out[r, idx[j]] = sm[j]
+            mx = max(mx, sm[j])
+        if n > 0:
+            for t in range(T):
+                if window[t]:
+                    out[r, t] = mx
+    return out
 
 
 def window_evidence_ref(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
@@ -504,13 +540,67 @@ def row_keep_ref(
     return out
 
 
+@numba.njit(cache=True)
+def fill_holes(kept: np.ndarray, in_dst: np.ndarray, row_positions: np.ndarray, slot_of: np.ndarray) -> np.ndarray:
+    """Where each row's kept tokens outside the destination cells go: src [R, B], -1 = stays.
+
+    Row r's movers (kept, not in ``in_dst``), in the order of ``row_positions[r]`` (stable),
+    fill its holes (destination cells holding a token it does not keep) in cell order;
+    ``slot_of[cell]`` is the destination slot of a destination cell. (:func:`.rows.place_rows`)
+    """
+    R, T = kept.shape
+    B = 0
+    for t in range(T):
+        if in_dst[t]:
+            B += 1
+    src = np.full((R, B), -1, dtype=np.int64)
+    movers = np.empty(T, dtype=np.int64)
+    holes = np.empty(T, dtype=np.int64)
+    keys = np.empty(T, dtype=np.int64)
+    for r in range(R):
+        n_move = 0
+        n_hole = 0
+        for t in range(T):
+            if kept[r, t] and not in_dst[t]:
+                movers[n_move] = t
+                keys[n_move] = row_positions[r, t]
+                n_move += 1
+            elif in_dst[t] and not kept[r, t]:
+                holes[n_hole] = t
+                n_hole += 1
+        if n_move == 0:
+            continue
+        order = np.argsort(keys[:n_move], kind="mergesort")
+        for i in range(min(n_move, n_hole)):
+            src[r, slot_of[holes[i]]] = movers[order[i]]
+    return src
+
+
+def fill_holes_ref(kept: np.ndarray, in_dst: np.ndarray, row_positions: np.ndarray, slot_of: np.ndarray) -> np.ndarray:
+    """Reference of :func:`fill_holes`, one row at a time with whole-array steps."""
+    R = kept.shape[0]
+    src = np.full((R, int(in_dst.sum())), -1, dtype=np.int64)
+    for r in range(R):
+        movers = np.flatnonzero(kept[r] & ~in_dst)
+        if movers.size == 0:
+            continue
+        movers = movers[np.argsort(row_positions[r, movers], kind="stable")]
+        holes = np.flatnonzero(in_dst & ~kept[r])  # ascending cell order
+        src[r, slot_of[holes]] = movers
+    return src
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     m = np.full(8, 1.0 / 8)
     moving_average_rows(np.ones((1, 8)), 5)
     window_evidence(np.ones((1, 8)), m > 1.0, 5)
+    window_evidence_rows(np.ones((1, 8)), m > 1.0, 5)
     b = segment_bounds(m, 0.25, 2, 4)
     q = allocate_quotas(np.ones(b.shape[0] - 1), np.diff(b), 4, 1)
     select_in_segments(b, q, m, np.zeros(8, dtype=np.bool_), 4)
     row_votes(np.ones((1, 8)), np.ones((1, 8)), np.zeros(8, dtype=np.bool_), 4, 0.25, 2, 4, 1)
     row_keep(np.ones((1, 8)), np.ones((1, 8)), np.zeros((1, 8), dtype=np.bool_), 4, 0.25, 2, 4, 1)
+    fill_holes(
+        np.ones((1, 2), dtype=np.bool_), np.ones(2, dtype=np.bool_), np.zeros((1, 2), dtype=np.int64), np.arange(2)
+    )

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .kernels import window_evidence
+from .kernels import window_evidence, window_evidence_rows
 
 EPS = 1e-12
 
@@ -81,11 +81,7 @@ def row_evidence_mass(
         raise ValueError(f"window_mask must be [{T}], got shape {win.shape}")
     if n_queries * group <= 0 or win.all():
         return np.full((R, T), 1.0 / T)
-    width = max(int(smooth), 1)
-    out = np.empty((R, T))
-    for r in range(R):  # window_evidence of one row is that row's evidence (the mean over 1 row)
-        out[r] = to_mass(window_evidence(rows[r : r + 1], win, width) / float(n_queries * group))
-    return out
+    return to_mass_rows(window_evidence_rows(rows, win, max(int(smooth), 1)) / float(n_queries * group))
 
 
 def peaked_mass(row_mass: np.ndarray) -> np.ndarray:

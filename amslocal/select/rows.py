@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from .ams import AMSParams
-from .kernels import row_keep
+from .kernels import fill_holes, row_keep
 from .mass import _ROW_KEY, RowsCreditState, row_evidence_mass, to_mass_rows
 
 
@@ -210,12 +210,5 @@ def place_rows(
     dst = np.flatnonzero(in_dst)
     slot_of = np.full(T, -1, dtype=np.int64)
     slot_of[dst] = np.arange(B)
-    src = np.full((R, B), -1, dtype=np.int64)
-    for r in range(R):
-        movers = np.flatnonzero(kept[r] & ~in_dst)
-        if movers.size == 0:
-            continue
-        movers = movers[np.argsort(row_positions[r, movers], kind="stable")]
-        holes = np.flatnonzero(in_dst & ~kept[r])  # ascending cell label order
-        src[r, slot_of[holes]] = movers
+    src = fill_holes(np.ascontiguousarray(kept), in_dst, np.ascontiguousarray(row_positions, dtype=np.int64), slot_of)
     return dst, src
