@@ -68,6 +68,43 @@ def moving_average_rows_ref(x: np.ndarray, width: int) -> np.ndarray:
 
 
 @numba.njit(cache=True)
+def _outside(window: np.ndarray) -> np.ndarray:
+    """The indices of the tokens outside the observation window, ascending."""
+    n = 0
+    for t in range(window.shape[0]):
+        if not window[t]:
+            n += 1
+    idx = np.empty(n, dtype=np.int64)
+    n = 0
+    for t in range(window.shape[0]):
+        if not window[t]:
+            idx[n] = t
+            n += 1
+    return idx
+
+
+@numba.njit(cache=True)
+def _add_row_evidence(
+    row: np.ndarray, idx: np.ndarray, window: np.ndarray, width: int, buf: np.ndarray, sm: np.ndarray, dst: np.ndarray
+) -> None:
+    """dst += one row's evidence: smoothed over the tokens ``idx`` outside the window, the max
+    of that inside (non-finite entries count as 0; ``buf``, ``sm``: scratch of len(idx))."""
+    n = idx.shape[0]
+    for j in range(n):
+        v = row[idx[j]]
+        buf[j] = v if np.isfinite(v) else 0.0
+    _smooth_into(buf, width, sm)
+    mx = -np.inf
+    for j in range(n):
+        dst[idx[j]] += sm[j]
+        mx = max(mx, sm[j])
+    if n > 0:
+        for t in range(window.shape[0]):
+            if window[t]:
+                dst[t] += mx
+
+
+@numba.njit(cache=True)
 def window_evidence(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
     """Mean over rows [R, T] of: outside ``window``, the row smoothed (:func:`moving_average_rows`
     over the outside tokens only, as if the window were cut off); inside, the max of that.
@@ -75,32 +112,12 @@ def window_evidence(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndar
     Non-finite entries count as 0. One pass per row, no [R, T] temporaries (T can be 32k+).
     """
     R, T = rows.shape
-    n = 0
-    for t in range(T):
-        if not window[t]:
-            n += 1
-    idx = np.empty(n, dtype=np.int64)
-    n = 0
-    for t in range(T):
-        if not window[t]:
-            idx[n] = t
-            n += 1
+    idx = _outside(window)
     acc = np.zeros(T, dtype=np.float64)
-    buf = np.empty(n, dtype=np.float64)
-    sm = np.empty(n, dtype=np.float64)
+    buf = np.empty(idx.shape[0], dtype=np.float64)
+    sm = np.empty(idx.shape[0], dtype=np.float64)
     for r in range(R):
-        for j in range(n):
-            v = rows[r, idx[j]]
-            buf[j] = v if np.isfinite(v) else 0.0
-        _smooth_into(buf, width, sm)
-        mx = -np.inf
-        for j in range(n):
-            acc[idx[j]] += sm[j]
-            mx = max(mx, sm[j])
-        if n > 0:
-            for t in range(T):
-                if window[t]:
-                    acc[t] += mx
+        _add_row_evidence(rows[r], idx, window, width, buf, sm, acc)
     if R > 0:
         for t in range(T):
             acc[t] /= R
@@ -111,32 +128,12 @@ def window_evidence(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndar
 def window_evidence_rows(rows: np.ndarray, window: np.ndarray, width: int) -> np.ndarray:
     """:func:`window_evidence` of every row on its own: [R, T] (per-row selectors)."""
     R, T = rows.shape
-    n = 0
-    for t in range(T):
-        if not window[t]:
-            n += 1
-    idx = np.empty(n, dtype=np.int64)
-    n = 0
-    for t in range(T):
-        if not window[t]:
-            idx[n] = t
-            n += 1
+    idx = _outside(window)
     out = np.zeros((R, T), dtype=np.float64)
-    buf = np.empty(n, dtype=np.float64)
-    sm = np.empty(n, dtype=np.float64)
+    buf = np.empty(idx.shape[0], dtype=np.float64)
+    sm = np.empty(idx.shape[0], dtype=np.float64)
     for r in range(R):
-        for j in range(n):
-            v = rows[r, idx[j]]
-            buf[j] = v if np.isfinite(v) else 0.0
-        _smooth_into(buf, width, sm)
-        mx = -np.inf
-        for j in range(n):
-            out[r, idx[j]] = sm[j]
-            mx = max(mx, sm[j])
-        if n > 0:
-            for t in range(T):
-                if window[t]:
-                    out[r, t] = mx
+        _add_row_evidence(rows[r], idx, window, width, buf, sm, out[r])
     return out
 
 
