@@ -389,8 +389,9 @@ class CacheView:
         self._qlog_addr = np.zeros(self.n_layer, dtype=np.int64)
         self._qlog_rows = np.zeros(self.n_layer, dtype=np.int64)
         self._qlog_cap = 0  # rows every logged layer's buffer has
-        self._qlog_tab = (0, 0, 0)  # see _log_tables
+        # the log's destination tables and their addresses (made by _reserve_log, see _row_tables)
         self._qlog_tables: tuple = ()
+        self._qlog_tab = (0, 0, 0)
         self._last_n = 0  # queries of the last decode if it was observed (0: it was not)
         self._last_attn: dict[int, np.ndarray] = {}
         self.reset_window()
@@ -620,8 +621,7 @@ class CacheView:
             if buf is not None:
                 self._qlog_addr[il] = buf.ctypes.data
                 self._qlog_rows[il] = buf.shape[0]
-        self._qlog_cap = 0  # the next _reserve_log measures the buffers found here
-        self._qlog_tables = ()
+        self._qlog_cap = 0  # the next _reserve_log measures the buffers found here (and makes the tables)
 
     def _reserve_log(self, n: int) -> None:
         """Room for ``n`` logged queries in every logged layer's buffer (grown by doubling)."""

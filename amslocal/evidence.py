@@ -7,8 +7,9 @@ cache, with the causal mask rebuilt from the positions. Doing it once per event,
 window's queries in one matrix product per layer, replaces the per-step side branch in the graph.
 
 - :func:`attention_rows`: one layer's masked attention of W queries over n keys, summed over each
-  KV group's query heads (Numba); :func:`attention_rows_ref` is its plain-numpy reference.
-- :func:`attention_per_query`: allocates and calls the kernel.
+  KV group's query heads (BLAS products and two Numba kernels, :func:`_mask_shift` and
+  :func:`_group_sums`); :func:`attention_rows_ref` is its plain-numpy reference.
+- :func:`attention_per_query`: allocates the output and calls it.
 """
 
 from __future__ import annotations
