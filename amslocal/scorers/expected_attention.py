@@ -99,7 +99,8 @@ class ExpectedAttention:
             # a short window: k^T Sigma' k = |C k|^2 / n, O(T n d), in float64
             k64 = kt.astype(np.float64)
             proj = cen.astype(np.float64).reshape(Hkv, G * n, d) @ k64.transpose(0, 2, 1)  # [Hkv, G n, T]
-            quad = np.einsum("kgwt,kgwt->kgt", *(proj.reshape(Hkv, G, n, T),) * 2)
+            pr = proj.reshape(Hkv, G, n, T)
+            quad = np.einsum("kgwt,kgwt->kgt", pr, pr)
             logits = np.einsum("kgd,ktd->kgt", mu.reshape(Hkv, G, d), k64) / np.sqrt(d) + quad / (n * 2 * d)
         s0 = min(self.n_sink, T)
         out = np.zeros((Hkv, T))
