@@ -93,8 +93,8 @@ class ExpectedAttention:
             m[:, :, : G * d] = (sigma / (n * 2 * d)).reshape(Hkv, G, d, d).transpose(0, 2, 1, 3).reshape(Hkv, d, G * d)
             m[:, :, G * d :] = (mu / np.sqrt(d)).reshape(Hkv, G, d).transpose(0, 2, 1)
             p = kt @ m  # [Hkv, T, G (d + 1)]
-            quad = np.einsum("ktgd,ktd->kgt", p[:, :, : G * d].reshape(Hkv, T, G, d), kt)
-            logits = (quad + p[:, :, G * d :].transpose(0, 2, 1)).astype(np.float64)
+            quad = np.matmul(p[:, :, : G * d].reshape(Hkv, T, G, d), kt[:, :, :, None])[..., 0]  # [Hkv, T, G]
+            logits = (quad + p[:, :, G * d :]).transpose(0, 2, 1).astype(np.float64)
         else:
             # a short window: k^T Sigma' k = |C k|^2 / n, O(T n d), in float64
             k64 = kt.astype(np.float64)
@@ -104,9 +104,12 @@ class ExpectedAttention:
             logits = np.einsum("kgd,ktd->kgt", mu.reshape(Hkv, G, d), k64) / np.sqrt(d) + quad / (n * 2 * d)
         s0 = min(self.n_sink, T)
         out = np.zeros((Hkv, T))
-        out[:, s0:] = softmax_rows(logits[:, :, s0:]).mean(axis=1)  # per head, then the group's mean
+        # per head, then the group's mean; as contiguous rows (numpy reduces a strided view slowly)
+        z = softmax_rows(np.ascontiguousarray(logits[:, :, s0:]).reshape(Hkv * G, T - s0))
+        out[:, s0:] = z.reshape(Hkv, G, T - s0).mean(axis=1)
         if v is not None:
-            vnorm = np.linalg.norm(np.asarray(v, dtype=np.float32), axis=-1).T  # [Hkv, T]
+            v32 = np.asarray(v, dtype=np.float32)
+            vnorm = np.sqrt(np.einsum("thd,thd->ht", v32, v32))  # [Hkv, T]
             out = (out + self.epsilon) * vnorm
         if 0 < s0 < T:
             out[:, :s0] = out[:, s0:].max(axis=1, keepdims=True)
