@@ -27,7 +27,7 @@ _BLAS_PREFIXES = ("scipy_openblas_", "openblas_")
 _BLAS_SUFFIXES = ("64_", "_64_", "")
 
 _lock = threading.Lock()
-_state: dict = {"started": False, "blas": None, "blas_found": False, "blas_n": 0}
+_state: dict = {"started": False, "blas": None, "blas_found": False, "blas_pinned": False}
 
 
 def _find_blas() -> Optional[tuple[Callable[[int], None], Callable[[], int]]]:
@@ -84,10 +84,11 @@ def use(n_threads: int) -> int:
     n = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
-    blas = _blas()
-    if blas is not None and _state["blas_n"] != 1:
-        blas[0](1)
-        _state["blas_n"] = 1
+    if not _state["blas_pinned"]:
+        blas = _blas()
+        if blas is not None:
+            blas[0](1)
+        _state["blas_pinned"] = True
     return n
 
 

@@ -42,7 +42,7 @@ def test_an_event_runs_with_the_sessions_thread_count(tiny_model):
     compute_threads.use(numba.config.NUMBA_NUM_THREADS)
     if compute_threads.blas_threads() is not None:  # as numpy starts: one BLAS thread per core
         compute_threads._blas()[0](numba.config.NUMBA_NUM_THREADS)
-        compute_threads._state["blas_n"] = 0
+        compute_threads._state["blas_pinned"] = False
     cfg = CompressionConfig(budget=64, interval=16, scorer="tova", ams=False)
     s = Session(tiny_model, cfg, ContextParams(n_threads=1), SamplerParams(temp=0))
     list(s.generate(tiny_model.tokenize("abcdefghij" * 10), 16, ignore_eos=True))
