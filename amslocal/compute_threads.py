@@ -8,6 +8,9 @@ Numba kernels use the session's own thread count, set at every event (Numba's se
 the calling thread: a server runs sessions on several). numpy's BLAS runs on one thread: the
 controller's products are small (a few MFLOP per layer), and OpenBLAS's pool, spinning after a
 product, starved the Numba kernel that came next (TOVA+AMS's event on 2 threads: 11 -> 352 ms).
+A scorer whose layers cost milliseconds each (Expected Attention) spreads them over as many Python
+threads as the session decodes with (:func:`map_layers`): numpy's products and Numba's ``nogil``
+kernels release the GIL, and each thread's BLAS call runs in that thread, so nothing spins.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import glob
 import os
 import signal
 import threading
-from typing import Callable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Optional, TypeVar
 
 import numba
 import numpy as np
@@ -27,7 +31,10 @@ _BLAS_PREFIXES = ("scipy_openblas_", "openblas_")
 _BLAS_SUFFIXES = ("64_", "_64_", "")
 
 _lock = threading.Lock()
-_state: dict = {"started": False, "blas": None, "blas_found": False, "blas_pinned": False}
+_state: dict = {"started": False, "blas": None, "blas_found": False, "blas_pinned": False, "pool": None}
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _find_blas() -> Optional[tuple[Callable[[int], None], Callable[[], int]]]:
@@ -96,3 +103,41 @@ def blas_threads() -> Optional[int]:
     """The thread count numpy's BLAS uses, where it can be read here (else None)."""
     blas = _blas()
     return None if blas is None else int(blas[1]())
+
+
+def _init_pool_thread() -> None:
+    """SIGINT and SIGTERM go to the main thread (see start_workers), and a Numba kernel run here
+    stays on this thread: the threads already split the work between them."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    numba.set_num_threads(1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool per process, one thread per core but the caller's (sessions share it)."""
+    with _lock:
+        if _state["pool"] is None:
+            n = max(1, numba.config.NUMBA_NUM_THREADS - 1)
+            _state["pool"] = ThreadPoolExecutor(n, thread_name_prefix="amslocal-layers", initializer=_init_pool_thread)
+        return _state["pool"]
+
+
+def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on as many threads as the calling thread's Numba count (what
+    :func:`use` set: the session's): the caller takes every n-th item from the first, a pool
+    thread each other share. ``fn`` must be safe to run concurrently (no cache reads: llama.cpp's
+    context is not) and its Numba kernels serial (the caller's would take n threads again); the
+    results, and any exception, are the serial loop's."""
+    items = list(items)
+    n = min(numba.get_num_threads(), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    run = lambda share: [fn(x) for x in share]  # noqa: E731
+    futures = [_pool().submit(run, items[i::n]) for i in range(1, n)]
+    out: list = [None] * len(items)
+    try:
+        out[0::n] = run(items[0::n])
+    finally:
+        for i, f in enumerate(futures, 1):
+            out[i::n] = f.result()  # waits for every share, and raises the first one's exception
+    return out

@@ -51,3 +51,42 @@ def test_an_event_runs_with_the_sessions_thread_count(tiny_model):
     if compute_threads.blas_threads() is not None:
         assert compute_threads.blas_threads() == 1
     s.close()
+
+
+def test_map_layers_is_the_serial_loop_on_the_sessions_threads():
+    compute_threads.use(1)
+    seen: list[str] = []
+
+    def work(x):
+        seen.append(threading.current_thread().name)
+        return x * x
+
+    assert compute_threads.map_layers(work, range(7)) == [x * x for x in range(7)]
+    assert set(seen) == {threading.current_thread().name}  # one thread: the caller's
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no second thread to use")
+    compute_threads.use(2)
+    seen.clear()
+    assert compute_threads.map_layers(work, range(7)) == [x * x for x in range(7)]  # in order
+    assert len(set(seen)) == 2 and threading.current_thread().name in seen
+    compute_threads.use(1)
+
+
+def test_map_layers_raises_a_workers_exception_and_pool_threads_leave_signals_to_main():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no pool thread")
+    import signal
+
+    compute_threads.use(2)
+
+    def work(x):
+        if threading.current_thread() is not threading.main_thread() and x == 3:
+            raise ValueError("layer 3")
+        return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    with pytest.raises(ValueError, match="layer 3"):
+        compute_threads.map_layers(work, range(4))  # items 1 and 3 go to the pool thread
+    masks = compute_threads.map_layers(work, [0, 1])
+    assert signal.SIGINT not in masks[0]  # the caller's mask is its own
+    assert {signal.SIGINT, signal.SIGTERM} <= masks[1]
+    compute_threads.use(1)

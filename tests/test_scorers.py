@@ -273,6 +273,41 @@ def test_expected_attention_equals_direct_formula(W):
     np.testing.assert_allclose(s, want, rtol=1e-6 if W <= 6 else 1e-5)
 
 
+def test_expected_attention_scores_the_same_on_two_threads():
+    """Its layers run on the session's threads (compute_threads.map_layers): the same numbers."""
+    from amslocal import compute_threads
+
+    rng = np.random.default_rng(3)
+    layers = [layer(n_head=4, n_head_kv=2, d=8, rope_type=2, base=100.0) for _ in range(5)]
+    T, W = 12, 16
+    qs = [rng.normal(size=(W, 4, 8)).astype(np.float32) for _ in layers]
+    ks = [rng.normal(size=(T, 2, 8)).astype(np.float32) for _ in layers]
+    vs = [rng.normal(size=(T, 2, 8)).astype(np.float32) for _ in layers]
+
+    def score():
+        return ExpectedAttention(window=W, n_sink=1).score(
+            inp(
+                T,
+                layers,
+                2,
+                next_position=40,
+                queries=qs,
+                query_positions=np.arange(24, 40),
+                keys=lambda l: ks[l],
+                values=lambda l: vs[l],
+            )
+        )
+
+    compute_threads.use(1)
+    one = score()
+    compute_threads.use(2)
+    try:
+        np.testing.assert_array_equal(score(), one)
+    finally:
+        compute_threads.use(1)
+    assert not np.array_equal(one[0], one[1])  # the layers really differ (and stay in order)
+
+
 # --- TriAttention ------------------------------------------------------------------------------
 
 

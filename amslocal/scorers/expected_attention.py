@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import compute_threads
 from ._common import require, softmax_rows
 from .base import NEEDS_KEYS, NEEDS_QUERIES, NEEDS_VALUES, ScoreInput
 from .kernels import turn_center
@@ -64,12 +65,12 @@ class ExpectedAttention:
                 # (c + i s) e^{-i theta} = cos' - i sin'
                 cos, sin = c * np.cos(theta) + s * np.sin(theta), c * np.sin(theta) - s * np.cos(theta)
                 turn[li] = (cos, sin, *rope_pairs(li))
-        return np.stack(
-            [
-                self._layer(q, keys(l), None if values is None else values(l), turn[inp.layers[l]])
-                for l, q in enumerate(queries)
-            ]
-        )
+        # the reads here (llama.cpp's context serves one thread), the arithmetic on the session's
+        # threads: each layer takes milliseconds of products that release the GIL
+        layers = [
+            (q, keys(l), None if values is None else values(l), turn[inp.layers[l]]) for l, q in enumerate(queries)
+        ]
+        return np.stack(compute_threads.map_layers(lambda a: self._layer(*a), layers))
 
     def _layer(self, q, k, v, turn) -> np.ndarray:
         """One layer's scores [Hkv, T] from the post-RoPE queries ``q`` [>= n, n_head, d] of its window."""

@@ -306,7 +306,7 @@ def tri_series_ref(k_re, k_im, q_re, q_im, q_abs, omega, delta0, offsets, group)
 # --- Expected Attention: pre-RoPE query statistics -----------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # Expected Attention runs layers on several threads
 def turn_center(
     q: np.ndarray, cos: np.ndarray, sin: np.ndarray, re: np.ndarray, im: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
