@@ -164,3 +164,23 @@ def test_queries_of_every_layer_in_one_call(smollm2_model):
         np.testing.assert_array_equal(bufs[il], want[il].ravel())
     assert n_layer > 2
     assert ams.llama_ams_get_queries_all(ptr, dst.ctypes.data, room.ctypes.data, n_layer + 1) == -1
+
+
+@pytest.mark.parametrize("fa", ["off", "on"])
+def test_queries_read_in_place_equal_the_copied_ones(smollm2_model, fa):
+    """A decode whose every token is observed outputs a view of the queries themselves (no copy
+    node); one that observes fewer copies them out. Both give the same numbers, also right after
+    a same-shaped graph that observed nothing, whose allocation plan the allocator would reuse
+    (and let later layers overwrite the queries) if the two graphs looked alike."""
+    tokens = smollm2_model.tokenize(PROMPT * 4)[:40]
+    got = {}
+    for n_obs in (10, 9):
+        g = make(smollm2_model, fa)
+        g.eval(tokens[:20])
+        g.eval(tokens[20:30])  # the same shape as the next graph, observing nothing
+        g.view.observe(n_obs, attn=False, queries=True)
+        g.eval(tokens[30:40])
+        got[n_obs] = [g.view.last_queries(il) for il in g.view.kv_layers]
+    for il, (whole, tail) in enumerate(zip(got[10], got[9])):
+        assert whole.shape[0] == 10 and tail.shape[0] == 9
+        np.testing.assert_array_equal(whole[1:], tail, err_msg=f"layer {il}")
