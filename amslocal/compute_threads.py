@@ -11,6 +11,10 @@ product, starved the Numba kernel that came next (TOVA+AMS's event on 2 threads:
 A scorer whose layers cost milliseconds each (Expected Attention) spreads them over as many Python
 threads as the session decodes with (:func:`map_layers`): numpy's products and Numba's ``nogil``
 kernels release the GIL, and each thread's BLAS call runs in that thread, so nothing spins.
+It pays only for events of tens of milliseconds: after a decode, ggml's OpenMP worker keeps
+spinning on the other core for a while (libgomp's GOMP_SPINCOUNT), and a short event's second
+thread shares that core with it (BENCHMARKS.md §9.3). Numba's parallel kernels use the same
+libgomp team, so they do not compete with it.
 """
 
 from __future__ import annotations
@@ -126,8 +130,9 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[fn(x) for x in items]`` on as many threads as the calling thread's Numba count (what
     :func:`use` set: the session's): the caller takes every n-th item from the first, a pool
     thread each other share. ``fn`` must be safe to run concurrently (no cache reads: llama.cpp's
-    context is not) and its Numba kernels serial (the caller's would take n threads again); the
-    results, and any exception, are the serial loop's."""
+    context is not) and its Numba kernels serial (the caller's would take n threads again). The
+    results come in the items' order; an exception in any share is raised here, after every share
+    has finished."""
     items = list(items)
     n = min(numba.get_num_threads(), len(items))
     if n <= 1:
