@@ -13,8 +13,8 @@ threads as the session decodes with (:func:`map_layers`): numpy's products and N
 kernels release the GIL, and each thread's BLAS call runs in that thread, so nothing spins.
 It pays only for events of tens of milliseconds: after a decode, ggml's OpenMP worker keeps
 spinning on the other core for a while (libgomp's GOMP_SPINCOUNT), and a short event's second
-thread shares that core with it (BENCHMARKS.md §9.3). Numba's parallel kernels use the same
-libgomp team, so they do not compete with it.
+thread shares that core with it (BENCHMARKS.md §9.3). Where Numba threads with OpenMP (its omp
+layer, as on Linux here), its parallel kernels run on that same team and do not compete with it.
 """
 
 from __future__ import annotations
