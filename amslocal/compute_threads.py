@@ -138,7 +138,8 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     if n <= 1:
         return [fn(x) for x in items]
     run = lambda share: [fn(x) for x in share]  # noqa: E731
-    futures = [_pool().submit(run, items[i::n]) for i in range(1, n)]
+    pool = _pool()
+    futures = [pool.submit(run, items[i::n]) for i in range(1, n)]
     out: list = [None] * len(items)
     try:
         out[0::n] = run(items[0::n])
