@@ -407,7 +407,7 @@ def select_in_segments_ref(
 # --- per-row AMS with voting -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def row_votes(
     scores: np.ndarray,
     mass: np.ndarray,
@@ -429,12 +429,12 @@ def row_votes(
     Scores must not be NaN (map NaN to -inf first, as ``prepare_inputs`` does for one row).
     """
     R, T = scores.shape
-    votes = np.zeros(T, dtype=np.int64)
     n_prot = 0
     for i in range(T):
         if protected[i]:
             n_prot += 1
-    for r in range(R):
+    kept = np.zeros((R, T), dtype=np.bool_)
+    for r in numba.prange(R):  # rows are independent: SmolLM2's 90 took ~0.75 ms on one thread
         bounds = segment_bounds(mass[r], seg_mass, min_len, max_len)
         n_seg = bounds.shape[0] - 1
         caps = np.zeros(n_seg, dtype=np.int64)
@@ -445,9 +445,11 @@ def row_votes(
                     caps[s] += 1
                     free_mass[s] += mass[r, i]
         quotas = allocate_quotas(free_mass, caps, keep - n_prot, min_keep)
-        kept = select_in_segments(bounds, quotas, scores[r], protected, keep)
+        kept[r] = select_in_segments(bounds, quotas, scores[r], protected, keep)
+    votes = np.zeros(T, dtype=np.int64)
+    for r in range(R):
         for i in range(T):
-            if kept[i]:
+            if kept[r, i]:
                 votes[i] += 1
     return votes
 
@@ -480,7 +482,7 @@ def row_votes_ref(
 # --- per-row AMS on per-row token sets ---------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def row_keep(
     scores: np.ndarray,
     mass: np.ndarray,
@@ -496,7 +498,7 @@ def row_keep(
     :func:`row_votes` does for one row, but with its own protected tokens."""
     R, T = scores.shape
     out = np.zeros((R, T), dtype=np.bool_)
-    for r in range(R):
+    for r in numba.prange(R):  # rows are independent
         bounds = segment_bounds(mass[r], seg_mass, min_len, max_len)
         n_seg = bounds.shape[0] - 1
         caps = np.zeros(n_seg, dtype=np.int64)
