@@ -10,7 +10,7 @@ from conftest import DEFAULT_MODEL
 
 from amslocal.backend import ContextParams, Model, SamplerParams
 from amslocal.engine import Generator
-from amslocal.evidence import attention_per_query, attention_rows, attention_rows_ref
+from amslocal.evidence import QueryAttention, attention_per_query, attention_rows, attention_rows_ref
 from amslocal.session import CompressionConfig, Session
 
 TEXT = (
@@ -42,6 +42,34 @@ def test_kernel_matches_numpy_reference(seed):
     attention_rows(q, k, q_pos, k_pos, 0.3, n_swa, out)
     np.testing.assert_allclose(out, attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa), rtol=1e-5, atol=1e-6)
     assert np.all(out[:, :, k_pos < 0] == 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_query_attention_adds_each_run_of_queries_into_its_cells(seed):
+    """What an event adds to the evidence: the sums over queries t0..t1 of the reference
+    attention, landing in the key's own cell of a wider array (float32 and float64)."""
+    rng = np.random.default_rng(100 + seed)
+    H, G, W, n, d = rng.integers(1, 4), rng.integers(1, 5), rng.integers(2, 9), rng.integers(3, 40), rng.integers(2, 17)
+    q = (rng.standard_normal((W, H * G, d)) * 2).astype(np.float32)
+    k = (rng.standard_normal((n, H, d)) * 2).astype(np.float32)
+    k_pos = rng.permutation(n).astype(np.int64)
+    k_pos[rng.random(n) < 0.2] = -1
+    q_pos = np.sort(rng.integers(n // 2, n + 3, W)).astype(np.int64)
+    n_swa = int(rng.choice([0, 5]))
+    ref = attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa)  # [W, H, n]
+    cells = rng.permutation(n + 7)[:n].astype(np.int32)  # keys sit in scattered cells
+    a = QueryAttention(q, k, q_pos, k_pos, 0.3, n_swa)
+    t0 = int(rng.integers(0, W))
+    t1 = int(rng.integers(t0, W + 1))
+    for dtype in (np.float32, np.float64):
+        dst = rng.random((H, n + 7)).astype(dtype)
+        before = dst.copy()
+        a.add_to(dst, cells, t0, t1)
+        want = before.copy()
+        want[:, cells] += ref[t0:t1].sum(axis=0)
+        np.testing.assert_allclose(dst, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        a.add_to(np.zeros((H, n + 7)), cells, 1, 0)
 
 
 def test_attention_per_query_groups_heads_like_llama():
@@ -118,6 +146,11 @@ def test_event_equals_side_branch_prompt_steps_and_eviction(request, which, fa, 
             gens["step"].view.evidence_since(4, il, cells),
             f"since the mark, layer {il}",
         )
+    v = gens["event"].view  # the stacked gather the session uses equals the per-layer one
+    for key in (4, 9):  # marked, and not: since the window started
+        for some in (layers, layers[1::2]):
+            stacked = v.evidence_since_layers(key, some, cells[::-1])
+            np.testing.assert_array_equal(stacked, np.stack([v.evidence_since(key, il, cells[::-1]) for il in some]))
     for g in gens.values():  # evict scattered tokens, keep decoding into reused cells
         g.evict([p for p in range(4, 90) if p % 3 == 0])
         for t in tokens[114:150]:
