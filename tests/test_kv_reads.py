@@ -40,6 +40,32 @@ def test_layer0_kv_reads_match_weights(tiny_gguf, tiny_model, fa, type_k, type_v
     np.testing.assert_array_equal(g.view.read_k(0, cells[pick]), got_k[pick])
 
 
+@pytest.mark.parametrize(
+    "fa,type_k,type_v",
+    [("off", "f16", "f16"), ("on", "f16", "f16"), ("on", "q8_0", "q8_0"), ("on", "q4_0", "f16")],
+)
+def test_reads_through_the_backend_api_equal_the_in_place_ones(tiny_model, monkeypatch, fa, type_k, type_v):
+    """A CPU cache is read in place; a GPU's through ggml_backend_tensor_get, one span per read
+    (per dimension for transposed V). LLAMA_AMS_BACKEND_READS=1 sends the CPU's reads that way too:
+    both paths must give the same floats, bit for bit, for every layout and type."""
+    g = Generator(
+        tiny_model, ContextParams(n_ctx=256, flash_attn=fa, type_k=type_k, type_v=type_v), SamplerParams(temp=0)
+    )
+    g.eval(tiny_model.tokenize(TEXT))
+    cells, _ = g.view.occupied()
+    pick = cells[np.array([5, 0, 17, 3, 9])]  # a span with holes, out of order
+    reads = {}
+    for backend_reads in ("0", "1"):
+        monkeypatch.setenv("LLAMA_AMS_BACKEND_READS", backend_reads)
+        reads[backend_reads] = []
+        for il in g.view.kv_layers:
+            for which in (cells, pick):
+                g.view._read_memo.clear()  # read again, not from the event's memo
+                reads[backend_reads] += [g.view.read_k(il, which), g.view.read_v(il, which)]
+    for a, b in zip(reads["0"], reads["1"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_q8_0_reads_agree_with_f16_on_a_real_model(smollm2_model):
     reads = {}
     for kv in ("f16", "q8_0"):
