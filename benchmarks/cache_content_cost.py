@@ -1,11 +1,16 @@
-"""Does what a cache holds change what a decode step costs? (BENCHMARKS.md §9.4)
+"""What the cache holds, and flash attention, against decode speed on the CPU (BENCHMARKS.md §9.4).
 
-Two sessions, StreamingLLM and TOVA+AMS, run to the same point right after an event (257 cells,
-the same positions 0..512 spread over the same 384 cells); then both stop compressing and
-observing, and decode the same 100 tokens, alternating step by step. Any difference is then in
-llama.cpp's decode of the cache's contents (which tokens, in which cells), not in the controller.
+``content`` (default): two sessions, StreamingLLM and TOVA+AMS, run to the same point right after
+an event (257 cells, the same positions 0..512 over the same 384 cells); then both stop
+compressing and observing and decode the same tokens, alternating step by step. Any difference is
+in llama.cpp's decode of the cache's contents (which tokens, in which cells), not in the
+controller.
 
-    .venv/bin/python benchmarks/cache_content_cost.py [--flash-attn auto|on|off] [--kv f16|f32|q8_0]
+``flash-attn``: each method twice, flash attention on and off, as sessions (budget 256) taking
+turns to generate N tokens per round, the order rotated every round, events included.
+
+    .venv/bin/python benchmarks/cache_content_cost.py [content] [--flash-attn auto|on|off] [--kv f16|f32|q8_0]
+    .venv/bin/python benchmarks/cache_content_cost.py flash-attn [--model GGUF] [--methods a,b]
 """
 
 from __future__ import annotations
@@ -25,24 +30,20 @@ from amslocal.session import Session  # noqa: E402
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--flash-attn", default="auto")
-    ap.add_argument("--kv", default="f16")
-    ap.add_argument("--granularity", default="head")
-    ap.add_argument("--steps", type=int, default=128)
-    a = ap.parse_args()
-    model = Model(a.model)
-    docs = os.path.join(ROOT, "..", "shared", "data", "longdocs")
-    with open(os.path.join(docs, sorted(os.listdir(docs))[0]), encoding="utf-8") as f:
-        toks = model.tokenize(f.read()[:20000])
+def session(model: Model, method: str, cp: ContextParams, prompt: list[int], **kw) -> Session:
+    """A budget-256 session of ``method`` (S or ams-S) with ``prompt`` prefilled."""
+    ams = method.startswith("ams-")
+    cfg = CompressionConfig(budget=256, scorer=method[4:] if ams else method, ams=ams, **kw)
+    s = Session(model, cfg, cp, SamplerParams(temp=0))
+    s.prefill(prompt)
+    return s
+
+
+def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
     cp = ContextParams(n_threads=2, flash_attn=a.flash_attn, type_k=a.kv, type_v=a.kv)
     sessions = {}
-    for name, scorer, ams in (("streaming", "streaming", False), ("ams-tova", "tova", True)):
-        cfg = CompressionConfig(budget=256, interval=128, scorer=scorer, ams=ams, granularity=a.granularity)
-        s = Session(model, cfg, cp, SamplerParams(temp=0))
-        s.prefill(toks[:512])
+    for name in ("streaming", "ams-tova"):
+        s = session(model, name, cp, toks[:512], interval=128, granularity=a.granularity)
         for _ in s.generate([], 300, ignore_eos=True):
             if s.n_occupied <= 257 and s.stats.compressions >= 3:
                 break
@@ -53,8 +54,7 @@ def main() -> None:
         occ = np.flatnonzero(s.view.cell_pos(0) >= 0)
         layout[name] = (occ.size, 1 + int(np.count_nonzero(np.diff(occ) > 1)))
     times = {name: [] for name in sessions}
-    feed = toks[1000 : 1000 + a.steps]
-    for i, t in enumerate(feed):
+    for i, t in enumerate(toks[1000 : 1000 + a.steps]):
         order = list(sessions.items()) if i % 2 == 0 else list(sessions.items())[::-1]
         for name, s in order:
             t0 = time.perf_counter()
@@ -74,6 +74,51 @@ def main() -> None:
         f"  ams-tova / streaming step time: first half {np.median(other[:half]) / np.median(base[:half]):.3f}, "
         f"second half {np.median(other[half:]) / np.median(base[half:]):.3f}"
     )
+
+
+def flash_attn_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
+    sessions = {}
+    for method in a.methods.split(","):
+        for fa in ("on", "off"):
+            s = session(model, method, ContextParams(n_threads=2, flash_attn=fa), toks[:512], interval=a.interval)
+            for _ in s.generate([], 64, ignore_eos=True):
+                pass
+            sessions[f"{method}, flash attention {fa}"] = s
+    speeds = {k: [] for k in sessions}
+    names = list(sessions)
+    for r in range(a.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in sessions[name].generate([], a.n_gen, ignore_eos=True):
+                pass
+            speeds[name].append(a.n_gen / (time.perf_counter() - t0))
+    model_name = os.path.basename(a.model)
+    print(f"{model_name}, budget 256, interval {a.interval}, {a.rounds} rounds of {a.n_gen} tokens, 2 threads")
+    first = names[0].split(",")[0]
+    base = {fa: np.median(speeds[f"{first}, flash attention {fa}"]) for fa in ("on", "off")}
+    for name, v in speeds.items():
+        fa = name.rsplit(" ", 1)[1]
+        print(f"  {name:36s} {np.median(v):7.2f} t/s   vs {first} ({fa}): {np.median(v) / base[fa]:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("table", nargs="?", choices=("content", "flash-attn"), default="content")
+    ap.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--flash-attn", default="auto", help="content: the sessions' flash attention")
+    ap.add_argument("--kv", default="f16", help="content: the K/V cache type")
+    ap.add_argument("--granularity", default="head", help="content: token sets")
+    ap.add_argument("--steps", type=int, default=128, help="content: steps decoded by each")
+    ap.add_argument("--methods", default="streaming,ams-tova,ams-rkv", help="flash-attn: the first is the base")
+    ap.add_argument("--interval", type=int, default=128, help="flash-attn")
+    ap.add_argument("--n-gen", type=int, default=256, help="flash-attn: tokens per round")
+    ap.add_argument("--rounds", type=int, default=4, help="flash-attn")
+    a = ap.parse_args()
+    model = Model(a.model)
+    docs = os.path.join(ROOT, "..", "shared", "data", "longdocs")
+    with open(os.path.join(docs, sorted(os.listdir(docs))[0]), encoding="utf-8") as f:
+        toks = model.tokenize(f.read()[:20000])
+    (content_table if a.table == "content" else flash_attn_table)(model, toks, a)
 
 
 if __name__ == "__main__":
