@@ -6,12 +6,12 @@ that query (captured post-RoPE by the patch, one small copy per layer) and the k
 cache, with the causal mask rebuilt from the positions. Doing it once per event, for all the
 window's queries in one matrix product per layer, replaces the per-step side branch in the graph.
 
-- :func:`attention_rows`: one layer's masked attention of W queries over n keys, summed over each
-  KV group's query heads (BLAS products and two Numba kernels, :func:`_mask_shift` and
-  :func:`_group_sums`); :func:`attention_rows_ref` is its plain-numpy reference.
-- :func:`attention_per_query`: allocates the output and calls it.
-- :class:`QueryAttention`: the same attention kept per row, adding the sums over any run of the
-  queries straight into evidence arrays (what an event does, :meth:`amslocal.cache.CacheView.settle`).
+- :class:`QueryAttention`: one layer's masked attention of W queries over n keys (BLAS products,
+  numpy's exp and Numba kernels, :func:`_probabilities`), kept unnormalised; it adds the sums over
+  any run of the queries, and over each KV group's query heads, straight into evidence arrays
+  (what an event does, :meth:`amslocal.cache.CacheView.settle`).
+- :func:`attention_per_query`: each query's attention, [W, H_kv, n]; :func:`attention_rows_ref` is
+  its plain-numpy reference.
 """
 
 from __future__ import annotations
@@ -101,7 +101,20 @@ def _probabilities(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unnormalised attention e [H_kv, W, G, n] (exp of the masked, max-shifted logits) and each
-    row's normaliser inv [H_kv, W, G]: the probability is e * inv. Shapes as in :func:`attention_rows`."""
+    row's normaliser inv [H_kv, W, G]: softmax_j(scale * q[t, head] . k[j, h]) = e * inv, for
+    query head g of KV head h.
+
+    q: [W, n_head, d] float32 post-RoPE queries (query head hq reads KV head hq // G, as in
+    llama.cpp), k: [n, H_kv, d] float32 post-RoPE keys, q_pos [W] and k_pos [n] int64 (k_pos < 0:
+    no token). Key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window
+    n_swa > 0, q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window); masked keys get exactly
+    0. Float32 like the graph's softmax.
+
+    One BLAS product per KV head for the logits, a Numba kernel for the mask and the row maxima,
+    numpy's SIMD exp, and a Numba kernel for the row sums: 2.6x faster than one kernel with a dot
+    product per key and a scalar exp per logit (SmolLM2's shapes, 32 queries over 288 cells, one
+    thread). Both BLAS and Numba run on the session's threads (see :mod:`amslocal.compute_threads`).
+    """
     W, n_head, d = q.shape
     n, H, _ = k.shape
     G = n_head // H
@@ -118,31 +131,10 @@ def _probabilities(
     return logits, inv
 
 
-def attention_rows(
-    q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int, out: np.ndarray
-) -> None:
-    """out[t, h, j] = sum over the query heads of KV head h of softmax_j(scale * q[t, head] . k[j, h]).
-
-    q: [W, n_head, d] float32 post-RoPE queries (query head hq reads KV head hq // G, as in
-    llama.cpp), k: [n, H_kv, d] float32 post-RoPE keys, q_pos [W] and k_pos [n] int64 (k_pos < 0:
-    no token). Key j is visible to query t when k_pos[j] <= q_pos[t] and, with a sliding window
-    n_swa > 0, q_pos[t] - k_pos[j] < n_swa (llama.cpp's standard window). out: [W, H_kv, n]
-    float32, overwritten; masked keys get exactly 0. Float32 like the graph's softmax.
-
-    One BLAS product per KV head for the logits, a Numba kernel for the mask and the row maxima,
-    numpy's SIMD exp, and a Numba kernel for the normalised group sums: 2.6x faster than one
-    kernel with a dot product per key and a scalar exp per logit (SmolLM2's shapes, 32 queries
-    over 288 cells, one thread). Both BLAS and Numba run on the session's threads (see
-    :mod:`amslocal.compute_threads`).
-    """
-    e, inv = _probabilities(q, k, q_pos, k_pos, scale, n_swa)
-    _group_sums(e, inv, out)
-
-
 def attention_rows_ref(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int
 ) -> np.ndarray:
-    """Reference of :func:`attention_rows` with whole-array numpy steps (float64); returns out."""
+    """Reference of :func:`attention_per_query` with whole-array numpy steps (float64)."""
     W, n_head, d = q.shape
     n, H, _ = k.shape
     G = n_head // H
@@ -164,26 +156,15 @@ def attention_per_query(
     q: np.ndarray, k: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, scale: float, n_swa: int = 0
 ) -> np.ndarray:
     """Each query's attention probability on each key, summed over each KV group's heads:
-    [W, H_kv, n] float32 (see :func:`attention_rows`)."""
-    compute_threads.start_workers()
-    out = np.empty((q.shape[0], k.shape[1], k.shape[0]), dtype=np.float32)
-    attention_rows(
-        np.ascontiguousarray(q, dtype=np.float32),
-        np.ascontiguousarray(k, dtype=np.float32),
-        np.ascontiguousarray(q_pos, dtype=np.int64),
-        np.ascontiguousarray(k_pos, dtype=np.int64),
-        float(scale),
-        int(n_swa),
-        out,
-    )
-    return out
+    [W, H_kv, n] float32 (see :func:`_probabilities`)."""
+    return QueryAttention(q, k, q_pos, k_pos, scale, n_swa).per_query()
 
 
 class QueryAttention:
     """One layer's attention of W queries over n keys, kept unnormalised (see
     :func:`_probabilities`) so that an event can add the sums over any run of its queries straight
     into evidence arrays, without a [W, H_kv, n] array in between. Arguments as in
-    :func:`attention_rows` (any float/int dtypes; converted here)."""
+    :func:`_probabilities` (any float/int dtypes; converted here)."""
 
     def __init__(self, q, k, q_pos, k_pos, scale: float, n_swa: int = 0):
         compute_threads.start_workers()
@@ -195,6 +176,13 @@ class QueryAttention:
             float(scale),
             int(n_swa),
         )
+
+    def per_query(self) -> np.ndarray:
+        """[W, H_kv, n] float32: each query's probabilities, summed over each KV head's query heads."""
+        H, W, _, n = self.e.shape
+        out = np.empty((W, H, n), dtype=np.float32)
+        _group_sums(self.e, self.inv, out)
+        return out
 
     def add_to(self, dst: np.ndarray, cells: np.ndarray, t0: int = 0, t1: int | None = None) -> None:
         """dst[h, cells[j]] += the attention of queries t0 <= t < t1 on key j, summed over KV head

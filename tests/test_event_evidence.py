@@ -10,7 +10,7 @@ from conftest import DEFAULT_MODEL
 
 from amslocal.backend import ContextParams, Model, SamplerParams
 from amslocal.engine import Generator
-from amslocal.evidence import QueryAttention, attention_per_query, attention_rows, attention_rows_ref
+from amslocal.evidence import QueryAttention, attention_per_query, attention_rows_ref
 from amslocal.session import CompressionConfig, Session
 
 TEXT = (
@@ -27,19 +27,24 @@ def close(a, b, what=""):
 # --- the kernel ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_kernel_matches_numpy_reference(seed):
-    """Random shapes, positions out of order, empty cells (-1), sliding windows."""
-    rng = np.random.default_rng(seed)
-    H, G, W, n, d = rng.integers(1, 4), rng.integers(1, 5), rng.integers(1, 9), rng.integers(3, 40), rng.integers(2, 17)
+def _random_case(rng, min_queries):
+    """Random shapes, positions out of order, empty cells (-1), sliding windows:
+    (q [W, H*G, d], k [n, H, d], q_pos, k_pos, n_swa)."""
+    H, G, W = rng.integers(1, 4), rng.integers(1, 5), rng.integers(min_queries, 9)
+    n, d = rng.integers(3, 40), rng.integers(2, 17)
     q = (rng.standard_normal((W, H * G, d)) * 2).astype(np.float32)
     k = (rng.standard_normal((n, H, d)) * 2).astype(np.float32)
     k_pos = rng.permutation(n).astype(np.int64)
     k_pos[rng.random(n) < 0.2] = -1
     q_pos = np.sort(rng.integers(n // 2, n + 3, W)).astype(np.int64)
-    n_swa = int(rng.choice([0, 0, 5, 11]))
-    out = np.empty((W, H, n), dtype=np.float32)
-    attention_rows(q, k, q_pos, k_pos, 0.3, n_swa, out)
+    return q, k, q_pos, k_pos, int(rng.choice([0, 0, 5, 11]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_matches_numpy_reference(seed):
+    """Random shapes, positions out of order, empty cells (-1), sliding windows."""
+    q, k, q_pos, k_pos, n_swa = _random_case(np.random.default_rng(seed), min_queries=1)
+    out = attention_per_query(q, k, q_pos, k_pos, 0.3, n_swa)
     np.testing.assert_allclose(out, attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa), rtol=1e-5, atol=1e-6)
     assert np.all(out[:, :, k_pos < 0] == 0.0)
 
@@ -49,13 +54,8 @@ def test_query_attention_adds_each_run_of_queries_into_its_cells(seed):
     """What an event adds to the evidence: the sums over queries t0..t1 of the reference
     attention, landing in the key's own cell of a wider array (float32 and float64)."""
     rng = np.random.default_rng(100 + seed)
-    H, G, W, n, d = rng.integers(1, 4), rng.integers(1, 5), rng.integers(2, 9), rng.integers(3, 40), rng.integers(2, 17)
-    q = (rng.standard_normal((W, H * G, d)) * 2).astype(np.float32)
-    k = (rng.standard_normal((n, H, d)) * 2).astype(np.float32)
-    k_pos = rng.permutation(n).astype(np.int64)
-    k_pos[rng.random(n) < 0.2] = -1
-    q_pos = np.sort(rng.integers(n // 2, n + 3, W)).astype(np.int64)
-    n_swa = int(rng.choice([0, 5]))
+    q, k, q_pos, k_pos, n_swa = _random_case(rng, min_queries=2)
+    W, (n, H, _) = q.shape[0], k.shape
     ref = attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa)  # [W, H, n]
     cells = rng.permutation(n + 7)[:n].astype(np.int32)  # keys sit in scattered cells
     a = QueryAttention(q, k, q_pos, k_pos, 0.3, n_swa)
