@@ -9,7 +9,7 @@ controller.
 ``flash-attn``: each method twice, flash attention on and off, as sessions (budget 256) taking
 turns to generate N tokens per round, the order rotated every round, events included.
 
-    .venv/bin/python benchmarks/cache_content_cost.py [content] [--flash-attn auto|on|off] [--kv f16|f32|q8_0]
+    .venv/bin/python benchmarks/cache_content_cost.py [content] [--flash-attn auto|on|off] [--kv f16|f32|q8_0|K/V]
     .venv/bin/python benchmarks/cache_content_cost.py flash-attn [--model GGUF] [--methods a,b]
 """
 
@@ -40,7 +40,8 @@ def session(model: Model, method: str, cp: ContextParams, prompt: list[int], **k
 
 
 def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
-    cp = ContextParams(n_threads=2, flash_attn=a.flash_attn, type_k=a.kv, type_v=a.kv)
+    type_k, _, type_v = a.kv.partition("/")
+    cp = ContextParams(n_threads=2, flash_attn=a.flash_attn, type_k=type_k, type_v=type_v or type_k)
     sessions = {}
     for name in ("streaming", "ams-tova"):
         s = session(model, name, cp, toks[:512], interval=128, granularity=a.granularity)
@@ -106,7 +107,7 @@ def main() -> None:
     ap.add_argument("table", nargs="?", choices=("content", "flash-attn"), default="content")
     ap.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--flash-attn", default="auto", help="content: the sessions' flash attention")
-    ap.add_argument("--kv", default="f16", help="content: the K/V cache type")
+    ap.add_argument("--kv", default="f16", help="content: the K/V cache type (K/V: two types)")
     ap.add_argument("--granularity", default="head", help="content: token sets")
     ap.add_argument("--steps", type=int, default=128, help="content: steps decoded by each")
     ap.add_argument("--methods", default="streaming,ams-tova,ams-rkv", help="flash-attn: the first is the base")
