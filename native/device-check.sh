@@ -82,8 +82,12 @@ if [ -z "$lib" ]; then
     if [ "$backend" = cuda ]; then
         command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || die "nvcc not found (use --cpu for the CPU backend)"
         export PATH="$PATH:/usr/local/cuda/bin"
-        # the local GPU's architecture only, and the FA kernels of f16/q8_0/q4_0 K/V only: minutes, not an hour
-        flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native -DGGML_CUDA_FA_ALL_QUANTS=OFF)
+        # the local GPU's architecture only, and the FA kernels of f16/q8_0/q4_0 K/V only: minutes, not an hour.
+        # nvidia-smi names it (9.0 -> 90); CMake's "native" (3.24+) is the fallback
+        arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')" || arch=""
+        case "$arch" in ''|*[!0-9]*) arch=native ;; esac
+        say "CUDA architecture: $arch"
+        flags+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$arch" -DGGML_CUDA_FA_ALL_QUANTS=OFF)
     fi
     gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
     t0=$(date +%s)
