@@ -20,6 +20,7 @@ layer, as on Linux here), its parallel kernels run on that same team and do not 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import signal
@@ -86,6 +87,35 @@ def start_workers() -> None:
             numba.get_num_threads()  # launches the threading layer's workers
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _launches_are_threadsafe() -> bool:
+    """False where Numba's parallel kernels run on its ``workqueue`` layer (where it finds neither
+    OpenMP nor TBB: pip's numba on macOS, for one). That layer aborts the whole process when two
+    threads launch parallel kernels at once, as two sessions of a server do at their events."""
+    safe = _state.get("launch_threadsafe")
+    if safe is None:
+        start_workers()  # picks the layer
+        safe = _state["launch_threadsafe"] = numba.threading_layer() != "workqueue"
+    return safe
+
+
+_launch_lock = threading.Lock()
+
+
+def parallel_kernel(kernel: Callable[..., R]) -> Callable[..., R]:
+    """``kernel`` (a Numba ``parallel=True`` function, called from Python only) made safe to call
+    from any thread: launches take turns on the ``workqueue`` layer, and run as they are on a
+    threadsafe one. Its workers start first, with signals blocked (:func:`start_workers`)."""
+
+    @functools.wraps(kernel)
+    def launch(*args):
+        if _launches_are_threadsafe():
+            return kernel(*args)
+        with _launch_lock:
+            return kernel(*args)
+
+    return launch
 
 
 def use(n_threads: int) -> int:

@@ -25,6 +25,7 @@ from . import compute_threads
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
+@compute_threads.parallel_kernel
 @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa: int) -> None:
     """In place over logits [H_kv, W, G, n]: -inf where query t does not see key j, and each row
@@ -50,6 +51,7 @@ def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa:
                         row[j] -= m
 
 
+@compute_threads.parallel_kernel
 @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def _row_inverses(e: np.ndarray, inv: np.ndarray) -> None:
     """inv[h, t, g] = 1 / sum_j e[h, t, g, j], or 0 for a row that is all 0 (e: [H_kv, W, G, n])."""
@@ -63,6 +65,7 @@ def _row_inverses(e: np.ndarray, inv: np.ndarray) -> None:
                 inv[h, t, g] = np.float32(1.0) / total if total > 0 else np.float32(0.0)
 
 
+@compute_threads.parallel_kernel
 @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def _group_sums(e: np.ndarray, inv: np.ndarray, out: np.ndarray) -> None:
     """out[t, h, j] = sum over g of e[h, t, g, j] * inv[h, t, g]."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import numba
@@ -90,3 +93,41 @@ def test_map_layers_raises_a_workers_exception_and_pool_threads_leave_signals_to
     assert signal.SIGINT not in masks[0]  # the caller's mask is its own
     assert {signal.SIGINT, signal.SIGTERM} <= masks[1]
     compute_threads.use(1)
+
+
+_CONCURRENT_LAUNCHES = """
+import threading
+import numpy as np
+import numba
+from amslocal.evidence import attention_per_query
+from amslocal.select.kernels import row_votes
+
+q = np.random.rand(16, 4, 8).astype(np.float32)
+k = np.random.rand(64, 2, 8).astype(np.float32)
+scores, mass = np.random.rand(6, 64), np.full((6, 64), 1 / 64)
+protected = np.zeros(64, dtype=np.bool_)
+
+def work():
+    for _ in range(200):
+        attention_per_query(q, k, np.arange(64, 80), np.arange(64), 0.3)
+        row_votes(scores, mass, protected, 32, 0.25, 2, 16, 1)
+
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("layer", numba.threading_layer(), "ok")
+"""
+
+
+def test_parallel_kernels_launch_from_many_threads_on_the_workqueue_layer():
+    """Numba's workqueue layer (where it finds no OpenMP or TBB, e.g. pip's numba on macOS)
+    aborts the process when two threads launch parallel kernels at once, as a server's sessions
+    do; the kernels take turns there."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    run = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_LAUNCHES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "layer workqueue ok" in run.stdout

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import compute_threads
+
 # --- smoothing -----------------------------------------------------------------------------
 
 
@@ -407,6 +409,7 @@ def select_in_segments_ref(
 # --- per-row AMS with voting -----------------------------------------------------------------
 
 
+@compute_threads.parallel_kernel
 @numba.njit(cache=True, parallel=True)
 def row_votes(
     scores: np.ndarray,
@@ -482,6 +485,7 @@ def row_votes_ref(
 # --- per-row AMS on per-row token sets ---------------------------------------------------------
 
 
+@compute_threads.parallel_kernel
 @numba.njit(cache=True, parallel=True)
 def row_keep(
     scores: np.ndarray,
