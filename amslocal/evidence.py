@@ -170,7 +170,6 @@ class QueryAttention:
     :func:`_probabilities` (any float/int dtypes; converted here)."""
 
     def __init__(self, q, k, q_pos, k_pos, scale: float, n_swa: int = 0):
-        compute_threads.start_workers()
         self.e, self.inv = _probabilities(
             np.ascontiguousarray(q, dtype=np.float32),
             np.ascontiguousarray(k, dtype=np.float32),
