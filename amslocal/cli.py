@@ -269,7 +269,8 @@ _grammar_options = _options(
     ),
     click.option("-jf", "--json-schema-file", metavar="FILE", default=None, help="The same, from a file."),
 )
-_runtime_options = _options(
+# the attention kernel and the cache's types (llama.cpp's -fa, -ctk, -ctv): the runtime, and bench speed
+_kv_options = _options(
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option(
         "-ctk", "--cache-type-k", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True
@@ -282,6 +283,9 @@ _runtime_options = _options(
         show_default=True,
         help="A quantized V cache needs --flash-attn on.",
     ),
+)
+_runtime_options = _options(
+    _kv_options,
     _threads_option,
     click.option(
         "-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt batch (tokens)."
@@ -1314,6 +1318,7 @@ def bench_quality(
     "or by the per-step side branch in the graph; both: one row each, side by side.",
 )
 @click.option("--json", "json_out", metavar="PATH", default=None, help="Also write the raw result as JSON.")
+@_kv_options
 @click.option(
     "-t",
     "--threads",
@@ -1334,6 +1339,9 @@ def bench_speed(
     no_stock: bool,
     evidence: str,
     json_out: Optional[str],
+    flash_attn: str,
+    cache_type_k: str,
+    cache_type_v: str,
     threads: int,
     quiet: bool,
 ) -> None:
@@ -1357,6 +1365,9 @@ def bench_speed(
         methods=method_list,
         rounds=rounds,
         n_threads=threads,
+        flash_attn=flash_attn,
+        type_k=cache_type_k,
+        type_v=cache_type_v,
         include_stock=not no_stock,
         evidence=("event", "step") if evidence == "both" else (evidence,),
         progress=None if quiet else _say,

@@ -8,6 +8,7 @@ import pytest
 from conftest import DEFAULT_MODEL
 
 from amslocal.bench.speed import STOCK, filler_text, format_table, run_speed
+from amslocal.errors import OptionError
 
 # n_gen = interval: in steady state any `interval` decode steps contain exactly one compression
 BUDGET, INTERVAL, DEPTH, N_GEN = 48, 16, 64, 16
@@ -71,3 +72,36 @@ def test_format_table(result):
     assert len(lines) == 2 + len(result["rows"])  # header, separator, one per row
     assert any(STOCK in l for l in lines) and any("| full |" in l for l in lines)
     assert format_table(result, notes=False).splitlines() == lines
+
+
+def test_every_row_uses_the_flash_attention_and_cache_types_asked_for(monkeypatch):
+    """-fa / -ctk / -ctv reach every row's context (llama-bench's flags), and the table says so."""
+    if not DEFAULT_MODEL.exists():
+        pytest.skip(f"default model missing at {DEFAULT_MODEL}; run: python models/fetch.py")
+    import amslocal.backend.handles as handles
+
+    made = []
+    real_init = handles.Context.__init__
+
+    def record(self, model, params=handles.ContextParams()):
+        made.append((params.flash_attn, params.type_k, params.type_v))
+        real_init(self, model, params)
+
+    monkeypatch.setattr(handles.Context, "__init__", record)
+    res = run_speed(
+        DEFAULT_MODEL,
+        depths=(DEPTH,),
+        budget=BUDGET,
+        interval=INTERVAL,
+        n_gen=4,
+        rounds=1,
+        methods=["ams-tova"],
+        include_stock=False,
+        flash_attn="off",
+        type_k="q8_0",
+    )
+    assert len(made) >= 2 and set(made) == {("off", "q8_0", "f16")}  # the full row and the budgeted one
+    assert (res["flash_attn"], res["type_k"], res["type_v"]) == ("off", "q8_0", "f16")
+    assert format_table(res).splitlines()[-1].endswith("flash attention: off, K: q8_0, V: f16")
+    with pytest.raises(OptionError, match="K/V types"):
+        run_speed(DEFAULT_MODEL, depths=(DEPTH,), type_v="q3_k")

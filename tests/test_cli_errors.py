@@ -132,6 +132,12 @@ def test_bad_flag(tiny_gguf: Path, flags: list[str], phrase: str) -> None:
     assert_one_line_error(run_cli("generate", str(tiny_gguf), "-p", "hi", *flags), phrase, 2)
 
 
+def test_bench_speed_refuses_a_quantized_v_cache_without_flash_attention(tiny_gguf: Path) -> None:
+    args = ["--depths", "32", "--n-gen", "1", "--rounds", "1", "--methods", "streaming", "--no-stock", "-q"]
+    proc = run_cli("bench", "speed", "--model", str(tiny_gguf), *args, "-fa", "off", "-ctv", "q8_0")
+    assert_one_line_error(proc, "a quantized V cache needs --flash-attn on")
+
+
 def test_unknown_command() -> None:
     assert_one_line_error(run_cli("frobnicate"), "frobnicate", 2)
 

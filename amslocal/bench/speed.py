@@ -151,13 +151,24 @@ class _StockRow:
 
     method, budget, kv_cells_peak, event_ms, between, controller = STOCK, None, None, (), (), ()
 
-    def __init__(self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int]):
+    def __init__(
+        self, model_path: Path, n_ctx: int, n_threads: int, tokens: list[int], flash_attn: str, type_k: str, type_v: str
+    ):
         import llama_cpp
 
+        from ..backend import KV_TYPES
+
         self.depth = len(tokens)
-        # flash attention on, as amslocal's "auto" resolves on CPU: the rows then differ only in the loop
+        # "auto" as on, as amslocal's resolves on CPU: the rows then differ only in the loop
         self.llm = llama_cpp.Llama(
-            str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, flash_attn=True, verbose=False
+            str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            flash_attn=flash_attn != "off",
+            type_k=KV_TYPES[type_k],
+            type_v=KV_TYPES[type_v],
+            verbose=False,
         )
         self.llm.eval(tokens)
         self.measure(WARMUP_STEPS)
@@ -254,6 +265,9 @@ def run_speed(
     methods: Optional[Sequence[str]] = None,
     rounds: int = 2,
     n_threads: int = 0,
+    flash_attn: str = "auto",
+    type_k: str = "f16",
+    type_v: str = "f16",
     include_stock: bool = True,
     evidence: Sequence[str] = ("event",),
     progress: Optional[Callable[[str], None]] = None,
@@ -261,10 +275,12 @@ def run_speed(
     """Measure decode speed per depth and method; returns a JSON-able dict (see :func:`format_table`).
 
     ``methods``: names like ``"tova"`` / ``"ams-tova"`` (default: every scorer with and without
-    AMS); ``full`` is always measured. ``n_threads=0`` uses every core. ``progress`` gets one-line
-    messages. Raises :class:`~amslocal.errors.AmsError` subclasses for bad arguments or models.
+    AMS); ``full`` is always measured. ``n_threads=0`` uses every core. ``flash_attn``, ``type_k``
+    and ``type_v`` make every row's context (llama-bench's -fa, -ctk, -ctv). ``progress`` gets
+    one-line messages. Raises :class:`~amslocal.errors.AmsError` subclasses for bad arguments or
+    models.
     """
-    from ..backend import ContextParams
+    from ..backend import FLASH_ATTN, KV_TYPES, ContextParams
     from ..models import load_model, resolve_model
     from ..session import CompressionConfig
 
@@ -272,6 +288,11 @@ def run_speed(
         raise OptionError("rounds, n_gen and every depth must be at least 1")
     if not evidence or any(e not in ("event", "step") for e in evidence):
         raise OptionError("evidence must be event, step or both")
+    if flash_attn not in FLASH_ATTN or type_k not in KV_TYPES or type_v not in KV_TYPES:
+        raise OptionError(
+            f"flash attention must be one of {', '.join(FLASH_ATTN)} and the K/V types one of {', '.join(KV_TYPES)}"
+        )
+    kv = {"flash_attn": flash_attn, "type_k": type_k, "type_v": type_v}
     say = progress or (lambda message: None)
     path = resolve_model(model_path)
     threads = n_threads or os.cpu_count() or 1
@@ -295,8 +316,9 @@ def run_speed(
     configs = _method_configs(methods, budget, interval, path, notes)
     if include_stock:
         notes.append(
-            f"{STOCK}: llama_cpp.Llama (flash attention on, like amslocal's auto on CPU), "
-            "eval + sample(temp=0) per token, on the same library with evidence off."
+            f"{STOCK}: llama_cpp.Llama (flash attention {'off' if flash_attn == 'off' else 'on'}, like amslocal's "
+            f"{flash_attn} on CPU; K {type_k}, V {type_v}), eval + sample(temp=0) per token, on the same library "
+            "with evidence off."
         )
     model = load_model(path, validate=False, compress=bool(configs))
     rows: list[dict] = []
@@ -308,18 +330,18 @@ def run_speed(
             model,
             "full",
             CompressionConfig(budget=None),
-            ContextParams(n_ctx=n_ctx, n_threads=threads),
+            ContextParams(n_ctx=n_ctx, n_threads=threads, **kv),
             tokens,
             rollback=True,
         )
         pp = depth / full.session.stats.prefill_s
-        live = [full] + ([_StockRow(path, n_ctx, threads, tokens)] if include_stock else [])
+        live = [full] + ([_StockRow(path, n_ctx, threads, tokens, **kv)] if include_stock else [])
         live += [
             _SessionRow(
                 model,
                 name if mode == evidence[0] else f"{name} [{mode}]",
                 cfg,
-                ContextParams(n_threads=threads),
+                ContextParams(n_threads=threads, **kv),
                 tokens,
                 rollback=False,
                 evidence_mode=mode,
@@ -365,6 +387,7 @@ def run_speed(
         "depths": list(depths),
         "rounds": rounds,
         "n_threads": threads,
+        **kv,
         "cpu": cpu_info(),
         "rows": rows,
         "notes": notes,
@@ -389,5 +412,7 @@ def format_table(result: dict, *, notes: bool = True) -> str:
         )
     if notes:
         lines += [""] + [f"note: {n}" for n in result.get("notes", [])]
-        lines.append(f"cpu: {result['cpu']}, threads: {result['n_threads']}")
+        kv = result.get("flash_attn")  # absent from results written before the option
+        kv = "" if kv is None else f", flash attention: {kv}, K: {result['type_k']}, V: {result['type_v']}"
+        lines.append(f"cpu: {result['cpu']}, threads: {result['n_threads']}{kv}")
     return "\n".join(lines)
