@@ -36,7 +36,7 @@ from .scorers.base import (
 )
 from .select import make_selector
 from .select.aggregate import aggregate
-from .select.rows import place_rows
+from .select.rows import most_kept, place_rows
 
 _kernels_warm = False
 MASS_WINDOW = 32  # AMS segments by the evidence of the reference's 32-query window
@@ -121,7 +121,8 @@ class Session:
         # diagnostics (benchmarks): observe attention even when the scorer and selector do not use
         # it, so that every event can be described by its attention mass; never changes a choice
         self.observe_attention = observe_attention
-        # called at every event, before eviction, as on_compress(positions, kept_mask, score_input)
+        # called at every event, before eviction, as on_compress(positions, kept_mask, score_input);
+        # with per-row sets kept_mask is the tokens most rows keep (select.rows.most_kept)
         self.on_compress: Optional[Callable[[np.ndarray, np.ndarray, ScoreInput], None]] = None
         self.config = config
         cfg = config
@@ -542,8 +543,6 @@ class Session:
             return {}
         inp = self.score_input(cells, positions)
         row_scores = self.scorer.score(inp)
-        token_scores = aggregate(row_scores, cfg.aggregation)
-
         protected = np.zeros(T, dtype=bool)
         protected[: cfg.n_sink] = True
         protected[max(0, T - cfg.keep_last) :] = True
@@ -552,7 +551,8 @@ class Session:
         if protected.sum() > budget:
             raise BudgetError(f"{int(protected.sum())} protected tokens do not fit the budget {budget}")
         if self._row_sets:
-            return self._compress_rows(t0, cells, positions, transient, inp, row_scores, token_scores, protected)
+            return self._compress_rows(t0, cells, positions, transient, inp, row_scores, protected)
+        token_scores = aggregate(row_scores, cfg.aggregation)
 
         mass = None  # what the selector segments by, computed by the selector itself (None: top-k)
         if inp.mass_attn is not None and inp.mass_queries > 0:
@@ -614,14 +614,14 @@ class Session:
         transient: np.ndarray,
         inp: ScoreInput,
         row_scores: np.ndarray,
-        token_scores: np.ndarray,
         protected: np.ndarray,
     ) -> dict:
         """The event with one token set per layer or per (layer, KV head) row.
 
         Each row (or layer) selects ``budget`` of the tokens it holds; :func:`place_rows` picks the
-        ``budget`` cells that leave the most rows in place, the rows that keep a token from another
-        cell are moved into those cells (K/V bytes, patch 0002), and every other cell is evicted.
+        ``budget`` cells (the protected ones, then the highest), the rows that keep a token from
+        another cell are moved into those cells (K/V bytes, patch 0002), and every other cell is
+        evicted.
         A cell keeps its label position, which only the causal mask reads: each K row still carries
         its own token's RoPE rotation.
         """
@@ -650,11 +650,12 @@ class Session:
                 rpos.reshape(L * H, T),
                 None if row_mass is None else row_mass.reshape(L * H, T),
             )
-        dst, src = place_rows(kept, protected, rpos.reshape(L * H, T), token_scores)
+        dst, src = place_rows(kept, protected, rpos.reshape(L * H, T), cells)
         in_dst = np.zeros(T, dtype=bool)
         in_dst[dst] = True
         if self.on_compress is not None:
-            self.on_compress(positions.astype(np.int64), in_dst, inp)
+            consensus = most_kept(kept, protected, aggregate(row_scores, cfg.aggregation))
+            self.on_compress(positions.astype(np.int64), consensus, inp)
         src_cells = np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(L, H, len(dst))
         t_move = time.perf_counter()
         self.view.move_rows(self.layers, cells[dst], src_cells)

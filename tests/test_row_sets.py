@@ -13,7 +13,7 @@ from amslocal.engine import Generator
 from amslocal.errors import AmsError, BudgetError, CacheError
 from amslocal.scorers.rope import rope_rotate
 from amslocal.select.kernels import row_keep, row_keep_ref
-from amslocal.select.rows import RowAMSSelector, RowTopKSelector, place_rows
+from amslocal.select.rows import RowAMSSelector, RowTopKSelector, most_kept, place_rows
 from amslocal.session import CompressionConfig, Session
 
 TEXT = "Per-head token sets: every row keeps what it attends to. " * 3
@@ -149,7 +149,7 @@ def _evict_per_head(g: Generator, layers: list[int], B: int, seed: int) -> tuple
     for r in range(kept.shape[0]):
         kept[r, protected] = True
         kept[r, rng.choice(np.flatnonzero(~protected), B - protected.sum(), replace=False)] = True
-    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), np.zeros(T))
+    dst, src = place_rows(kept, protected, np.repeat(pos[None].astype(np.int64), kept.shape[0], 0), cells)
     v.move_rows(layers, cells[dst], np.where(src >= 0, cells[np.maximum(src, 0)], -1).reshape(len(layers), H, B))
     g.evict(pos[np.setdiff1d(np.arange(T), dst)].tolist())
     return kept, pos
@@ -286,16 +286,30 @@ def test_fill_holes_matches_reference(seed):
 def test_place_rows_keeps_every_row_set():
     scores, pos, prot = _random_rows()
     kept = RowTopKSelector().select_rows(scores, 20, prot, pos)
-    dst, src = place_rows(kept, prot, pos, scores.mean(axis=0))
+    cell_index = np.random.default_rng(7).permutation(kept.shape[1]) + 100  # the candidates' KV cells
+    dst, src = place_rows(kept, prot, pos, cell_index)
     assert dst.size == 20 and set(np.flatnonzero(prot)) <= set(dst)
     for r in range(kept.shape[0]):
         held = np.where(src[r] >= 0, src[r], dst)  # the cell whose row r ends up in each destination
         assert set(held) == set(np.flatnonzero(kept[r]))
         assert (src[r][np.isin(dst, np.flatnonzero(prot))] == -1).all()  # protected never move
-    # the destinations are the cells most rows keep: no other cell has more votes than the least kept
-    votes = kept.sum(axis=0)
+    # besides the protected cells, the destinations are the highest cells: the freed ones the lowest
     others = np.setdiff1d(np.arange(kept.shape[1]), dst)
-    assert votes[others].max() <= votes[dst][~prot[dst]].min()
+    assert cell_index[others].max() < cell_index[dst][~prot[dst]].min()
+
+
+def test_most_kept_is_the_protected_then_the_most_voted_tokens():
+    scores, pos, prot = _random_rows()
+    kept = RowTopKSelector().select_rows(scores, 20, prot, pos)
+    tie = scores.mean(axis=0)
+    mask = most_kept(kept, prot, tie)
+    assert mask.sum() == 20 and mask[prot].all()
+    votes = kept.sum(axis=0)
+    assert votes[~mask].max() <= votes[mask & ~prot].min()  # no token left out has more votes
+    # among equal votes at the boundary, the higher tie score wins
+    edge = votes[mask & ~prot].min()
+    if (votes[~mask] == edge).any():
+        assert tie[(votes == edge) & ~mask].max() <= tie[(votes == edge) & mask & ~prot].min()
 
 
 # --- the session ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 With patch 0002 a cell's K/V rows can hold different tokens per (layer, KV head), so a row need
 not compromise with the others: it keeps what *it* scores highest (top-k per row), or what AMS on
 its own mass, credit and segments keeps (as the reference, which selects per head). Then
-:func:`place_rows` maps those per-row sets onto ``budget`` cells.
+:func:`place_rows` maps those per-row sets onto ``budget`` cells, and :func:`most_kept` sums
+them up as one token set (for an event's hook).
 
 Inputs are [R, T] over the T candidate cells (in cell-label order): each row's scores, the
 position of the token the row holds there (``row_positions``; rows may differ), and the mass of
@@ -181,17 +182,43 @@ class RowAMSSelector:
         self.credit.credit = arrays["credit_val"].astype(np.float64)[order]
 
 
+def most_kept(kept: np.ndarray, protected: np.ndarray, tie_scores: np.ndarray) -> np.ndarray:
+    """[T] bool: one token set that sums up per-row sets ``kept`` [R, T] of B tokens each: the
+    protected tokens, then the B - n_protected that the most rows keep (ties: higher ``tie_scores``
+    [T], then the earlier token). What an event reports to its hook, as token mode does."""
+    kept = np.asarray(kept, dtype=bool)
+    prot = np.asarray(protected, dtype=bool)
+    B = int(kept[0].sum()) if kept.shape[0] else 0
+    votes = kept.sum(axis=0)
+    s = np.nan_to_num(np.asarray(tie_scores, dtype=np.float64), nan=-np.inf)
+    free = np.flatnonzero(~prot)
+    order = np.lexsort((free, -s[free], -votes[free]))
+    out = prot.copy()
+    out[free[order[: B - int(prot.sum())]]] = True
+    return out
+
+
 def place_rows(
-    kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarray, tie_scores: np.ndarray
+    kept: np.ndarray, protected: np.ndarray, row_positions: np.ndarray, cell_index: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map per-row token sets onto cells: (dst [B] cell indices into T, src [R, B]).
 
-    ``kept`` [R, T]: B tokens per row. The B destination cells are the protected ones, then those
-    whose own token the most rows keep (ties: higher ``tie_scores`` [T], then the earlier cell),
-    which leaves the most rows in place. Row r of destination ``dst[j]`` then takes the row of
-    cell ``src[r, j]`` (-1: it already holds a token the row keeps). A row's kept tokens that sit
-    in cells outside ``dst`` fill its free destinations in position order, so within a row the
-    cell order follows the text wherever the row moved anything. Protected tokens never move.
+    ``kept`` [R, T]: B tokens per row. The B destination cells are the protected ones, then the
+    highest in the cache (``cell_index`` [T]: each candidate's KV cell; ties: the earlier
+    candidate), so the freed cells are the lowest. Row r of destination ``dst[j]`` then takes the
+    row of cell ``src[r, j]`` (-1: it already holds a token the row keeps). A row's kept tokens
+    that sit in cells outside ``dst`` fill its free destinations in position order, so within a
+    row the cell order follows the text wherever the row moved anything. Protected tokens never
+    move.
+
+    Why the highest cells: llama.cpp's CPU flash attention splits a decode's cells into one equal
+    range per thread, and new tokens fill the lowest free cells. Freeing the lowest cells keeps
+    those ranges as balanced as StreamingLLM's, which evicts the oldest tokens from the lowest
+    cells. Keeping the cells most rows keep instead (the fewest moves) left one thread with ~20%
+    more cells than the other: on SmolLM2 with 2 threads, TOVA+AMS's steps after an event took
+    1.06x StreamingLLM's, and 1.00x with this placement (BENCHMARKS.md §9.4). The moves are
+    byte copies: the placement changes no attention weight or value, only the order in which
+    llama.cpp sums over the cells.
     """
     kept = np.asarray(kept, dtype=bool)
     R, T = kept.shape
@@ -201,10 +228,8 @@ def place_rows(
     prot = np.asarray(protected, dtype=bool)
     if (~kept[:, prot]).any():
         raise ValueError("a row dropped a protected token")
-    votes = kept.sum(axis=0)
-    s = np.nan_to_num(np.asarray(tie_scores, dtype=np.float64), nan=-np.inf)
     free = np.flatnonzero(~prot)
-    order = np.lexsort((free, -s[free], -votes[free]))
+    order = np.argsort(-np.asarray(cell_index, dtype=np.int64)[free], kind="stable")
     in_dst = prot.copy()
     in_dst[free[order[: B - int(prot.sum())]]] = True
     dst = np.flatnonzero(in_dst)
