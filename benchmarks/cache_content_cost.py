@@ -6,10 +6,14 @@ compressing and observing and decode the same tokens, alternating step by step. 
 in llama.cpp's decode of the cache's contents (which tokens, in which cells), not in the
 controller.
 
+``halves``: how each session's visible cells split between the two threads' ranges of ggml's
+split-KV flash attention, through the interval after an event.
+
 ``flash-attn``: each method twice, flash attention on and off, as sessions (budget 256) taking
 turns to generate N tokens per round, the order rotated every round, events included.
 
     .venv/bin/python benchmarks/cache_content_cost.py [content] [--flash-attn auto|on|off] [--kv f16|f32|q8_0|K/V]
+    .venv/bin/python benchmarks/cache_content_cost.py halves [--granularity head|token]
     .venv/bin/python benchmarks/cache_content_cost.py flash-attn [--model GGUF] [--methods a,b]
 """
 
@@ -77,6 +81,25 @@ def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
     )
 
 
+def halves_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
+    """How the visible cells split between the threads' ranges of ggml's split-KV flash attention
+    (2 threads, 512 cells: 0-255 and 256-511), every 32 steps of the interval after an event."""
+    cp = ContextParams(n_threads=2, flash_attn=a.flash_attn)
+    print(f"visible cells in cells 0-255 / 256-511, every 32 steps after an event; granularity {a.granularity}")
+    for name in ("streaming", "ams-tova"):
+        s = session(model, name, cp, toks[:512], interval=128, granularity=a.granularity)
+        for _ in s.generate([], 300, ignore_eos=True):
+            if s.n_occupied <= 257 and s.stats.compressions >= 3:
+                break
+        counts = []
+        for i, t in enumerate(toks[1000:1128]):
+            if i % 32 == 0:
+                occ = s.view.cell_pos(0) >= 0
+                counts.append(f"{int(occ[:256].sum())}/{int(occ[256:512].sum())}")
+            s.gen.eval([t])
+        print(f"  {name:10s} " + "  ".join(counts))
+
+
 def flash_attn_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
     sessions = {}
     for method in a.methods.split(","):
@@ -104,7 +127,7 @@ def flash_attn_table(model: Model, toks: list[int], a: argparse.Namespace) -> No
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("table", nargs="?", choices=("content", "flash-attn"), default="content")
+    ap.add_argument("table", nargs="?", choices=("content", "halves", "flash-attn"), default="content")
     ap.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--flash-attn", default="auto", help="content: the sessions' flash attention")
     ap.add_argument("--kv", default="f16", help="content: the K/V cache type (K/V: two types)")
@@ -119,7 +142,7 @@ def main() -> None:
     docs = os.path.join(ROOT, "..", "shared", "data", "longdocs")
     with open(os.path.join(docs, sorted(os.listdir(docs))[0]), encoding="utf-8") as f:
         toks = model.tokenize(f.read()[:20000])
-    (content_table if a.table == "content" else flash_attn_table)(model, toks, a)
+    {"content": content_table, "halves": halves_table, "flash-attn": flash_attn_table}[a.table](model, toks, a)
 
 
 if __name__ == "__main__":
