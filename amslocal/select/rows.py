@@ -192,9 +192,13 @@ def most_kept(kept: np.ndarray, protected: np.ndarray, tie_scores: np.ndarray) -
     votes = kept.sum(axis=0)
     s = np.nan_to_num(np.asarray(tie_scores, dtype=np.float64), nan=-np.inf)
     free = np.flatnonzero(~prot)
-    order = np.lexsort((free, -s[free], -votes[free]))
-    out = prot.copy()
-    out[free[order[: B - int(prot.sum())]]] = True
+    return _protected_then(prot, free[np.lexsort((free, -s[free], -votes[free]))], B)
+
+
+def _protected_then(protected: np.ndarray, ranked: np.ndarray, B: int) -> np.ndarray:
+    """[T] bool: the protected tokens, then the first of ``ranked`` (unprotected indices), B in all."""
+    out = protected.copy()
+    out[ranked[: B - int(protected.sum())]] = True
     return out
 
 
@@ -229,9 +233,7 @@ def place_rows(
     if (~kept[:, prot]).any():
         raise ValueError("a row dropped a protected token")
     free = np.flatnonzero(~prot)
-    order = np.argsort(-np.asarray(cell_index, dtype=np.int64)[free], kind="stable")
-    in_dst = prot.copy()
-    in_dst[free[order[: B - int(prot.sum())]]] = True
+    in_dst = _protected_then(prot, free[np.argsort(-np.asarray(cell_index, dtype=np.int64)[free], kind="stable")], B)
     dst = np.flatnonzero(in_dst)
     slot_of = np.full(T, -1, dtype=np.int64)
     slot_of[dst] = np.arange(B)
