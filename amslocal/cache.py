@@ -316,13 +316,14 @@ class CacheView:
         from_cells = src[moving]
         to_cells = dst[j_idx]
         rows[l_idx, h_idx, to_cells] = rows[l_idx, h_idx, from_cells]
-        # the evidence a row gathered goes with its token (H2O's totals; the window restarts anyway)
-        for li, il in enumerate(layers):
-            sel = l_idx == li
-            if not sel.any():
-                continue
-            for acc in (self._evidence_total[il], self._window_base[il]):
-                acc[h_idx[sel], to_cells[sel]] = acc[h_idx[sel], from_cells[sel]]
+        # the evidence a row gathered goes with its token (H2O's totals; the window restarts
+        # anyway): one fancy index per accumulator group, not per layer (~0.4 ms of SmolLM2's event)
+        group, row = np.array([self._group_of[il] for il in layers], dtype=np.int64).T
+        for g in np.unique(group[l_idx]):
+            sel = group[l_idx] == g
+            j, h, to, fr = row[l_idx[sel]], h_idx[sel], to_cells[sel], from_cells[sel]
+            for acc in (self._groups[g][2], self._window_base_groups[g]):
+                acc[j, h, to] = acc[j, h, fr]
 
     # --- evidence -----------------------------------------------------------------------------
 
