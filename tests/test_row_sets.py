@@ -25,6 +25,7 @@ def _gen(model, fa="on", tk="f16", tv="f16") -> Generator:
     )
 
 
+@pytest.mark.parametrize("backend_io", ["0", "1"])
 @pytest.mark.parametrize(
     "fa,tk,tv",
     [
@@ -35,10 +36,12 @@ def _gen(model, fa="on", tk="f16", tv="f16") -> Generator:
         ("off", "q8_0", "f32"),
     ],
 )
-def test_move_rows_copies_each_row_exactly(tiny_model, fa, tk, tv):
+def test_move_rows_copies_each_row_exactly(tiny_model, monkeypatch, fa, tk, tv, backend_io):
     """After a move every (layer, KV head) row of a destination cell equals its source row exactly
     (quantized K is read through the Hadamard un-rotation; V transposed when flash attention is off);
-    every other row is untouched, and the row map follows."""
+    every other row is untouched, and the row map follows. A CPU cache moves its rows in place;
+    LLAMA_AMS_BACKEND_READS=1 sends the moves (and reads) through the backend API, as a GPU's go."""
+    monkeypatch.setenv("LLAMA_AMS_BACKEND_READS", backend_io)
     g = _gen(tiny_model, fa, tk, tv)
     g.eval(tiny_model.tokenize(TEXT)[:60])
     v = g.view
@@ -281,6 +284,32 @@ def test_fill_holes_matches_reference(seed):
     np.testing.assert_array_equal(
         K.fill_holes(kept, in_dst, pos, slot_of), K.fill_holes_ref(kept, in_dst, pos, slot_of)
     )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_in_order_matches_reference(seed):
+    from amslocal.select import kernels as K
+
+    rng = np.random.default_rng(seed)
+    R, T = int(rng.integers(1, 8)), int(rng.integers(1, 300))
+    pos = np.stack([rng.permutation(T) for _ in range(R)]).astype(np.int64)
+    pos[:, : T // 4] = 3  # ties: the stable order decides
+    order = K.rows_in_order(pos)
+    np.testing.assert_array_equal(order, K.rows_in_order_ref(pos))
+    x = rng.random((R, T))
+    np.testing.assert_array_equal(K.take_rows(x, order), K.take_rows_ref(x, order))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_match_matches_reference(seed):
+    from amslocal.select import kernels as K
+
+    rng = np.random.default_rng(seed)
+    table = np.sort(rng.choice(1000, int(rng.integers(0, 200)), replace=False)).astype(np.int64)
+    keys = np.sort(rng.choice(1000, int(rng.integers(0, 200)), replace=False)).astype(np.int64)
+    got = K.sorted_match(keys, table)
+    np.testing.assert_array_equal(got, K.sorted_match_ref(keys, table))
+    assert (got >= 0).sum() == np.intersect1d(keys, table).size
 
 
 def test_place_rows_keeps_every_row_set():

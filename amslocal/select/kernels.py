@@ -15,6 +15,9 @@ Inputs are contiguous float64 / int64 / bool arrays so that every kernel compile
   segments and quotas; returns how many rows keep each token (the voting selector's tally).
 - :func:`row_keep`: the same, returning each row's kept mask (per-row token sets).
 - :func:`fill_holes`: which cell's row moves into each destination cell (per-row token sets).
+- :func:`rows_in_order`: each row's own position order, and :func:`take_rows` to gather by it
+  (per-row token sets).
+- :func:`sorted_match`: where each of one sorted array's keys sits in another (the row credit).
 """
 
 from __future__ import annotations
@@ -593,6 +596,70 @@ def fill_holes_ref(kept: np.ndarray, in_dst: np.ndarray, row_positions: np.ndarr
     return src
 
 
+# --- per-row bookkeeping ---------------------------------------------------------------------
+
+
+@compute_threads.parallel_kernel
+@numba.njit(cache=True, parallel=True)
+def rows_in_order(positions: np.ndarray) -> np.ndarray:
+    """order [R, T]: ``positions[r, order[r]]`` ascends (stable), every row sorted alone.
+
+    One row's positions are mostly in order already (the cells follow the text); numpy's argsort
+    over [R, T] plus the inverse permutation took ~0.5 ms of a SmolLM2 event (90 rows)."""
+    R, T = positions.shape
+    order = np.empty((R, T), dtype=np.int64)
+    for r in numba.prange(R):
+        order[r] = np.argsort(positions[r], kind="mergesort")
+    return order
+
+
+def rows_in_order_ref(positions: np.ndarray) -> np.ndarray:
+    """Reference of :func:`rows_in_order`."""
+    return np.argsort(positions, axis=1, kind="stable")
+
+
+@numba.njit(cache=True)
+def take_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """out[r, i] = x[r, order[r, i]] (x [R, T]; ``np.take_along_axis`` builds two index arrays
+    first, ~90 us for SmolLM2's 90 x 288 where this takes ~10)."""
+    R, T = order.shape
+    out = np.empty((R, T), dtype=x.dtype)
+    for r in range(R):
+        for i in range(T):
+            out[r, i] = x[r, order[r, i]]
+    return out
+
+
+def take_rows_ref(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Reference of :func:`take_rows`."""
+    return np.take_along_axis(x, order, axis=1)
+
+
+@numba.njit(cache=True)
+def sorted_match(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """For ``keys`` and ``table`` both ascending (int64, no repeats in ``table``): at[i] = the
+    index j with table[j] == keys[i], or -1. One merge, O(len(keys) + len(table)), where two
+    binary searches over 26,000 keys took ~0.6 ms of a SmolLM2 event (the per-row credit)."""
+    at = np.full(keys.shape[0], -1, dtype=np.int64)
+    j = 0
+    n = table.shape[0]
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        while j < n and table[j] < k:
+            j += 1
+        if j < n and table[j] == k:
+            at[i] = j
+    return at
+
+
+def sorted_match_ref(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Reference of :func:`sorted_match` with a binary search per key."""
+    if table.size == 0:
+        return np.full(keys.shape[0], -1, dtype=np.int64)
+    i = np.minimum(np.searchsorted(table, keys), table.size - 1)
+    return np.where(table[i] == keys, i, -1).astype(np.int64)
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     m = np.full(8, 1.0 / 8)
@@ -607,3 +674,7 @@ def warmup() -> None:
     fill_holes(
         np.ones((1, 2), dtype=np.bool_), np.ones(2, dtype=np.bool_), np.zeros((1, 2), dtype=np.int64), np.arange(2)
     )
+    order = rows_in_order(np.zeros((1, 2), dtype=np.int64))
+    for dtype in (np.float64, np.int64, np.bool_):
+        take_rows(np.zeros((1, 2), dtype=dtype), order)
+    sorted_match(np.arange(2), np.arange(3))

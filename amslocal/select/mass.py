@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .kernels import window_evidence, window_evidence_rows
+from .kernels import sorted_match, window_evidence, window_evidence_rows
 
 EPS = 1e-12
 
@@ -273,9 +273,11 @@ class RowsCreditState:
         q = self._keys(pos)
         out = np.zeros(q.shape[0])
         if self.keys.size and q.size and self.rows == pos.shape[0]:
-            i = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
-            hit = self.keys[i] == q
-            out[hit] = self.credit[i[hit]]
+            if (np.diff(q) <= 0).any():  # each row ascending: keys then ascend overall
+                raise ValueError("each row's positions must ascend")
+            at = sorted_match(q, self.keys)
+            hit = at >= 0
+            out[hit] = self.credit[at[hit]]
         return out.reshape(pos.shape)
 
     def mix(self, positions: np.ndarray, mass: np.ndarray) -> np.ndarray:
@@ -291,13 +293,8 @@ class RowsCreditState:
         kept = np.asarray(kept_positions, dtype=np.int64)
         if self.rows and kept.shape[0] != self.rows:
             raise ValueError(f"{kept.shape[0]} rows kept, {self.rows} held")
-        # membership by binary search in the sorted kept keys (np.isin hashes both arrays: ~10x slower)
-        kept_keys = np.sort(self._keys(kept))
-        if kept_keys.size == 0:
-            sel = np.zeros(self.keys.size, dtype=bool)
-        else:
-            i = np.minimum(np.searchsorted(kept_keys, self.keys), kept_keys.size - 1)
-            sel = kept_keys[i] == self.keys
+        # membership by one merge with the sorted kept keys (np.isin hashes both arrays: ~10x slower)
+        sel = sorted_match(self.keys, np.sort(self._keys(kept))) >= 0
         self.keys, self.credit = self.keys[sel], self.credit[sel]
         self.rows = kept.shape[0]
 

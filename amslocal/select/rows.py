@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from .ams import AMSParams
-from .kernels import fill_holes, row_keep
+from .kernels import fill_holes, row_keep, rows_in_order, take_rows
 from .mass import _ROW_KEY, RowsCreditState, row_evidence_mass, to_mass_rows
 
 
@@ -42,12 +42,16 @@ def _checked(
     return np.where(np.isnan(s), -np.inf, s), prot, pos, keep
 
 
-def _in_row_order(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, inverse): ``x[r, order[r]]`` is row r in its own position order."""
-    order = np.argsort(pos, axis=1, kind="stable")
-    inverse = np.empty_like(order)
-    np.put_along_axis(inverse, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
-    return order, inverse
+def _in_row_order(pos: np.ndarray) -> np.ndarray:
+    """order: ``x[r, order[r]]`` is row r in its own position order."""
+    return rows_in_order(np.ascontiguousarray(pos, dtype=np.int64))
+
+
+def _in_cell_order(x_sorted: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_in_row_order`'s gather: ``out[r, order[r]] = x_sorted[r]``."""
+    out = np.empty_like(x_sorted)
+    np.put_along_axis(out, order, x_sorted, axis=1)
+    return out
 
 
 @dataclass
@@ -68,12 +72,12 @@ class RowTopKSelector:
         """Kept mask [R, T], exactly min(budget, T) per row."""
         s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
         R, T = s.shape
-        order, inverse = _in_row_order(pos)
+        order = _in_row_order(pos)
         key = np.where(prot[order], np.inf, np.take_along_axis(s, order, axis=1))
         best = np.argsort(-key, axis=1, kind="stable")[:, :keep]  # stable: ties to the earlier position
         kept_sorted = np.zeros((R, T), dtype=bool)
         np.put_along_axis(kept_sorted, best, True, axis=1)
-        return np.take_along_axis(kept_sorted, inverse, axis=1)
+        return _in_cell_order(kept_sorted, order)
 
     def reset(self) -> None:
         """Nothing to forget."""
@@ -118,9 +122,9 @@ class RowAMSSelector:
         p = self.params
         s, prot, pos, keep = _checked(row_scores, budget, protected, row_positions)
         R, T = s.shape
-        order, inverse = _in_row_order(pos)
-        s_r = np.ascontiguousarray(np.take_along_axis(s, order, axis=1))
-        pos_r = np.take_along_axis(pos, order, axis=1)
+        order = _in_row_order(pos)
+        s_r = take_rows(np.ascontiguousarray(s), order)
+        pos_r = take_rows(np.ascontiguousarray(pos), order)
         prot_r = np.ascontiguousarray(prot[order])
         if self.credit.rows not in (0, R):
             self.credit.reset()
@@ -130,7 +134,7 @@ class RowAMSSelector:
             m = np.nan_to_num(np.asarray(row_mass, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
             if m.shape != (R, T):
                 raise ValueError(f"row_mass must be [{R}, {T}], got shape {m.shape}")
-            used = self.credit.mix(pos_r, to_mass_rows(np.take_along_axis(m, order, axis=1)))
+            used = self.credit.mix(pos_r, to_mass_rows(take_rows(np.ascontiguousarray(m), order)))
         kept_r = row_keep(
             s_r,
             np.ascontiguousarray(used),
@@ -142,7 +146,7 @@ class RowAMSSelector:
             int(p.min_keep_per_segment),
         )
         self.credit.keep(pos_r[kept_r].reshape(R, keep))  # each row keeps exactly ``keep``, ascending
-        return np.take_along_axis(kept_r, inverse, axis=1)
+        return _in_cell_order(kept_r, order)
 
     def reset(self) -> None:
         """Forget the credit (a new sequence)."""
