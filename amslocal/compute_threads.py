@@ -44,22 +44,60 @@ R = TypeVar("R")
 
 def _find_blas() -> Optional[tuple[Callable[[int], None], Callable[[], int]]]:
     """numpy's bundled OpenBLAS's (set, get) thread count, or None (another BLAS: left as it is)."""
+    for lib in _blas_libraries():
+        for prefix in _BLAS_PREFIXES:
+            for suffix in _BLAS_SUFFIXES:
+                set_n = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+                get_n = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                if set_n is not None and get_n is not None:
+                    set_n.argtypes, set_n.restype = [ctypes.c_int], None
+                    get_n.argtypes, get_n.restype = [], ctypes.c_int
+                    return set_n, get_n
+    return None
+
+
+def _blas_libraries() -> Iterable[ctypes.CDLL]:
+    """numpy's bundled OpenBLAS (already loaded by numpy: the same handle), where it has one."""
     root = os.path.dirname(np.__file__)
     for d in (os.path.join(os.path.dirname(root), "numpy.libs"), os.path.join(root, ".dylibs")):
         for path in sorted(glob.glob(os.path.join(d, "*openblas*"))):
             try:
-                lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
+                yield ctypes.CDLL(path)
             except OSError:
                 continue
-            for prefix in _BLAS_PREFIXES:
-                for suffix in _BLAS_SUFFIXES:
-                    set_n = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
-                    get_n = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
-                    if set_n is not None and get_n is not None:
-                        set_n.argtypes, set_n.restype = [ctypes.c_int], None
-                        get_n.argtypes, get_n.restype = [], ctypes.c_int
-                        return set_n, get_n
+
+
+def _find_sgemm() -> Optional[Callable[..., None]]:
+    """numpy's OpenBLAS ``cblas_sgemm`` as a ctypes function that Numba kernels can call, or None
+    (another BLAS, or the variable ``AMSLOCAL_KERNEL_BLAS=0``). Its integers are 64-bit wherever
+    the symbol's name says so (numpy 2's ILP64 build) and C ints elsewhere."""
+    if os.environ.get("AMSLOCAL_KERNEL_BLAS", "1") == "0":
+        return None
+    for lib in _blas_libraries():
+        for prefix in ("scipy_", ""):
+            for suffix in _BLAS_SUFFIXES:
+                fn = getattr(lib, f"{prefix}cblas_sgemm{suffix}", None)
+                if fn is None:
+                    continue
+                i = ctypes.c_int64 if "64" in suffix else ctypes.c_int
+                p, e = ctypes.c_void_p, ctypes.c_int
+                fn.argtypes = [e, e, e, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+                fn.restype = None
+                return fn
     return None
+
+
+def kernel_sgemm() -> Optional[Callable[..., None]]:
+    """numpy's BLAS single-precision product for Numba kernels to call from each of their threads
+    (:func:`_find_sgemm`), or None. BLAS runs on one thread (:func:`use`), so a call from a
+    kernel thread stays on that thread: an event's products then run on the decode's own OpenMP
+    team, where numpy's matmul would use one core (its own pool would spin after each product)."""
+    if _blas() is None:  # a BLAS whose threads cannot be pinned to one: not from kernel threads
+        return None
+    with _lock:
+        if "sgemm" not in _state:
+            _state["sgemm"] = _find_sgemm()
+        return _state["sgemm"]
 
 
 def _blas():

@@ -27,6 +27,20 @@ def close(a, b, what=""):
 # --- the kernel ------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel-blas", "numpy-matmul"])
+def products(request, monkeypatch):
+    """Both ways to the logits: BLAS called from the Numba kernel's threads, and numpy's matmul
+    (where numpy's BLAS is not OpenBLAS)."""
+    from amslocal import compute_threads
+
+    if request.param == "kernel-blas":
+        if compute_threads.kernel_sgemm() is None:
+            pytest.skip("numpy's BLAS here has no cblas_sgemm to call from kernels")
+    else:
+        monkeypatch.setattr(compute_threads, "kernel_sgemm", lambda: None)
+    return request.param
+
+
 def _random_case(rng, min_queries):
     """Random shapes, positions out of order, empty cells (-1), sliding windows:
     (q [W, H*G, d], k [n, H, d], q_pos, k_pos, n_swa)."""
@@ -41,7 +55,7 @@ def _random_case(rng, min_queries):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_kernel_matches_numpy_reference(seed):
+def test_kernel_matches_numpy_reference(seed, products):
     """Random shapes, positions out of order, empty cells (-1), sliding windows."""
     q, k, q_pos, k_pos, n_swa = _random_case(np.random.default_rng(seed), min_queries=1)
     out = attention_per_query(q, k, q_pos, k_pos, 0.3, n_swa)
@@ -50,7 +64,7 @@ def test_kernel_matches_numpy_reference(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_query_attention_adds_each_run_of_queries_into_its_cells(seed):
+def test_query_attention_adds_each_run_of_queries_into_its_cells(seed, products):
     """What an event adds to the evidence: the sums over queries t0..t1 of the reference
     attention, landing in the key's own cell of a wider array (float32 and float64)."""
     rng = np.random.default_rng(100 + seed)
