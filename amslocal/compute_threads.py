@@ -89,10 +89,10 @@ def _find_sgemm() -> Optional[Callable[..., None]]:
 
 def kernel_sgemm() -> Optional[Callable[..., None]]:
     """numpy's BLAS single-precision product for Numba kernels to call from each of their threads
-    (:func:`_find_sgemm`), or None. BLAS runs on one thread (:func:`use`), so a call from a
-    kernel thread stays on that thread: an event's products then run on the decode's own OpenMP
+    (:func:`_find_sgemm`), or None until :func:`use` has put BLAS on one thread. Then a call from
+    a kernel thread stays on that thread: an event's products run on the decode's own OpenMP
     team, where numpy's matmul would use one core (its own pool would spin after each product)."""
-    if _blas() is None:  # a BLAS whose threads cannot be pinned to one: not from kernel threads
+    if not _state["blas_pinned"] or _blas() is None:  # BLAS not (or not known to be) on one thread
         return None
     with _lock:
         if "sgemm" not in _state:

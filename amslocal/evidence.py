@@ -274,6 +274,8 @@ class QueryAttention:
 
 def warmup() -> None:
     """Compile (or load from cache) the kernels on tiny inputs, so no event pays for it."""
+    compute_threads.use(numba.get_num_threads())  # BLAS on one thread, as at an event: its kernel
+    _mask_shift(np.zeros((1, 1, 1, 3), np.float32), np.array([2]), np.array([0, 1, 2]), 0)  # no kernel BLAS
     k = np.ones((3, 1, 4), np.float32)
     for writeable in (True, False):  # the cache view hands out its key reads read-only
         k.flags.writeable = writeable

@@ -4,6 +4,7 @@ eviction, compaction and per-row moves, across a save/load in the middle of a wi
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from conftest import DEFAULT_MODEL
@@ -34,6 +35,9 @@ def products(request, monkeypatch):
     from amslocal import compute_threads
 
     if request.param == "kernel-blas":
+        # what a session's event does first (BLAS on one thread), with every core, so that the
+        # kernel's threads call BLAS at once
+        compute_threads.use(numba.config.NUMBA_NUM_THREADS)
         if compute_threads.kernel_sgemm() is None:
             pytest.skip("numpy's BLAS here has no cblas_sgemm to call from kernels")
     else:
