@@ -27,6 +27,13 @@ _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
 
 
+@numba.njit(cache=True, inline="always")
+def _sees(q_pos: int, k_pos: int, n_swa: int) -> bool:
+    """Whether a query at ``q_pos`` sees a key at ``k_pos`` (< 0: no token): causal, and inside
+    llama.cpp's standard sliding window when ``n_swa`` > 0."""
+    return k_pos >= 0 and k_pos <= q_pos and (n_swa <= 0 or q_pos - k_pos < n_swa)
+
+
 @compute_threads.parallel_kernel
 @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
 def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa: int) -> None:
@@ -37,8 +44,7 @@ def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa:
         p = q_pos[t]
         visible = np.empty(n, dtype=np.bool_)
         for j in range(n):
-            kp = k_pos[j]
-            visible[j] = kp >= 0 and kp <= p and (n_swa <= 0 or p - kp < n_swa)
+            visible[j] = _sees(p, k_pos[j], n_swa)
         for h in range(H):
             for g in range(G):
                 row = logits[h, t, g]
@@ -142,12 +148,10 @@ def _attention_blocks(
             row = e[h, r]
             m = -np.inf
             for j in range(n):
-                kp = k_pos[j]
-                if kp >= 0 and kp <= p and (n_swa <= 0 or p - kp < n_swa):
-                    if row[j] > m:
-                        m = row[j]
-                else:
+                if not _sees(p, k_pos[j], n_swa):
                     row[j] = -np.inf
+                elif row[j] > m:
+                    m = row[j]
             if m == -np.inf:  # sees nothing
                 row[:] = 0.0
                 inv[h, r] = 0.0
@@ -320,7 +324,8 @@ class QueryAttention:
 def warmup() -> None:
     """Compile (or load from cache) the kernels on tiny inputs, so no event pays for it."""
     compute_threads.use(numba.get_num_threads())  # BLAS on one thread, as at an event: its kernel
-    _mask_shift(np.zeros((1, 1, 1, 3), np.float32), np.array([2]), np.array([0, 1, 2]), 0)  # no kernel BLAS
+    # the path without kernel BLAS (numpy's products) too
+    _mask_shift(np.zeros((1, 1, 1, 3), np.float32), np.array([2]), np.array([0, 1, 2]), 0)
     k = np.ones((3, 1, 4), np.float32)
     for writeable in (True, False):  # the cache view hands out its key reads read-only
         k.flags.writeable = writeable

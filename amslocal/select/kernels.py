@@ -602,10 +602,9 @@ def fill_holes_ref(kept: np.ndarray, in_dst: np.ndarray, row_positions: np.ndarr
 @compute_threads.parallel_kernel
 @numba.njit(cache=True, parallel=True)
 def rows_in_order(positions: np.ndarray) -> np.ndarray:
-    """order [R, T]: ``positions[r, order[r]]`` ascends (stable), every row sorted alone.
-
-    One row's positions are mostly in order already (the cells follow the text); numpy's argsort
-    over [R, T] plus the inverse permutation took ~0.5 ms of a SmolLM2 event (90 rows)."""
+    """order [R, T]: ``positions[r, order[r]]`` ascends (stable), every row sorted alone, the rows
+    on the kernel's threads (90 shuffled rows of 288: 0.23 ms on 2 threads, numpy's stable
+    argsort over [R, T] 0.59 ms)."""
     R, T = positions.shape
     order = np.empty((R, T), dtype=np.int64)
     for r in numba.prange(R):
@@ -621,7 +620,7 @@ def rows_in_order_ref(positions: np.ndarray) -> np.ndarray:
 @numba.njit(cache=True)
 def take_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
     """out[r, i] = x[r, order[r, i]] (x [R, T]; ``np.take_along_axis`` builds two index arrays
-    first, ~90 us for SmolLM2's 90 x 288 where this takes ~10)."""
+    first: 63 us for SmolLM2's 90 x 288, where this takes 7)."""
     R, T = order.shape
     out = np.empty((R, T), dtype=x.dtype)
     for r in range(R):
