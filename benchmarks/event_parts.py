@@ -1,10 +1,11 @@
 """Where a compression event's time goes: ms per event for each part, one session.
 
     .venv/bin/python benchmarks/event_parts.py [--scorer tova] [--ams/--no-ams] [--granularity head]
-        [--interval 32] [--threads 2] [--model GGUF]
+        [--interval 32] [--threads 2] [--model GGUF] [--text longdoc|filler] [--warmup 256]
 
-Prefills 512 tokens of the first long document in ../shared/data/longdocs, decodes 256 tokens to
-settle in, then times every event of the next 1024 decoded tokens, and the session and cache-view
+Prefills 512 tokens of the first long document in ../shared/data/longdocs (or of ``bench
+speed``'s filler text), decodes ``--warmup`` tokens to settle in, then times every event of the
+next 1024 decoded tokens, and the session and cache-view
 methods it calls (each part's total over the events, divided by their number; parts nest, so
 they do not add up). ``AMSLOCAL_KERNEL_BLAS=0`` in the environment takes numpy's path to the
 evidence's products instead of BLAS from the kernels' threads. Run it alone on the machine.
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from amslocal import session as session_module  # noqa: E402
 from amslocal.backend import Model, SamplerParams  # noqa: E402
+from amslocal.bench.speed import filler_tokens  # noqa: E402
 from amslocal.config import CompressionConfig, ContextParams  # noqa: E402
 from amslocal.session import Session  # noqa: E402
 
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--interval", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", default="longdoc", choices=["longdoc", "filler"])
+    ap.add_argument("--warmup", type=int, default=256, help="tokens decoded before the timed ones")
     args = ap.parse_args()
 
     model = Model(args.model)
@@ -47,8 +51,8 @@ def main() -> None:
         budget=args.budget, interval=args.interval, scorer=args.scorer, ams=args.ams, granularity=args.granularity
     )
     s = Session(model, cfg, ContextParams(n_threads=args.threads), SamplerParams(temp=0))
-    s.prefill(model.tokenize(text)[:512])
-    for _ in s.generate([], 256, ignore_eos=True):
+    s.prefill(filler_tokens(model, 512) if args.text == "filler" else model.tokenize(text)[:512])
+    for _ in s.generate([], args.warmup, ignore_eos=True):
         pass
 
     spent: dict[str, list[float]] = collections.defaultdict(list)
