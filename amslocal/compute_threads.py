@@ -31,6 +31,9 @@ from typing import Callable, Iterable, Optional, TypeVar
 import numba
 import numpy as np
 
+# cblas.h's CBLAS_ORDER, CBLAS_TRANSPOSE and CBLAS_UPLO values, for the kernels that call BLAS
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, CBLAS_UPPER = 101, 111, 112, 121
+
 # OpenBLAS's thread count under the names numpy's wheels export it (scipy-openblas, 64-bit ints or not)
 _BLAS_PREFIXES = ("scipy_openblas_", "openblas_")
 _BLAS_SUFFIXES = ("64_", "_64_", "")
@@ -67,37 +70,57 @@ def _blas_libraries() -> Iterable[ctypes.CDLL]:
                 continue
 
 
-def _find_sgemm() -> Optional[Callable[..., None]]:
-    """numpy's OpenBLAS ``cblas_sgemm`` as a ctypes function that Numba kernels can call, or None
-    (another BLAS, or the variable ``AMSLOCAL_KERNEL_BLAS=0``). Its integers are 64-bit wherever
-    the symbol's name says so (numpy 2's ILP64 build) and C ints elsewhere."""
+def _find_cblas(name: str, args: Callable[[type], list]) -> Optional[Callable[..., None]]:
+    """numpy's OpenBLAS ``cblas_<name>`` as a ctypes function that Numba kernels can call, or None
+    (another BLAS, or the variable ``AMSLOCAL_KERNEL_BLAS=0``). ``args(int_type)``: its argument
+    types, its integers 64-bit wherever the symbol's name says so (numpy 2's ILP64 build) and C
+    ints elsewhere."""
     if os.environ.get("AMSLOCAL_KERNEL_BLAS", "1") == "0":
         return None
     for lib in _blas_libraries():
         for prefix in ("scipy_", ""):
             for suffix in _BLAS_SUFFIXES:
-                fn = getattr(lib, f"{prefix}cblas_sgemm{suffix}", None)
-                if fn is None:
-                    continue
-                i = ctypes.c_int64 if "64" in suffix else ctypes.c_int
-                p, e = ctypes.c_void_p, ctypes.c_int
-                fn.argtypes = [e, e, e, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
-                fn.restype = None
-                return fn
+                fn = getattr(lib, f"{prefix}cblas_{name}{suffix}", None)
+                if fn is not None:
+                    fn.argtypes = args(ctypes.c_int64 if "64" in suffix else ctypes.c_int)
+                    fn.restype = None
+                    return fn
     return None
+
+
+def _sgemm_args(i: type) -> list:
+    """cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)"""
+    e, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    return [e, e, e, i, i, i, f, p, i, p, i, f, p, i]
+
+
+def _ssyrk_args(i: type) -> list:
+    """cblas_ssyrk(order, uplo, trans, n, k, alpha, a, lda, beta, c, ldc)"""
+    e, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    return [e, e, e, i, i, f, p, i, f, p, i]
+
+
+def _kernel_blas(name: str, args: Callable[[type], list]) -> Optional[Callable[..., None]]:
+    if not _state["blas_pinned"] or _blas() is None:  # BLAS not (or not known to be) on one thread
+        return None
+    with _lock:
+        if name not in _state:
+            _state[name] = _find_cblas(name, args)
+        return _state[name]
 
 
 def kernel_sgemm() -> Optional[Callable[..., None]]:
     """numpy's BLAS single-precision product for Numba kernels to call from each of their threads
-    (:func:`_find_sgemm`), or None until :func:`use` has put BLAS on one thread. Then a call from
+    (:func:`_find_cblas`), or None until :func:`use` has put BLAS on one thread. Then a call from
     a kernel thread stays on that thread: an event's products run on the decode's own OpenMP
     team, where numpy's matmul would use one core (its own pool would spin after each product)."""
-    if not _state["blas_pinned"] or _blas() is None:  # BLAS not (or not known to be) on one thread
-        return None
-    with _lock:
-        if "sgemm" not in _state:
-            _state["sgemm"] = _find_sgemm()
-        return _state["sgemm"]
+    return _kernel_blas("sgemm", _sgemm_args)
+
+
+def kernel_ssyrk() -> Optional[Callable[..., None]]:
+    """numpy's BLAS ``C = alpha A^T A + beta C`` (one triangle of C) for Numba kernels, as
+    :func:`kernel_sgemm`: half the arithmetic of the product."""
+    return _kernel_blas("ssyrk", _ssyrk_args)
 
 
 def _blas():

@@ -23,8 +23,11 @@ from . import compute_threads
 
 # fast math without the no-NaN/no-Inf assumptions (the kernel never makes either)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-# cblas.h's CBLAS_ORDER and CBLAS_TRANSPOSE values
-_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = (
+    compute_threads.CBLAS_ROW_MAJOR,
+    compute_threads.CBLAS_NO_TRANS,
+    compute_threads.CBLAS_TRANS,
+)
 
 
 @numba.njit(cache=True, inline="always")

@@ -42,3 +42,23 @@ def smollm2_model():
     from amslocal.backend import Model
 
     return Model(DEFAULT_MODEL)
+
+
+@pytest.fixture(params=["kernel-blas", "numpy-matmul"])
+def products(request, monkeypatch):
+    """Both ways to the controller's products: BLAS called from the Numba kernels' threads, and
+    numpy's matmul (where numpy's BLAS is not OpenBLAS)."""
+    import numba
+
+    from amslocal import compute_threads
+
+    if request.param == "kernel-blas":
+        # what a session's event does first (BLAS on one thread), with every core, so that the
+        # kernel's threads call BLAS at once
+        compute_threads.use(numba.config.NUMBA_NUM_THREADS)
+        if compute_threads.kernel_sgemm() is None or compute_threads.kernel_ssyrk() is None:
+            pytest.skip("numpy's BLAS here has no cblas_sgemm and cblas_ssyrk to call from kernels")
+    else:
+        monkeypatch.setattr(compute_threads, "kernel_sgemm", lambda: None)
+        monkeypatch.setattr(compute_threads, "kernel_ssyrk", lambda: None)
+    return request.param

@@ -4,7 +4,6 @@ eviction, compaction and per-row moves, across a save/load in the middle of a wi
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from conftest import DEFAULT_MODEL
@@ -26,23 +25,6 @@ def close(a, b, what=""):
 
 
 # --- the kernel ------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["kernel-blas", "numpy-matmul"])
-def products(request, monkeypatch):
-    """Both ways to the logits: BLAS called from the Numba kernel's threads, and numpy's matmul
-    (where numpy's BLAS is not OpenBLAS)."""
-    from amslocal import compute_threads
-
-    if request.param == "kernel-blas":
-        # what a session's event does first (BLAS on one thread), with every core, so that the
-        # kernel's threads call BLAS at once
-        compute_threads.use(numba.config.NUMBA_NUM_THREADS)
-        if compute_threads.kernel_sgemm() is None:
-            pytest.skip("numpy's BLAS here has no cblas_sgemm to call from kernels")
-    else:
-        monkeypatch.setattr(compute_threads, "kernel_sgemm", lambda: None)
-    return request.param
 
 
 def _random_case(rng, min_queries):

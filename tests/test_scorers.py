@@ -181,7 +181,7 @@ def test_keydiff_lowest_score_on_the_mean_direction():
 
 
 @pytest.mark.parametrize("rope_type", [0, 2])
-def test_expected_attention_ranks_the_aligned_key_first(rope_type):
+def test_expected_attention_ranks_the_aligned_key_first(rope_type, products):
     """Queries all point one way (pre-RoPE u); the key aligned with u as the *future* queries will
     see it (rotated to around next_position) wins, not the one aligned with u itself, nor the one
     aligned with the observed queries as they were stored (post-RoPE)."""
@@ -240,7 +240,7 @@ def test_expected_attention_ranks_the_aligned_key_first(rope_type):
 
 
 @pytest.mark.parametrize("W", [5, 11])  # a window shorter and longer than the head (two code paths)
-def test_expected_attention_equals_direct_formula(W):
+def test_expected_attention_equals_direct_formula(W, products):
     li = layer(n_head=4, n_head_kv=2, d=6, rope_type=2, base=50.0, scale=0.7)
     rng = np.random.default_rng(8)
     T, nxt, n_future, n_sink = 9, 60, 8, 2
@@ -273,7 +273,44 @@ def test_expected_attention_equals_direct_formula(W):
     np.testing.assert_allclose(s, want, rtol=1e-6 if W <= 6 else 1e-5)
 
 
-def test_expected_attention_scores_the_same_on_two_threads():
+@pytest.mark.parametrize("seed", range(4))
+def test_expected_attention_kernel_equals_numpy_layers(seed, monkeypatch):
+    """The one-kernel path (every layer, BLAS from the kernel's threads) gives the numpy path's
+    scores: GQA groups, both RoPE layouts, two RoPE bases, sinks (none, some, every key), with
+    and without value norms."""
+    from amslocal import compute_threads
+    from amslocal.scorers import expected_attention
+
+    compute_threads.use(2)
+    if compute_threads.kernel_sgemm() is None or compute_threads.kernel_ssyrk() is None:
+        pytest.skip("numpy's BLAS here has no cblas_sgemm and cblas_ssyrk to call from kernels")
+    rng = np.random.default_rng(20 + seed)
+    H, G, d = int(rng.integers(1, 4)), int(rng.integers(1, 4)), 2 * int(rng.integers(2, 9))
+    T, W, L = int(rng.integers(1, 30)), d + int(rng.integers(1, 20)), int(rng.integers(2, 6))
+    rope_type = [0, 2][seed % 2]
+    layers = [layer(n_head=H * G, n_head_kv=H, d=d, rope_type=rope_type, base=[100.0, 1e4][l % 2]) for l in range(L)]
+    # queries with a mean and an uneven spread (isotropic ones would hide a wrong turn); the last W count
+    qs = [
+        (rng.normal(size=(W + 3, H * G, d)) * rng.uniform(0.2, 3, d) + rng.normal(size=d)).astype(np.float32)
+        for _ in layers
+    ]
+    ks = [rng.normal(size=(T, H, d)).astype(np.float32) for _ in layers]
+    vs = [rng.normal(size=(T, H, d)).astype(np.float32) for _ in layers]
+    scorer = ExpectedAttention(window=W, n_sink=[0, 4, 1, T + 1][seed], use_vnorm=bool(seed % 2))
+    case = inp(
+        T, layers, G, next_position=80, queries=qs, query_positions=np.arange(80 - W, 80),
+        keys=lambda l: ks[l], values=lambda l: vs[l],
+    )  # fmt: skip
+    ran = []
+    run = expected_attention.expected_attention_scores
+    monkeypatch.setattr(expected_attention, "expected_attention_scores", lambda *a: ran.append(run(*a)) or ran[-1])
+    kernel = scorer.score(case)
+    assert ran and ran[0] is not None  # the kernel took every layer
+    monkeypatch.setattr(compute_threads, "kernel_sgemm", lambda: None)
+    np.testing.assert_allclose(kernel, scorer.score(case), rtol=2e-5, atol=1e-9)
+
+
+def test_expected_attention_scores_the_same_on_two_threads(products):
     """Its layers run on the session's threads (compute_threads.map_layers): the same numbers."""
     from amslocal import compute_threads
 
@@ -420,7 +457,10 @@ def test_kernels_equal_references(seed):
     q = rng.normal(size=(n, 4, 8)).astype(np.float32)
     theta = rng.uniform(-50, 50, size=(n, F))
     r = rng.uniform(0.2, 1.0, size=(n, F))  # a factor that is no unit turn (a mean rotation)
-    for re, im in ((np.arange(0, 6, 2), np.arange(1, 6, 2)), (np.arange(3), np.arange(3, 6))):  # NORM, NEOX
+    # NORM (adjacent dims), NEOX (the halves), and any other pairing (the kernel's indexed loop)
+    layouts = (np.arange(0, 6, 2), np.arange(1, 6, 2)), (np.arange(3), np.arange(3, 6)), ([4, 0, 2], [7, 1, 5])
+    for re, im in layouts:
+        re, im = np.asarray(re, dtype=np.int64), np.asarray(im, dtype=np.int64)
         got = kernels.turn_center(q, r * np.cos(theta), r * np.sin(theta), re, im)
         want = kernels.turn_center_ref(q, r * np.cos(theta), r * np.sin(theta), re, im)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-12)

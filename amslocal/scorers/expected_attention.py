@@ -10,7 +10,7 @@ import numpy as np
 from .. import compute_threads
 from ._common import require, softmax_rows
 from .base import NEEDS_KEYS, NEEDS_QUERIES, NEEDS_VALUES, ScoreInput
-from .kernels import turn_center
+from .kernels import expected_attention_scores, turn_center
 from .rope import rope_mean_turn, rope_omega, rope_pairs
 
 
@@ -65,11 +65,17 @@ class ExpectedAttention:
                 # (c + i s) e^{-i theta} = cos' - i sin'
                 cos, sin = c * np.cos(theta) + s * np.sin(theta), c * np.sin(theta) - s * np.cos(theta)
                 turn[li] = (cos, sin, *rope_pairs(li))
-        # the reads here (llama.cpp's context serves one thread), the arithmetic on the session's
-        # threads: each layer takes milliseconds of products that release the GIL
+        # the reads here (llama.cpp's context serves one thread), the arithmetic on the session's threads
         layers = [
             (q, keys(l), None if values is None else values(l), turn[inp.layers[l]]) for l, q in enumerate(queries)
         ]
+        blas = compute_threads.kernel_sgemm(), compute_threads.kernel_ssyrk()
+        d = layers[0][1].shape[-1] if layers else 0
+        if None not in blas and self.use_covariance and n > d:
+            out = expected_attention_scores(blas, layers, n, self.n_sink, self.epsilon, self.use_vnorm)
+            if out is not None:  # (None: layers of different shapes)
+                return out
+        # each layer takes milliseconds of products that release the GIL
         return np.stack(compute_threads.map_layers(lambda a: self._layer(*a), layers))
 
     def _layer(self, q, k, v, turn) -> np.ndarray:

@@ -20,6 +20,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import compute_threads
+from ..evidence import _FASTMATH, exp_nonpositive
 
 _EPS = 1e-12
 
@@ -306,6 +312,14 @@ def tri_series_ref(k_re, k_im, q_re, q_im, q_abs, omega, delta0, offsets, group)
 # --- Expected Attention: pre-RoPE query statistics -----------------------------------------
 
 
+@numba.njit(cache=True, inline="always")
+def _turn_pair(o: np.ndarray, x: np.ndarray, a: int, b: int, c: float, s: float) -> None:
+    """o[a] + i o[b] = (x[a] + i x[b]) * (c - i s)."""
+    x0, x1 = x[a], x[b]
+    o[a] = x0 * c + x1 * s
+    o[b] = x1 * c - x0 * s
+
+
 @numba.njit(cache=True, nogil=True)  # Expected Attention runs layers on several threads
 def turn_center(
     q: np.ndarray, cos: np.ndarray, sin: np.ndarray, re: np.ndarray, im: np.ndarray
@@ -316,29 +330,38 @@ def turn_center(
     multiplied by ``cos[i, f] - i sin[i, f]`` (any complex factor, not only a unit one); the
     other dims stay. Returns the centred results [H, n, d] float32 (heads first, ready for a
     batched ``C^T C``) and their mean [H, d] float64 (accumulated in float64 before rounding).
-    """
+
+    RoPE's two layouts of the pairs (adjacent dims, and the two halves) get loops with fixed
+    strides, which LLVM vectorises; any other ``re``/``im`` takes the indexed loop (3x slower on
+    SmolLM2's 256 queries x 9 heads)."""
     n, H, d = q.shape
     F = re.shape[0]
+    adjacent = halves = True
+    for f in range(F):
+        adjacent &= re[f] == 2 * f and im[f] == 2 * f + 1
+        halves &= re[f] == f and im[f] == F + f
     out = np.empty((H, n, d), dtype=np.float32)
     mu = np.zeros((H, d), dtype=np.float64)
-    row = np.empty(d, dtype=np.float64)
+    o = np.empty(d, dtype=np.float64)
     for i in range(n):
+        c, s = cos[i], sin[i]
         for h in range(H):
+            x = q[i, h]
             for j in range(d):
-                row[j] = q[i, h, j]
-            for f in range(F):
-                x0 = row[re[f]]
-                x1 = row[im[f]]
-                c = cos[i, f]
-                s = sin[i, f]
-                row[re[f]] = x0 * c + x1 * s
-                row[im[f]] = x1 * c - x0 * s
+                o[j] = x[j]
+            if halves:
+                for f in range(F):
+                    _turn_pair(o, x, f, F + f, c[f], s[f])
+            elif adjacent:
+                for f in range(F):
+                    _turn_pair(o, x, 2 * f, 2 * f + 1, c[f], s[f])
+            else:
+                for f in range(F):
+                    _turn_pair(o, x, re[f], im[f], c[f], s[f])
             for j in range(d):
-                mu[h, j] += row[j]
-                out[h, i, j] = row[j]
-    for h in range(H):
-        for j in range(d):
-            mu[h, j] /= n
+                mu[h, j] += o[j]
+                out[h, i, j] = o[j]
+    mu /= n
     for h in range(H):
         for i in range(n):
             for j in range(d):
@@ -355,6 +378,134 @@ def turn_center_ref(q, cos, sin, re, im) -> tuple[np.ndarray, np.ndarray]:
     return (x.astype(np.float32) - mu).astype(np.float32).transpose(1, 0, 2), mu
 
 
+_ROW_MAJOR, _NO_TRANS, _TRANS, _UPPER = (
+    compute_threads.CBLAS_ROW_MAJOR,
+    compute_threads.CBLAS_NO_TRANS,
+    compute_threads.CBLAS_TRANS,
+    compute_threads.CBLAS_UPPER,
+)
+
+
+@intrinsic
+def _void_pointer(typingctx, address):
+    """An integer address as a ``void *`` (what :func:`numba.carray` takes)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@compute_threads.parallel_kernel
+@numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def expected_attention_layers(
+    sgemm, ssyrk, q_at, k_at, v_at, q_shape, k_shape, turn_of, cos, sin, re, im, n_sink, epsilon, use_vnorm, out
+) -> None:
+    """Expected Attention's scores of every layer with the covariance term, one layer per thread:
+    out[l] [H_kv, T] float64, as ``ExpectedAttention._layer`` (its numpy reference) computes them
+    for a window longer than the head (n > d).
+
+    Layer l's window of post-RoPE queries [n, n_head, d] (``q_shape``), its keys and values [T,
+    H_kv, d] (``k_shape``), all float32 and C-contiguous, are at the addresses q_at[l], k_at[l]
+    and v_at[l] (arrays the caller keeps alive; a typed list would compile for ~0.2 s in every
+    process); its turn (see :func:`turn_center`) is cos[turn_of[l]], sin[turn_of[l]], re, im.
+    ``sgemm`` and ``ssyrk`` are BLAS's (:mod:`amslocal.compute_threads`). Each layer's products
+    (Sigma' = C^T C of each head, then the keys times [Sigma' of the group's heads | mu'], as the
+    reference) are BLAS calls on the calling kernel thread, and the rest of the layer (the
+    quadratic forms, the softmax in float32, the group mean, the value norms) stays on that
+    thread too: numpy's steps between the products ran on one core (BENCHMARKS.md §9.5)."""
+    for l in numba.prange(q_at.shape[0]):
+        q = numba.carray(_void_pointer(q_at[l]), (q_shape[0], q_shape[1], q_shape[2]), np.float32)
+        k = numba.carray(_void_pointer(k_at[l]), (k_shape[0], k_shape[1], k_shape[2]), np.float32)
+        v = numba.carray(_void_pointer(v_at[l]), (k_shape[0], k_shape[1], k_shape[2]), np.float32)
+        cen, mu = turn_center(q, cos[turn_of[l]], sin[turn_of[l]], re, im)
+        n_head, n, d = cen.shape
+        T, H, _ = k.shape
+        G = n_head // H
+        width = G * (d + 1)
+        s0 = min(n_sink, T)
+        m = np.empty((d, width), dtype=np.float32)
+        p = np.empty((T, width), dtype=np.float32)
+        logits = np.empty(T, dtype=np.float32)
+        bits = np.empty(T, dtype=np.int32)
+        for h in range(H):
+            for g in range(G):
+                c = cen[h * G + g]
+                # m[:, g d : (g + 1) d] = Sigma'_hg / (2 n d), [d, d] with rows `width` floats
+                # apart: its upper triangle by BLAS, then the lower one mirrored
+                ssyrk(_ROW_MAJOR, _UPPER, _TRANS, d, n, 1.0 / (2.0 * n * d), c.ctypes.data, d, 0.0,
+                      m[0, g * d :].ctypes.data, width)  # fmt: skip
+                for i in range(1, d):
+                    for j in range(i):
+                        m[i, g * d + j] = m[j, g * d + i]
+                for i in range(d):
+                    m[i, G * d + g] = mu[h * G + g, i] / np.sqrt(d)
+            # p [T, width] = k[:, h] [T, d] (rows H d floats apart) . m [d, width]
+            sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, T, width, d, 1.0, k[0, h:].ctypes.data, H * d,
+                  m.ctypes.data, width, 0.0, p.ctypes.data, width)  # fmt: skip
+            row = out[l, h]
+            row[:] = 0.0
+            for g in range(G):
+                # head g's logits mu' . k / sqrt(d) + k^T Sigma' k / (2 n d), then its softmax over
+                # the keys after the sinks, added into the group's mean
+                top = np.float32(-np.inf)
+                for t in range(s0, T):
+                    quad = np.float32(0.0)
+                    for i in range(d):
+                        quad += p[t, g * d + i] * k[t, h, i]
+                    logits[t] = quad + p[t, G * d + g]
+                    top = max(top, logits[t])
+                for t in range(s0, T):
+                    logits[t] -= top
+                exp_nonpositive(logits[s0:], bits[s0:])
+                total = np.float32(0.0)
+                for t in range(s0, T):
+                    total += logits[t]
+                for t in range(s0, T):
+                    row[t] += logits[t] / (total * G)
+            if use_vnorm:
+                for t in range(T):
+                    norm = np.float32(0.0)
+                    for i in range(v.shape[2]):
+                        norm += v[t, h, i] * v[t, h, i]
+                    row[t] = (row[t] + epsilon) * np.sqrt(norm)
+            if 0 < s0 < T:
+                top2 = row[s0:].max()
+                row[:s0] = top2
+
+
+def expected_attention_scores(
+    blas: tuple, layers: list, n: int, n_sink: int, epsilon: float, use_vnorm: bool
+) -> np.ndarray | None:
+    """:func:`expected_attention_layers` on ``layers``, a list of (queries [>= n, n_head, d], keys
+    and values [T, H_kv, d] (values None: not read), turn (cos, sin, re, im)): the scores [L,
+    H_kv, T]; or None where the layers differ in shape or pairing (the kernel takes one)."""
+    arrays = [
+        [np.ascontiguousarray(a, dtype=np.float32) for a in (q[-n:], k, k if v is None else v)] for q, k, v, _ in layers
+    ]
+    if len({(q.shape, k.shape, v.shape) for q, k, v in arrays}) != 1 or arrays[0][1].shape != arrays[0][2].shape:
+        return None
+    distinct: dict[int, tuple[int, tuple]] = {}  # the layers' turns: id -> (index, turn)
+    for *_, turn in layers:
+        distinct.setdefault(id(turn), (len(distinct), turn))
+    turns = [t for _, t in distinct.values()]
+    if any(not (np.array_equal(t[2], turns[0][2]) and np.array_equal(t[3], turns[0][3])) for t in turns):
+        return None
+    cos, sin = (np.ascontiguousarray(np.stack([t[i] for t in turns]), dtype=np.float64) for i in (0, 1))
+    re, im = (np.ascontiguousarray(turns[0][i], dtype=np.int64) for i in (2, 3))
+    turn_of = np.array([distinct[id(t)][0] for *_, t in layers], dtype=np.int64)
+    at = np.array([[a.ctypes.data for a in row] for row in arrays], dtype=np.int64).reshape(-1, 3).T
+    q0, k0, _ = arrays[0]
+    out = np.empty((len(layers), k0.shape[1], k0.shape[0]))
+    shapes = np.array(q0.shape, dtype=np.int64), np.array(k0.shape, dtype=np.int64)
+    q_at, k_at, v_at = (np.ascontiguousarray(a) for a in at)
+    flags = int(n_sink), float(epsilon), bool(use_vnorm)
+    expected_attention_layers(*blas, q_at, k_at, v_at, *shapes, turn_of, cos, sin, re, im, *flags, out)
+    return out
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel on tiny inputs, so no event pays for it."""
     x = np.ones((1, 4))
@@ -368,3 +519,7 @@ def warmup() -> None:
     tri_series(z, z, q, q, q, np.ones(1), np.ones(4), np.ones(2), 1)
     pairs = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
     turn_center(np.ones((2, 1, 2), dtype=np.float32), np.ones((2, 1)), np.zeros((2, 1)), *pairs)
+    blas = compute_threads.kernel_sgemm(), compute_threads.kernel_ssyrk()
+    if None not in blas:  # (BLAS is on one thread: evidence.warmup ran first)
+        q, k = np.ones((3, 1, 2), dtype=np.float32), np.ones((2, 1, 2), dtype=np.float32)
+        expected_attention_scores(blas, [(q, k, k, (np.ones((3, 1)), np.zeros((3, 1)), *pairs))], 3, 1, 0.01, True)
