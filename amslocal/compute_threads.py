@@ -8,7 +8,9 @@ Numba kernels use the session's own thread count, set at every event (Numba's se
 the calling thread: a server runs sessions on several). numpy's BLAS runs on one thread: the
 controller's products are small (a few MFLOP per layer), and OpenBLAS's pool, spinning after a
 product, starved the Numba kernel that came next (TOVA+AMS's event on 2 threads: 11 -> 352 ms).
-A scorer whose layers cost milliseconds each (Expected Attention) spreads them over as many Python
+The kernels that need products call numpy's OpenBLAS from their own threads (:func:`kernel_sgemm`,
+:func:`kernel_ssyrk`): the event's evidence, and Expected Attention's layers. Where numpy's BLAS is
+not OpenBLAS, a scorer whose layers cost milliseconds each spreads them over as many Python
 threads as the session decodes with (:func:`map_layers`): numpy's products and Numba's ``nogil``
 kernels release the GIL, and each thread's BLAS call runs in that thread, so nothing spins.
 It pays only for events of tens of milliseconds: after a decode, ggml's OpenMP worker keeps

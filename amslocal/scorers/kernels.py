@@ -14,6 +14,8 @@ their reductions vectorise; results then differ from the references in the last 
   rotation) and centred per head (Expected Attention).
   It takes the float32 queries as captured (a float64 copy of 256 queries × every head would
   cost more than the kernel).
+- :func:`expected_attention_layers`: Expected Attention's scores of every layer, one layer per
+  thread, its products by BLAS (float32 throughout); its reference is the scorer's numpy path.
 """
 
 from __future__ import annotations
