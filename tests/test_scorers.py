@@ -535,3 +535,36 @@ def test_make_scorer_errors_and_params():
         make_scorer("snapkv", bogus=1)
     assert make_scorer("snapkv", window=64).window == 64
     assert make_scorer("rkv").mix_lambda == 0.1
+
+
+def test_expected_attention_kernel_equals_numpy_path_at_real_events(smollm2_model, monkeypatch):
+    """SmolLM2's own queries, keys and values at a session's events (256 queries over 64-dim
+    heads: the kernel's case): the kernel's scores equal the numpy path's."""
+    from amslocal import compute_threads
+    from amslocal.backend import ContextParams, SamplerParams
+    from amslocal.scorers import expected_attention
+    from amslocal.session import CompressionConfig, Session
+
+    compared = []
+    score = ExpectedAttention.score
+
+    def both(self, inp):
+        kernel = score(self, inp)
+        with monkeypatch.context() as m:
+            m.setattr(compute_threads, "kernel_sgemm", lambda: None)
+            numpy_path = score(self, inp)
+        np.testing.assert_allclose(kernel, numpy_path, rtol=2e-5, atol=1e-9)
+        compared.append(kernel.shape)
+        return kernel
+
+    ran = []
+    run = expected_attention.expected_attention_scores
+    monkeypatch.setattr(expected_attention, "expected_attention_scores", lambda *a: ran.append(run(*a)) or ran[-1])
+    monkeypatch.setattr(ExpectedAttention, "score", both)
+    cfg = CompressionConfig(budget=128, interval=64, scorer="expected-attention", ams=True)
+    s = Session(smollm2_model, cfg, ContextParams(n_threads=2), SamplerParams(temp=0))
+    s.prefill(smollm2_model.tokenize("The lighthouse keeper counted the ships every evening. " * 40))
+    for _ in s.generate([], 320, ignore_eos=True):
+        pass
+    assert len(compared) >= 3 and all(out is not None for out in ran) and len(ran) >= len(compared)
+    assert any(n_layers == 30 and T >= 128 for n_layers, _, T in compared)
