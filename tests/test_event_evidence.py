@@ -27,15 +27,20 @@ def close(a, b, what=""):
 # --- the kernel ------------------------------------------------------------------------------
 
 
-def _random_case(rng, min_queries):
-    """Random shapes, positions out of order, empty cells (-1), sliding windows:
-    (q [W, H*G, d], k [n, H, d], q_pos, k_pos, n_swa)."""
-    H, G, W = rng.integers(1, 4), rng.integers(1, 5), rng.integers(min_queries, 9)
+def _random_case(rng, min_queries, ascending=False):
+    """Random shapes, positions out of order (or ``ascending``, as an event passes them: the
+    kernel's other mask), empty cells (-1), sliding windows: (q [W, H*G, d], k [n, H, d], q_pos,
+    k_pos, n_swa)."""
+    # up to 9 queries, or up to 60 (the kernel then cuts a head's rows into blocks, whose ends
+    # can fall inside a query's G rows)
+    H, G, W = rng.integers(1, 4), rng.integers(1, 5), rng.integers(min_queries, rng.choice([9, 61]))
     n, d = rng.integers(3, 40), rng.integers(2, 17)
     q = (rng.standard_normal((W, H * G, d)) * 2).astype(np.float32)
     k = (rng.standard_normal((n, H, d)) * 2).astype(np.float32)
     k_pos = rng.permutation(n).astype(np.int64)
     k_pos[rng.random(n) < 0.2] = -1
+    if ascending:
+        k_pos.sort()
     q_pos = np.sort(rng.integers(n // 2, n + 3, W)).astype(np.int64)
     return q, k, q_pos, k_pos, int(rng.choice([0, 0, 5, 11]))
 
@@ -55,21 +60,23 @@ def test_exp_nonpositive_matches_reference():
     assert (got[~normal] == 0.0).all() and got[x == 0.0][0] == 1.0
 
 
+@pytest.mark.parametrize("ascending", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_kernel_matches_numpy_reference(seed, products):
-    """Random shapes, positions out of order, empty cells (-1), sliding windows."""
-    q, k, q_pos, k_pos, n_swa = _random_case(np.random.default_rng(seed), min_queries=1)
+def test_kernel_matches_numpy_reference(seed, ascending, products):
+    """Random shapes, positions out of order or ascending, empty cells (-1), sliding windows."""
+    q, k, q_pos, k_pos, n_swa = _random_case(np.random.default_rng(seed), 1, ascending)
     out = attention_per_query(q, k, q_pos, k_pos, 0.3, n_swa)
     np.testing.assert_allclose(out, attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa), rtol=1e-5, atol=1e-6)
     assert np.all(out[:, :, k_pos < 0] == 0.0)
 
 
+@pytest.mark.parametrize("ascending", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_query_attention_adds_each_run_of_queries_into_its_cells(seed, products):
+def test_query_attention_adds_each_run_of_queries_into_its_cells(seed, ascending, products):
     """What an event adds to the evidence: the sums over queries t0..t1 of the reference
     attention, landing in the key's own cell of a wider array (float32 and float64)."""
     rng = np.random.default_rng(100 + seed)
-    q, k, q_pos, k_pos, n_swa = _random_case(rng, min_queries=2)
+    q, k, q_pos, k_pos, n_swa = _random_case(rng, 2, ascending)
     W, (n, H, _) = q.shape[0], k.shape
     ref = attention_rows_ref(q, k, q_pos, k_pos, 0.3, n_swa)  # [W, H, n]
     cells = rng.permutation(n + 7)[:n].astype(np.int32)  # keys sit in scattered cells
@@ -85,6 +92,29 @@ def test_query_attention_adds_each_run_of_queries_into_its_cells(seed, products)
         np.testing.assert_allclose(dst, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         a.add_to(np.zeros((H, n + 7)), cells, 1, 0)
+
+
+@pytest.mark.parametrize("n_blocks", range(1, 8))
+def test_kernel_rows_cut_anywhere(n_blocks, products):
+    """The kernel's blocks of rows may start and end inside a query's G rows; each block's product
+    stops at the last key its latest query sees (keys in position order, as at an event)."""
+    if products != "kernel-blas":
+        pytest.skip("the blocks are the kernel's")
+    from amslocal import compute_threads
+    from amslocal.evidence import _attention_blocks
+
+    rng = np.random.default_rng(n_blocks)
+    H, G, W, n, d = 2, 3, 13, 40, 8
+    q = rng.standard_normal((W, H * G, d)).astype(np.float32)
+    k = rng.standard_normal((n, H, d)).astype(np.float32)
+    k_pos = np.arange(n, dtype=np.int64)
+    q_pos = np.arange(n - W, n, dtype=np.int64)  # the window's own tokens: a triangle of the keys
+    qg = np.ascontiguousarray(q.reshape(W, H, G, d).transpose(1, 0, 2, 3)).reshape(H, W * G, d) * np.float32(0.3)
+    e = np.full((H, W * G, n), np.nan, dtype=np.float32)
+    inv = np.empty((H, W * G), dtype=np.float32)
+    _attention_blocks(compute_threads.kernel_sgemm(), qg, k, e, inv, q_pos, k_pos, 0, G, n_blocks)
+    got = (e * inv[:, :, None]).reshape(H, W, G, n).sum(axis=2).transpose(1, 0, 2)
+    np.testing.assert_allclose(got, attention_rows_ref(q, k, q_pos, k_pos, 0.3, 0), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_per_query_groups_heads_like_llama():
