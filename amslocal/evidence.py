@@ -20,14 +20,10 @@ import numba
 import numpy as np
 
 from . import compute_threads
+from .compute_threads import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS
 
-# fast math without the no-NaN/no-Inf assumptions (the kernel never makes either)
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = (
-    compute_threads.CBLAS_ROW_MAJOR,
-    compute_threads.CBLAS_NO_TRANS,
-    compute_threads.CBLAS_TRANS,
-)
+# fast math without the no-NaN/no-Inf assumptions (the kernels never make either)
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(cache=True, inline="always")
@@ -38,7 +34,7 @@ def _sees(q_pos: int, k_pos: int, n_swa: int) -> bool:
 
 
 @compute_threads.parallel_kernel
-@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa: int) -> None:
     """In place over logits [H_kv, W, G, n]: -inf where query t does not see key j, and each row
     minus its largest visible logit (a query that sees nothing: -inf everywhere)."""
@@ -62,7 +58,7 @@ def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa:
                         row[j] -= m
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=FASTMATH)
 def exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
     """x[j] = exp(x[j]) in place, for x <= 0 (max-shifted logits): -inf, and anything below -87
     (exp < 1.7e-38, under float32's normal range), give exactly 0. ``bits``: int32 scratch, len(x).
@@ -96,7 +92,7 @@ def exp_nonpositive_ref(x: np.ndarray) -> np.ndarray:
 
 
 @compute_threads.parallel_kernel
-@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _attention_blocks(
     sgemm,
     qg: np.ndarray,
@@ -147,9 +143,9 @@ def _attention_blocks(
         # row-major C[r1 - r0, n_cols] = A[r1 - r0, d] . B[n_cols, d]^T, B's rows H * d floats
         # apart, C's rows n floats apart
         sgemm(
-            _CBLAS_ROW_MAJOR,
-            _CBLAS_NO_TRANS,
-            _CBLAS_TRANS,
+            CBLAS_ROW_MAJOR,
+            CBLAS_NO_TRANS,
+            CBLAS_TRANS,
             r1 - r0,
             n_cols,
             d,
@@ -197,7 +193,7 @@ def _attention_blocks(
 
 
 @compute_threads.parallel_kernel
-@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _row_inverses(e: np.ndarray, inv: np.ndarray) -> None:
     """inv[h, t, g] = 1 / sum_j e[h, t, g, j], or 0 for a row that is all 0 (e: [H_kv, W, G, n])."""
     H, W, G, n = e.shape
@@ -211,7 +207,7 @@ def _row_inverses(e: np.ndarray, inv: np.ndarray) -> None:
 
 
 @compute_threads.parallel_kernel
-@numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _group_sums(e: np.ndarray, inv: np.ndarray, out: np.ndarray) -> None:
     """out[t, h, j] = sum over g of e[h, t, g, j] * inv[h, t, g]."""
     H, W, G, n = e.shape
@@ -225,7 +221,7 @@ def _group_sums(e: np.ndarray, inv: np.ndarray, out: np.ndarray) -> None:
                     out[t, h, j] += e[h, t, g, j] * w
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=FASTMATH)
 def _add_query_sums(e: np.ndarray, inv: np.ndarray, t0: int, t1: int, cells: np.ndarray, dst: np.ndarray) -> None:
     """dst[h, cells[j]] += sum over queries t0 <= t < t1 and over g of e[h, t, g, j] * inv[h, t, g].
 

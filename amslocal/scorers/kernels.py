@@ -27,7 +27,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import compute_threads
-from ..evidence import _FASTMATH, exp_nonpositive
+from ..compute_threads import CBLAS_NO_TRANS, CBLAS_ROW_MAJOR, CBLAS_TRANS, CBLAS_UPPER
+from ..evidence import FASTMATH, exp_nonpositive
 
 _EPS = 1e-12
 
@@ -380,14 +381,6 @@ def turn_center_ref(q, cos, sin, re, im) -> tuple[np.ndarray, np.ndarray]:
     return (x.astype(np.float32) - mu).astype(np.float32).transpose(1, 0, 2), mu
 
 
-_ROW_MAJOR, _NO_TRANS, _TRANS, _UPPER = (
-    compute_threads.CBLAS_ROW_MAJOR,
-    compute_threads.CBLAS_NO_TRANS,
-    compute_threads.CBLAS_TRANS,
-    compute_threads.CBLAS_UPPER,
-)
-
-
 @intrinsic
 def _void_pointer(typingctx, address):
     """An integer address as a ``void *`` (what :func:`numba.carray` takes)."""
@@ -401,7 +394,7 @@ def _void_pointer(typingctx, address):
 
 
 @compute_threads.parallel_kernel
-@numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 def expected_attention_layers(
     sgemm, ssyrk, q_at, k_at, v_at, q_shape, k_shape, turn_of, cos, sin, re, im, n_sink, epsilon, use_vnorm, out
 ) -> None:
@@ -437,7 +430,7 @@ def expected_attention_layers(
                 c = cen[h * G + g]
                 # m[:, g d : (g + 1) d] = Sigma'_hg / (2 n d), [d, d] with rows `width` floats
                 # apart: its upper triangle by BLAS, then the lower one mirrored
-                ssyrk(_ROW_MAJOR, _UPPER, _TRANS, d, n, 1.0 / (2.0 * n * d), c.ctypes.data, d, 0.0,
+                ssyrk(CBLAS_ROW_MAJOR, CBLAS_UPPER, CBLAS_TRANS, d, n, 1.0 / (2.0 * n * d), c.ctypes.data, d, 0.0,
                       m[0, g * d :].ctypes.data, width)  # fmt: skip
                 for i in range(1, d):
                     for j in range(i):
@@ -445,7 +438,7 @@ def expected_attention_layers(
                 for i in range(d):
                     m[i, G * d + g] = mu[h * G + g, i] / np.sqrt(d)
             # p [T, width] = k[:, h] [T, d] (rows H d floats apart) . m [d, width]
-            sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, T, width, d, 1.0, k[0, h:].ctypes.data, H * d,
+            sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, T, width, d, 1.0, k[0, h:].ctypes.data, H * d,
                   m.ctypes.data, width, 0.0, p.ctypes.data, width)  # fmt: skip
             row = out[l, h]
             row[:] = 0.0
