@@ -273,13 +273,22 @@ def test_expected_attention_equals_direct_formula(W, products):
     np.testing.assert_allclose(s, want, rtol=1e-6 if W <= 6 else 1e-5)
 
 
+def _kernel_results(monkeypatch) -> list:
+    """What every call of the Expected Attention kernel returns from now on (None: not taken)."""
+    from amslocal.scorers import expected_attention
+
+    ran = []
+    run = expected_attention.expected_attention_scores
+    monkeypatch.setattr(expected_attention, "expected_attention_scores", lambda *a: ran.append(run(*a)) or ran[-1])
+    return ran
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_expected_attention_kernel_equals_numpy_layers(seed, monkeypatch):
     """The one-kernel path (every layer, BLAS from the kernel's threads) gives the numpy path's
     scores: GQA groups, both RoPE layouts, two RoPE bases, sinks (none, some, every key), with
     and without value norms."""
     from amslocal import compute_threads
-    from amslocal.scorers import expected_attention
 
     compute_threads.use(2)
     if compute_threads.kernel_sgemm() is None or compute_threads.kernel_ssyrk() is None:
@@ -301,9 +310,7 @@ def test_expected_attention_kernel_equals_numpy_layers(seed, monkeypatch):
         T, layers, G, next_position=80, queries=qs, query_positions=np.arange(80 - W, 80),
         keys=lambda l: ks[l], values=lambda l: vs[l],
     )  # fmt: skip
-    ran = []
-    run = expected_attention.expected_attention_scores
-    monkeypatch.setattr(expected_attention, "expected_attention_scores", lambda *a: ran.append(run(*a)) or ran[-1])
+    ran = _kernel_results(monkeypatch)
     kernel = scorer.score(case)
     assert ran and ran[0] is not None  # the kernel took every layer
     monkeypatch.setattr(compute_threads, "kernel_sgemm", lambda: None)
@@ -542,7 +549,6 @@ def test_expected_attention_kernel_equals_numpy_path_at_real_events(smollm2_mode
     heads: the kernel's case): the kernel's scores equal the numpy path's."""
     from amslocal import compute_threads
     from amslocal.backend import ContextParams, SamplerParams
-    from amslocal.scorers import expected_attention
     from amslocal.session import CompressionConfig, Session
 
     compared = []
@@ -557,9 +563,7 @@ def test_expected_attention_kernel_equals_numpy_path_at_real_events(smollm2_mode
         compared.append(kernel.shape)
         return kernel
 
-    ran = []
-    run = expected_attention.expected_attention_scores
-    monkeypatch.setattr(expected_attention, "expected_attention_scores", lambda *a: ran.append(run(*a)) or ran[-1])
+    ran = _kernel_results(monkeypatch)
     monkeypatch.setattr(ExpectedAttention, "score", both)
     cfg = CompressionConfig(budget=128, interval=64, scorer="expected-attention", ams=True)
     s = Session(smollm2_model, cfg, ContextParams(n_threads=2), SamplerParams(temp=0))
