@@ -477,9 +477,10 @@ def expected_attention_scores(
     """:func:`expected_attention_layers` on ``layers``, a list of (queries [>= n, n_head, d], keys
     and values [T, H_kv, d] (values None: not read), turn (cos, sin, re, im)): the scores [L,
     H_kv, T]; or None where the layers differ in shape or pairing (the kernel takes one)."""
-    arrays = [
-        [np.ascontiguousarray(a, dtype=np.float32) for a in (q[-n:], k, k if v is None else v)] for q, k, v, _ in layers
-    ]
+    arrays = []
+    for q, k, v, _ in layers:
+        q, k = (np.ascontiguousarray(a, dtype=np.float32) for a in (q[-n:], k))
+        arrays.append((q, k, k if v is None else np.ascontiguousarray(v, dtype=np.float32)))
     if len({(q.shape, k.shape, v.shape) for q, k, v in arrays}) != 1 or arrays[0][1].shape != arrays[0][2].shape:
         return None
     distinct: dict[int, tuple[int, tuple]] = {}  # the layers' turns: id -> (index, turn)
