@@ -325,6 +325,45 @@ class CacheView:
             for acc in (self._groups[g][2], self._window_base_groups[g]):
                 acc[j, h, to] = acc[j, h, fr]
 
+    # --- whole-cell moves (patch 0004) ----------------------------------------------------------
+
+    def move_cells(self, cache: int, dst: np.ndarray, src: np.ndarray) -> None:
+        """The empty cell ``dst[j]`` takes the token of the occupied cell ``src[j]``: K/V of every
+        layer and its position in llama.cpp, and here its accumulated evidence (and row map).
+        The cache holds the same tokens at the same positions afterwards, in other cells."""
+        self.settle()
+        dst = np.ascontiguousarray(dst, dtype=np.int32)
+        src = np.ascontiguousarray(src, dtype=np.int32)
+        if dst.shape != src.shape or dst.ndim != 1:
+            raise ValueError(f"dst and src must be two [n] arrays, got {dst.shape} and {src.shape}")
+        if dst.size == 0:
+            return
+        self._apply_pending_shift()
+        self.ctx.version += 1
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        rc = ams.llama_ams_move_cells(self.ctx.ptr, cache, dst.ctypes.data_as(i32), src.ctypes.data_as(i32), dst.size)
+        if rc != 0:
+            raise CacheError(f"moving KV cells failed (code {rc})")
+
+        def carry(a: np.ndarray, empty: float | int) -> None:  # a[..., cell]: the token's column moves
+            a[..., dst] = a[..., src]
+            a[..., src] = empty
+
+        carry(self.evidence_pos[cache], -1)
+        for g, ((gc, _, total, _, _), base) in enumerate(zip(self._groups, self._window_base_groups)):
+            if gc == cache:
+                carry(total, 0.0)
+                carry(base, 0.0)
+                for snapshots, _ in self._marks.values():
+                    if snapshots is not None:
+                        carry(snapshots[g], 0.0)
+        for il, last in self._last_attn.items():
+            if self.layers[il].cache == cache:
+                carry(last, 0.0)
+        if cache == 0 and self._rows_layers is not None:
+            carry(self._row_pos, -1)
+            carry(self._row_label, -1)
+
     # --- evidence -----------------------------------------------------------------------------
 
     def observe(self, n_obs: int, *, attn: bool = True, queries: bool = False) -> None:

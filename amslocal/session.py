@@ -190,6 +190,9 @@ class Session:
         )
         self._observing, self._obs_kind = False, (False, False)
         self.events: list[dict] = []  # one small record per compression event (diagnostics)
+        # token sets: pack the kept tokens into the lowest cells after each event (see _pack_cells);
+        # one cache only (an SWA cache reuses its cells by itself). Benchmarks turn it off for A/B.
+        self.pack_cells = self.view.n_caches == 1
 
     def _row_sets_refusal(self, g: str) -> Optional[str]:
         """Why this model cannot keep per-row token sets (None: it can). They need a cell's
@@ -568,6 +571,9 @@ class Session:
         evicted = positions[~kept_mask]
         self.gen.evict(evicted.tolist() + transient.tolist())
         self.protected_positions.difference_update(int(p) for p in evicted)
+        t_move = time.perf_counter()
+        cells_moved = self._pack_cells() if self.pack_cells else 0
+        move_ms = (time.perf_counter() - t_move) * 1e3
 
         near_limit = self.gen.next_pos + cfg.interval + 1 >= self.model.n_ctx_train
         compact = cfg.positions == "compact" or near_limit
@@ -586,7 +592,34 @@ class Session:
             self.protected_positions = {mapping[p] for p in self.protected_positions if p in mapping}
             self.stats.compactions += 1
 
-        return self._finish_event(t0, T, int(kept_mask.sum()), len(evicted), {"compacted": bool(compact)})
+        return self._finish_event(
+            t0,
+            T,
+            int(kept_mask.sum()),
+            len(evicted),
+            {"compacted": bool(compact), "cells_moved": cells_moved, "move_ms": move_ms},
+        )
+
+    def _pack_cells(self) -> int:
+        """Move the tokens of the highest occupied cells into the holes below them, so that the B
+        kept tokens fill cells 0..B-1 and new tokens follow from B on. Returns the cells moved.
+
+        Why: an event leaves its evicted cells as holes scattered among the kept ones, and until
+        new tokens fill them llama.cpp's CPU flash attention reads K/V scattered over half again as
+        many cells: on SmolLM2, decode steps right after an event took ~1.02-1.05x StreamingLLM's,
+        whose holes are one run (BENCHMARKS.md §9.8). The moves are whole cells (K/V bytes and
+        position, patch 0004): the cache holds the same tokens at the same positions. The holes
+        take the moved tokens in position order."""
+        pos = self.view.cell_pos(0)
+        occupied = pos >= 0
+        n_kept = int(occupied.sum())
+        holes = np.flatnonzero(~occupied[:n_kept])
+        if holes.size == 0:
+            return 0
+        movers = n_kept + np.flatnonzero(occupied[n_kept:])
+        movers = movers[np.argsort(pos[movers], kind="stable")]
+        self.view.move_cells(0, holes, movers)
+        return int(holes.size)
 
     def _finish_event(self, t0: float, T: int, kept: int, evicted: int, extra: dict) -> dict:
         self.view.reset_window()

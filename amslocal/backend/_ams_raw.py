@@ -66,6 +66,8 @@ _SIGNATURES = {
     # patch 0002: per-(layer, KV head) row moves
     "llama_ams_move_rows": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32),
     "llama_ams_shift_rows": ([_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32),
+    # patch 0004: whole-cell moves
+    "llama_ams_move_cells": ([_ctx_p, ctypes.c_int32, _i32_p, _i32_p, ctypes.c_int32], ctypes.c_int32),
 }
 
 _missing = [name for name in _SIGNATURES if not hasattr(_lib, name)]
@@ -96,3 +98,4 @@ llama_ams_read_k = _lib.llama_ams_read_k
 llama_ams_read_v = _lib.llama_ams_read_v
 llama_ams_move_rows = _lib.llama_ams_move_rows
 llama_ams_shift_rows = _lib.llama_ams_shift_rows
+llama_ams_move_cells = _lib.llama_ams_move_cells
