@@ -357,9 +357,8 @@ class CacheView:
                 for snapshots, _ in self._marks.values():
                     if snapshots is not None:
                         carry(snapshots[g], 0.0)
-        for il, last in self._last_attn.items():
-            if self.layers[il].cache == cache:
-                carry(last, 0.0)
+                if g < len(self._last_groups):  # the last decode's attention (event mode)
+                    carry(self._last_groups[g], 0.0)
         if cache == 0 and self._rows_layers is not None:
             carry(self._row_pos, -1)
             carry(self._row_label, -1)
@@ -433,7 +432,8 @@ class CacheView:
         self._qlog_tables: tuple = ()
         self._qlog_tab = (0, 0, 0)
         self._last_n = 0  # queries of the last decode if it was observed (0: it was not)
-        self._last_attn: dict[int, np.ndarray] = {}
+        self._last_attn: dict[int, np.ndarray] = {}  # per layer, a view into _last_groups
+        self._last_groups: list[np.ndarray] = []  # per accumulator group, as the totals
         self.reset_window()
 
     @property
@@ -753,6 +753,7 @@ class CacheView:
         last_from = n_total - self._last_n if self._last_n else n_total
         if last_from < n_total:
             self._last_attn = {}
+            self._last_groups = [np.zeros(total.shape, dtype=np.float32) for _, _, total, _, _ in self._groups]
         cells_of = [self.occupied(c) for c in range(self.n_caches)]
         for il in layers:
             li = self.layers[il]
@@ -766,7 +767,7 @@ class CacheView:
                     a.add_to(snaps[key][g][j], cells, 0, m)
             a.add_to(self._evidence_total[il], cells)
             if last_from < n_total:
-                last = np.zeros((li.n_head_kv, self.cache_sizes[li.cache]), dtype=np.float32)
+                last = self._last_groups[g][j]
                 a.add_to(last, cells, last_from)
                 self._last_attn[il] = last
         for key, snap in snaps.items():

@@ -609,13 +609,15 @@ class Session:
         many cells: on SmolLM2, decode steps right after an event took ~1.02-1.05x StreamingLLM's,
         whose holes are one run (BENCHMARKS.md §9.8). The moves are whole cells (K/V bytes and
         position, patch 0004): the cache holds the same tokens at the same positions. The holes
-        take the moved tokens in position order."""
+        take the moved tokens in position order. Occupied cells in two runs at most (one run of
+        holes, as StreamingLLM leaves) are left as they are."""
         pos = self.view.cell_pos(0)
         occupied = pos >= 0
-        n_kept = int(occupied.sum())
+        cells = np.flatnonzero(occupied)
+        if np.count_nonzero(np.diff(cells) > 1) <= 1:
+            return 0  # one run of holes at most (StreamingLLM's): nothing scattered to gather
+        n_kept = cells.size
         holes = np.flatnonzero(~occupied[:n_kept])
-        if holes.size == 0:
-            return 0
         movers = n_kept + np.flatnonzero(occupied[n_kept:])
         movers = movers[np.argsort(pos[movers], kind="stable")]
         self.view.move_cells(0, holes, movers)

@@ -1,8 +1,9 @@
 """What the cache holds, and flash attention, against decode speed on the CPU (BENCHMARKS.md §9.4).
 
-``content`` (default): two sessions, StreamingLLM and TOVA+AMS, run to the same point right after
-an event (257 cells, the same positions 0..512 over the same 384 cells); then both stop
-compressing and observing and decode the same tokens, alternating step by step. Any difference is
+``content`` (default): two sessions, StreamingLLM and TOVA+AMS (with token sets a third, TOVA+AMS
+leaving its evicted cells as holes instead of packing its tokens), run to the same point right after
+an event (257 cells, the same positions 0..512 over the same 384 cells); then all of them stop
+compressing and observing and decode the same tokens, in turn step by step. Any difference is
 in llama.cpp's decode of the cache's contents (which tokens, in which cells), not in the
 controller.
 
@@ -47,8 +48,13 @@ def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
     type_k, _, type_v = a.kv.partition("/")
     cp = ContextParams(n_threads=2, flash_attn=a.flash_attn, type_k=type_k, type_v=type_v or type_k)
     sessions = {}
-    for name in ("streaming", "ams-tova"):
-        s = session(model, name, cp, toks[:512], interval=128, granularity=a.granularity)
+    # token sets pack their kept tokens into the lowest cells (patch 0004); "holes" leaves them
+    runs = [("streaming", "streaming", True), ("ams-tova", "ams-tova", True)]
+    if a.granularity == "token":
+        runs.append(("ams-tova, holes", "ams-tova", False))
+    for name, method, pack in runs:
+        s = session(model, method, cp, toks[:512], interval=128, granularity=a.granularity)
+        s.pack_cells = s.pack_cells and pack
         for _ in s.generate([], 300, ignore_eos=True):
             if s.n_occupied <= 257 and s.stats.compressions >= 3:
                 break
@@ -59,9 +65,10 @@ def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
         occ = np.flatnonzero(s.view.cell_pos(0) >= 0)
         layout[name] = (occ.size, 1 + int(np.count_nonzero(np.diff(occ) > 1)))
     times = {name: [] for name in sessions}
+    names = list(sessions)
     for i, t in enumerate(toks[1000 : 1000 + a.steps]):
-        order = list(sessions.items()) if i % 2 == 0 else list(sessions.items())[::-1]
-        for name, s in order:
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # the order rotates every step
+            s = sessions[name]
             t0 = time.perf_counter()
             s.gen.eval([t])
             times[name].append(time.perf_counter() - t0)
@@ -69,16 +76,18 @@ def content_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:
     half = a.steps // 2
     for name in sessions:
         v = np.array(times[name]) * 1e3
-        n_occ, runs = layout[name]
+        n_occ, n_runs = layout[name]
         print(
-            f"  {name:10s} {n_occ} cells in {runs} runs; median step: first {half} {np.median(v[:half]):.3f} ms,"
+            f"  {name:15s} {n_occ} cells in {n_runs} runs; median step: first {half} {np.median(v[:half]):.3f} ms,"
             f" last {a.steps - half} {np.median(v[half:]):.3f} ms"
         )
-    base, other = (np.array(times[n]) for n in sessions)
-    print(
-        f"  ams-tova / streaming step time: first half {np.median(other[:half]) / np.median(base[:half]):.3f}, "
-        f"second half {np.median(other[half:]) / np.median(base[half:]):.3f}"
-    )
+    base = np.array(times["streaming"])
+    for name in names[1:]:
+        other = np.array(times[name])
+        print(
+            f"  {name} / streaming step time: first half {np.median(other[:half]) / np.median(base[:half]):.3f}, "
+            f"second half {np.median(other[half:]) / np.median(base[half:]):.3f}"
+        )
 
 
 def halves_table(model: Model, toks: list[int], a: argparse.Namespace) -> None:

@@ -128,8 +128,9 @@ def _session(model, pack: bool, scorer="h2o", **kw) -> Session:
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
 def test_token_sets_pack_into_the_lowest_cells(smollm2_model, positions):
-    """After every event the kept tokens fill cells 0..B-1 (one run; new tokens follow), and a
-    session that does not pack keeps its holes (so the check can fail)."""
+    """After every event the kept tokens fill cells 0..B-1 and new tokens follow (or the cells
+    were in two runs at most, which is left alone); a session that does not pack keeps its
+    scattered holes (so the check can fail)."""
     toks = smollm2_model.tokenize(TEXT * 3)
     s = _session(smollm2_model, True, positions=positions)
     layouts = []
@@ -140,11 +141,11 @@ def test_token_sets_pack_into_the_lowest_cells(smollm2_model, positions):
             layouts.append(np.flatnonzero(s.view.cell_pos(0) >= 0))
     assert len(layouts) >= 3 and any(e["cells_moved"] > 0 for e in s.events)
     for occ in layouts:
-        np.testing.assert_array_equal(occ, np.arange(occ.size))
+        assert np.array_equal(occ, np.arange(occ.size)) or 1 + np.count_nonzero(np.diff(occ) > 1) <= 2
     holes = _session(smollm2_model, False, positions=positions)
     holes.feed(toks)
     occ = np.flatnonzero(holes.view.cell_pos(0) >= 0)
-    assert occ[-1] + 1 > occ.size and all(e["cells_moved"] == 0 for e in holes.events)
+    assert 1 + np.count_nonzero(np.diff(occ) > 1) > 2 and all(e["cells_moved"] == 0 for e in holes.events)
 
 
 @pytest.mark.parametrize("scorer", ["h2o", "tova"])
@@ -159,7 +160,7 @@ def test_packing_keeps_what_the_session_selects(tiny_model, scorer):
     kept = {True: [], False: []}
     sessions = {}
     for pack in (True, False):
-        s = sessions[pack] = _session(tiny_model, pack, scorer=scorer)
+        s = sessions[pack] = _session(tiny_model, pack, scorer=scorer, keep_last=4)  # scattered holes
         s.on_compress = lambda pos, mask, _inp, k=kept[pack]: k.append(pos[mask].copy())
         s.feed(toks)
     assert len(kept[True]) >= 3 and sum(e["cells_moved"] for e in sessions[True].events) > 0
