@@ -69,6 +69,11 @@ def _warm_kernels() -> None:
         _kernels_warm = True
 
 
+# token sets pack their cells after an event only when the occupied cells form more runs than this
+# (Session._pack_cells): scattered holes cost decode time (BENCHMARKS.md §9.8), a few runs do not
+_PACK_ABOVE_RUNS = 4
+
+
 @dataclass
 class SessionStats:
     prompt_tokens: int = 0
@@ -609,13 +614,16 @@ class Session:
         many cells: on SmolLM2, decode steps right after an event took ~1.02-1.05x StreamingLLM's,
         whose holes are one run (BENCHMARKS.md §9.8). The moves are whole cells (K/V bytes and
         position, patch 0004): the cache holds the same tokens at the same positions. The holes
-        take the moved tokens in position order. Occupied cells in two runs at most (one run of
-        holes, as StreamingLLM leaves) are left as they are."""
+        take the moved tokens in position order.
+
+        Occupied cells in a few runs are left as they are: StreamingLLM leaves two, a question-aware
+        prefill's observers one more, and packing them would scramble the cells' position order,
+        after which every eviction of the oldest tokens would leave scattered holes to pack again."""
         pos = self.view.cell_pos(0)
         occupied = pos >= 0
         cells = np.flatnonzero(occupied)
-        if np.count_nonzero(np.diff(cells) > 1) <= 1:
-            return 0  # one run of holes at most (StreamingLLM's): nothing scattered to gather
+        if 1 + np.count_nonzero(np.diff(cells) > 1) <= _PACK_ABOVE_RUNS:
+            return 0  # a few runs (StreamingLLM's two): nothing scattered to gather
         n_kept = cells.size
         holes = np.flatnonzero(~occupied[:n_kept])
         movers = n_kept + np.flatnonzero(occupied[n_kept:])

@@ -10,7 +10,7 @@ import pytest
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
 from amslocal.errors import CacheError
-from amslocal.session import CompressionConfig, Session
+from amslocal.session import _PACK_ABOVE_RUNS, CompressionConfig, Session
 
 TEXT = "Whole cells move: the token, its keys and values, and its position go together. " * 3
 
@@ -129,7 +129,7 @@ def _session(model, pack: bool, scorer="h2o", **kw) -> Session:
 @pytest.mark.parametrize("positions", ["keep", "compact"])
 def test_token_sets_pack_into_the_lowest_cells(smollm2_model, positions):
     """After every event the kept tokens fill cells 0..B-1 and new tokens follow (or the cells
-    were in two runs at most, which is left alone); a session that does not pack keeps its
+    were in a few runs, which are left alone); a session that does not pack keeps its
     scattered holes (so the check can fail)."""
     toks = smollm2_model.tokenize(TEXT * 3)
     s = _session(smollm2_model, True, positions=positions)
@@ -141,7 +141,7 @@ def test_token_sets_pack_into_the_lowest_cells(smollm2_model, positions):
             layouts.append(np.flatnonzero(s.view.cell_pos(0) >= 0))
     assert len(layouts) >= 3 and any(e["cells_moved"] > 0 for e in s.events)
     for occ in layouts:
-        assert np.array_equal(occ, np.arange(occ.size)) or 1 + np.count_nonzero(np.diff(occ) > 1) <= 2
+        assert np.array_equal(occ, np.arange(occ.size)) or 1 + np.count_nonzero(np.diff(occ) > 1) <= _PACK_ABOVE_RUNS
     holes = _session(smollm2_model, False, positions=positions)
     holes.feed(toks)
     occ = np.flatnonzero(holes.view.cell_pos(0) >= 0)
