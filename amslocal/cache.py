@@ -29,7 +29,7 @@ import numpy as np
 
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
 from .errors import CacheError
-from .evidence import QueryAttention
+from .evidence import QueryAttention, carry_columns
 from .layers import LayerInfo
 
 EVIDENCE_MODES = ("event", "step")
@@ -346,8 +346,9 @@ class CacheView:
             raise CacheError(f"moving KV cells failed (code {rc})")
 
         def carry(a: np.ndarray, empty: float | int) -> None:  # a[..., cell]: the token's column moves
-            a[..., dst] = a[..., src]
-            a[..., src] = empty
+            if not a.flags.c_contiguous:  # a reshape would copy, and the move would be lost
+                raise RuntimeError("an evidence array to carry is not contiguous")
+            carry_columns(a.reshape(-1, a.shape[-1]), dst, src, empty)
 
         carry(self.evidence_pos[cache], -1)
         for g, ((gc, _, total, _, _), base) in enumerate(zip(self._groups, self._window_base_groups)):

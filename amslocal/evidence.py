@@ -349,6 +349,24 @@ class QueryAttention:
         _add_query_sums(self.e, self.inv, t0, t1, cells, dst)
 
 
+@numba.njit(cache=True)
+def carry_columns(acc: np.ndarray, dst: np.ndarray, src: np.ndarray, empty: float) -> None:
+    """In place over ``acc`` [rows, cells]: column ``dst[j]`` takes column ``src[j]``, which becomes
+    ``empty`` (tokens moved to other cells take their evidence along; dst and src are disjoint).
+    numpy's fancy indexing took ~50 us per accumulator for 32 cells (BENCHMARKS.md §9.8)."""
+    for r in range(acc.shape[0]):
+        row = acc[r]
+        for j in range(dst.size):
+            row[dst[j]] = row[src[j]]
+            row[src[j]] = empty
+
+
+def carry_columns_ref(acc: np.ndarray, dst: np.ndarray, src: np.ndarray, empty: float) -> None:
+    """Plain-numpy reference of :func:`carry_columns`."""
+    acc[:, dst] = acc[:, src]
+    acc[:, src] = empty
+
+
 def warmup() -> None:
     """Compile (or load from cache) the kernels on tiny inputs, so no event pays for it."""
     compute_threads.use(numba.get_num_threads())  # BLAS on one thread, as at an event: its kernel
@@ -358,6 +376,8 @@ def warmup() -> None:
     for writeable in (True, False):  # the cache view hands out its key reads read-only
         k.flags.writeable = writeable
         attention_per_query(np.ones((1, 2, 4), np.float32), k, np.array([2]), np.array([0, 1, 2]), 0.5)
+    for acc_type, empty in ((np.float64, 0.0), (np.float32, 0.0), (np.int32, -1), (np.int64, -1)):
+        carry_columns(np.zeros((1, 3), acc_type), np.array([0], np.int32), np.array([2], np.int32), empty)
     a = QueryAttention(np.ones((1, 2, 4), np.float32), k, np.array([2]), np.array([0, 1, 2]), 0.5)
     for cell_type in (np.int32, np.int64):  # the event's cells, and positions as indices
         for dst_type in (np.float32, np.float64):  # the totals, and the last query's row

@@ -10,6 +10,7 @@ import pytest
 from amslocal.backend import ContextParams, SamplerParams
 from amslocal.engine import Generator
 from amslocal.errors import CacheError
+from amslocal.evidence import carry_columns, carry_columns_ref
 from amslocal.session import _PACK_ABOVE_RUNS, CompressionConfig, Session
 
 TEXT = "Whole cells move: the token, its keys and values, and its position go together. " * 3
@@ -168,3 +169,18 @@ def test_packing_keeps_what_the_session_selects(tiny_model, scorer):
         np.testing.assert_array_equal(a, b)
     nxt = tiny_model.tokenize(" and", add_special=False)
     np.testing.assert_allclose(sessions[True].feed(nxt, logits=True), sessions[False].feed(nxt, logits=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,empty", [(np.float64, 0.0), (np.float32, 0.0), (np.int32, -1), (np.int64, -1)])
+def test_carry_columns_equals_numpy(dtype, empty):
+    """The kernel that moves the view's evidence columns with their tokens equals numpy's fancy
+    indexing, for every accumulator type the view carries."""
+    rng = np.random.default_rng(0)
+    acc = (rng.random((90, 512)) * 100).astype(dtype)
+    cells = rng.permutation(512)[:64].astype(np.int32)
+    dst, src = cells[:32], cells[32:]
+    want = acc.copy()
+    carry_columns_ref(want, dst, src, empty)
+    carry_columns(acc, dst, src, empty)
+    np.testing.assert_array_equal(acc, want)
+    assert (acc[:, src] == empty).all() and not (want[:, dst] == empty).all()
