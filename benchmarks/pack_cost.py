@@ -41,10 +41,12 @@ def main() -> None:
             for _ in s.generate([], a.n_gen, ignore_eos=True):
                 pass
             events = s.events[-10:]
+            moved = [e["cells_moved"] for e in events][:5]
+            pack_ms = np.median([e["move_ms"] for e in events])
+            event_ms = np.median([e["ms"] for e in events])
             print(
-                f"  {'ams-' if ams else ''}{scorer:10s} flash attention {fa:4s}: cells moved "
-                f"{[e['cells_moved'] for e in events][:5]}..., pack median {np.median([e['move_ms'] for e in events]):.2f} ms,"
-                f" event median {np.median([e['ms'] for e in events]):.2f} ms"
+                f"  {'ams-' if ams else ''}{scorer:10s} flash attention {fa:4s}: cells moved {moved}..., "
+                f"pack median {pack_ms:.2f} ms, event median {event_ms:.2f} ms"
             )
 
 
