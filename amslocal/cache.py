@@ -1,10 +1,13 @@
 """The cache view: what the KV cache holds, read from llama.cpp, and the evidence gathered on it.
 
-llama.cpp owns the truth: cells never move, a freed cell is reused, and a cell holds one token for
-every layer and KV head. This view reads the cell -> position map straight from the patched
-library, keeps per-cell attention evidence accumulated over the observed decode steps (zeroed when
-a cell changes hands), keeps the last observed queries, and reads K/V rows. Scorers and selectors
-work on what this view gives them; they never call llama.cpp themselves.
+llama.cpp owns the truth: its cells never move by themselves, a freed cell is reused, and a cell
+holds one token for every layer and KV head. This view reads the cell -> position map straight from
+the patched library, keeps per-cell attention evidence accumulated over the observed decode steps
+(zeroed when a cell changes hands), keeps the last observed queries, and reads K/V rows. Scorers
+and selectors work on what this view gives them; they never call llama.cpp themselves. The view
+also moves what the patches let it move, carrying the evidence along: K/V rows between cells
+(:meth:`CacheView.move_rows`, per-row token sets) and whole cells (:meth:`CacheView.move_cells`,
+token sets packing their kept tokens).
 
 Evidence comes one of two ways (:attr:`CacheView.evidence_mode`):
 
