@@ -609,16 +609,16 @@ class Session:
         """Move the tokens of the highest occupied cells into the holes below them, so that the B
         kept tokens fill cells 0..B-1 and new tokens follow from B on. Returns the cells moved.
 
-        Why: an event leaves its evicted cells as holes scattered among the kept ones, and until
-        new tokens fill them llama.cpp's CPU flash attention reads K/V scattered over half again as
-        many cells: on SmolLM2, decode steps right after an event took ~1.02-1.05x StreamingLLM's,
-        whose holes are one run (BENCHMARKS.md §9.8). The moves are whole cells (K/V bytes and
-        position, patch 0004): the cache holds the same tokens at the same positions. The holes
-        take the moved tokens in position order.
+        Why: an event leaves its evicted cells as holes scattered among the kept ones. Until new
+        tokens filled them, decode steps on SmolLM2 took 1.02-1.05x StreamingLLM's, whose holes
+        are one run; packed, 0.99-1.00x (BENCHMARKS.md §9.8). llama.cpp's CPU flash attention then
+        reads K/V rows scattered over more memory, which explains part of it. The moves are whole
+        cells (K/V bytes and position, patch 0004): the cache holds the same tokens at the same
+        positions. The holes take the moved tokens in position order.
 
-        Occupied cells in a few runs are left as they are: StreamingLLM leaves two, a question-aware
-        prefill's observers one more, and packing them would scramble the cells' position order,
-        after which every eviction of the oldest tokens would leave scattered holes to pack again."""
+        Occupied cells in a few runs are left as they are. StreamingLLM keeps two (a ring);
+        packing it once scrambled the cells' position order, and after that every eviction of the
+        oldest tokens left scattered holes to pack again (128 moves an event)."""
         pos = self.view.cell_pos(0)
         occupied = pos >= 0
         cells = np.flatnonzero(occupied)
