@@ -4,8 +4,9 @@
    14 query heads over 2 KV heads of 64, 896 wide, vocabulary 151,936; f16 weights).
 2. Evidence at the event equals the per-step side branch on this backend: flash attention on and
    off, f16 and q8_0 K, a prompt batch, single steps and after an eviction (the same comparison as
-   tests/test_event_evidence.py, on the Qwen-shaped model); then the evidence and per-row test
-   files themselves under pytest (the tiny-model cases; SmolLM2 and gemma3 are not carried).
+   tests/test_event_evidence.py, on the Qwen-shaped model); then the evidence, per-row and
+   cell-move test files themselves under pytest (the tiny-model cases; SmolLM2 and gemma3 are not
+   carried). On a GPU, row and cell moves take the backend's read-and-write path.
 3. Decode speed: depths 512 and 4096, the full cache against budget 256 with StreamingLLM (observes
    nothing), TOVA and TOVA under AMS, with evidence at the event and by the side branch.
 
@@ -109,6 +110,7 @@ def run_pytest(log: Path, quick: bool) -> dict:
             "tests/test_event_evidence.py",
             "tests/test_evidence.py",
             "tests/test_row_sets.py",
+            "tests/test_move_cells.py",
             "tests/test_kv_reads.py",
         ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
