@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import LLAMA_AMS_OBS_ATTN, LLAMA_AMS_OBS_QUERIES, Context, ams
 from .errors import CacheError
-from .evidence import QueryAttention, carry_columns
+from .evidence import add_block_sums, carry_columns, layer_query_sums
 from .layers import LayerInfo
 
 EVIDENCE_MODES = ("event", "step")
@@ -191,7 +191,7 @@ class CacheView:
         ``seq_add`` shift now, as the next decode would."""
         self.ctx.apply_pending_shift()
 
-    def _read(self, fn, il: int, cells: np.ndarray, head_dim: int) -> np.ndarray:
+    def _read(self, fn, il: int, cells: np.ndarray, head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
         li = self.layers[il]
         cells = np.ascontiguousarray(cells, dtype=np.int32)
         self._apply_pending_shift()
@@ -200,8 +200,12 @@ class CacheView:
         key = (fn is ams.llama_ams_read_k, il)
         hit = self._read_memo.get(key)
         if hit is not None and hit[0] == self.ctx.version and np.array_equal(hit[1], cells):
-            return hit[2]
-        out = np.empty((cells.size, li.n_head_kv, head_dim), dtype=np.float32)
+            if out is None:
+                return hit[2]
+            out[...] = hit[2]
+            return out
+        if out is None:
+            out = np.empty((cells.size, li.n_head_kv, head_dim), dtype=np.float32)
         n = fn(
             self.ctx.ptr,
             il,
@@ -219,6 +223,16 @@ class CacheView:
     def read_k(self, il: int, cells: np.ndarray) -> np.ndarray:
         """Keys of layer ``il`` at ``cells``: [n, n_head_kv, head_dim] f32, post-RoPE, un-rotated."""
         return self._read(ams.llama_ams_read_k, il, cells, self.layers[il].n_embd_head_k)
+
+    def read_k_layers(self, layers: Sequence[int], cells: np.ndarray) -> np.ndarray:
+        """Keys of ``layers`` (one KV shape) at ``cells`` in one array: [len(layers), n, n_head_kv,
+        head_dim] f32. Each layer's slice also answers a later :meth:`read_k` of the same cells."""
+        li = self.layers[layers[0]]
+        cells = np.ascontiguousarray(cells, dtype=np.int32)
+        out = np.empty((len(layers), cells.size, li.n_head_kv, li.n_embd_head_k), dtype=np.float32)
+        for j, il in enumerate(layers):
+            self._read(ams.llama_ams_read_k, il, cells, li.n_embd_head_k, out[j])
+        return out
 
     def read_v(self, il: int, cells: np.ndarray) -> np.ndarray:
         """Values of layer ``il`` at ``cells``: [n, n_head_kv, head_dim] f32."""
@@ -428,6 +442,7 @@ class CacheView:
         self._qlog_layers: list[int] = []  # the layers logged since the last settle
         self._qlog_bad: set[int] = set()  # logged layers whose queries could not be read once
         self._qlog_buf: dict[int, np.ndarray] = {}
+        self._qlog_stacks: list[tuple[list[int], np.ndarray]] = []  # (layers, their stacked buffers)
         # per layer: where its log buffer starts and how many rows it holds (0 = not logged)
         self._qlog_addr = np.zeros(self.n_layer, dtype=np.int64)
         self._qlog_rows = np.zeros(self.n_layer, dtype=np.int64)
@@ -693,18 +708,24 @@ class CacheView:
             pos = np.zeros(max(n, 2 * self._qlog_pos.shape[0]), dtype=np.int64)
             pos[: self._qlog_n] = self._qlog_pos[: self._qlog_n]
             self._qlog_pos = pos
-        for il in self._qlog_layers:
-            old = self._qlog_buf.get(il)
-            if old is not None and old.shape[0] >= n:
-                continue
-            li = self.layers[il]
-            cap = max(n, 32 if old is None else 2 * old.shape[0])
-            buf = np.empty((cap, li.n_head, li.n_embd_head_k), dtype=np.float32)
-            if old is not None and self._qlog_n:
-                buf[: self._qlog_n] = old[: self._qlog_n]
-            self._qlog_buf[il] = buf
-            self._qlog_addr[il] = buf.ctypes.data
-            self._qlog_rows[il] = cap
+        held = [self._qlog_buf[il].shape[0] if il in self._qlog_buf else 0 for il in self._qlog_layers]
+        if held and min(held) < n:
+            # every logged layer's buffer anew, one stacked array per set of layers that settles
+            # together ([layers, rows, n_head, head_dim]): an event reads each set's queries as one
+            # array, in one kernel (_settle)
+            cap = max(n, 32 if min(held) == 0 else 2 * min(held))
+            self._qlog_stacks = []
+            for members in self._log_sets(self._qlog_layers):
+                li = self.layers[members[0]]
+                stack = np.empty((len(members), cap, li.n_head, li.n_embd_head_k), dtype=np.float32)
+                for j, il in enumerate(members):
+                    old = self._qlog_buf.get(il)
+                    if old is not None and self._qlog_n:
+                        stack[j, : self._qlog_n] = old[: self._qlog_n]
+                    self._qlog_buf[il] = stack[j]
+                    self._qlog_addr[il] = stack[j].ctypes.data
+                    self._qlog_rows[il] = cap
+                self._qlog_stacks.append((members, stack))
         self._qlog_cap = int(self._qlog_rows[self._qlog_layers].min()) if self._qlog_layers else n
         self._qlog_cap = min(self._qlog_cap, self._qlog_pos.shape[0])
         # destinations of every row a capture may start at (a layer's room: its own rows)
@@ -751,31 +772,65 @@ class CacheView:
         self._qlog_n = 0
         self._zero_moved()
         first = self.n_queries - n_total  # n_queries before the first logged query
-        # pending marks: the totals at the mark, i.e. before the log's query number (n - first)
-        pending = {key: n - first for key, (snap, n) in self._marks.items() if snap is None}
-        snaps = {key: [total.copy() for _, _, total, _, _ in self._groups] for key in pending}
+        # pending marks: the log's queries before the mark (n - first) went into the totals
+        # before the snapshot, the rest after it
+        pending = {key: min(max(n - first, 0), n_total) for key, (snap, n) in self._marks.items() if snap is None}
         last_from = n_total - self._last_n if self._last_n else n_total
         if last_from < n_total:
             self._last_attn = {}
             self._last_groups = [np.zeros(total.shape, dtype=np.float32) for _, _, total, _, _ in self._groups]
+        # the runs of queries each layer's attention is summed over, each once: all of them (the
+        # totals), those after each pending mark, those of the last decode
+        runs = [(0, n_total)] + [(m, n_total) for m in pending.values()] + [(last_from, n_total)]
+        ranges = np.array(sorted(set(runs), key=runs.index), dtype=np.int64)
+        run_of = {run: i for i, run in enumerate(map(tuple, ranges.tolist()))}
         cells_of = [self.occupied(c) for c in range(self.n_caches)]
+        settled = []
+        for members in self._log_sets(layers):
+            g = self._group_of[members[0]][0]
+            rows = np.array([self._group_of[il][1] for il in members], dtype=np.int64)
+            cells, pos = cells_of[self.layers[members[0]].cache]
+            sums = layer_query_sums(
+                self._log_stack(members, n_total),  # read before the next capture overwrites it
+                self.read_k_layers(members, cells),
+                np.array([self.kq_scale(il) for il in members]),
+                np.array([self.layers[il].n_swa for il in members]),
+                q_pos,
+                pos,
+                ranges,
+            )
+            add_block_sums(sums, 0, rows, cells, self._groups[g][2], 1.0)
+            if last_from < n_total:
+                add_block_sums(sums, run_of[last_from, n_total], rows, cells, self._last_groups[g], 1.0)
+                for il, j in zip(members, rows):
+                    self._last_attn[il] = self._last_groups[g][j]
+            settled.append((g, rows, cells, sums))
+        # a mark's snapshot: the totals now, less what came after the mark (one run of the
+        # queries, not two: TOVA's mark sits one query before the end)
+        for key, m in pending.items():
+            snap = [total.copy() for _, _, total, _, _ in self._groups]
+            for g, rows, cells, sums in settled:
+                add_block_sums(sums, run_of[m, n_total], rows, cells, snap[g], -1.0)
+            self._marks[key] = (snap, self._marks[key][1])
+
+    def _log_sets(self, layers: Sequence[int]) -> list[list[int]]:
+        """``layers`` cut into the sets that settle together: one accumulator group (one cache,
+        one KV head count) and one query shape."""
+        sets: dict[tuple, list[int]] = {}
         for il in layers:
             li = self.layers[il]
-            cells, pos = cells_of[li.cache]
-            q = self._qlog_buf[il][:n_total]  # read before the next capture overwrites it
-            k = self.read_k(il, cells)
-            a = QueryAttention(q, k, q_pos, pos, self.kq_scale(il), li.n_swa)
-            g, j = self._group_of[il]
-            for key, m in pending.items():
-                if m > 0:
-                    a.add_to(snaps[key][g][j], cells, 0, m)
-            a.add_to(self._evidence_total[il], cells)
-            if last_from < n_total:
-                last = self._last_groups[g][j]
-                a.add_to(last, cells, last_from)
-                self._last_attn[il] = last
-        for key, snap in snaps.items():
-            self._marks[key] = (snap, self._marks[key][1])
+            sets.setdefault((self._group_of[il][0], li.n_head, li.n_embd_head_k), []).append(il)
+        return list(sets.values())
+
+    def _log_stack(self, members: list[int], n: int) -> np.ndarray:
+        """The first ``n`` logged queries of ``members``: [layers, n, n_head, head_dim], a view of
+        their stacked buffer where they have one, else a copy."""
+        for layers, stack in self._qlog_stacks:
+            if layers == members:
+                return stack[:, :n]
+            if set(members) <= set(layers):  # (a layer whose queries could not be read is left out)
+                return stack[[layers.index(il) for il in members], :n]
+        return np.stack([self._qlog_buf[il][:n] for il in members])
 
     # --- save / restore -----------------------------------------------------------------------
 

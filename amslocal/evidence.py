@@ -59,17 +59,20 @@ def _mask_shift(logits: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, n_swa:
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
-def exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
-    """x[j] = exp(x[j]) in place, for x <= 0 (max-shifted logits): -inf, and anything below -87
-    (exp < 1.7e-38, under float32's normal range), give exactly 0. ``bits``: int32 scratch, len(x).
+def exp_shifted_sum(x: np.ndarray, m: float, bits: np.ndarray) -> float:
+    """x[j] = exp(x[j] - m) in place, for x <= m (m: the row's maximum), and returns their sum;
+    -inf, and anything more than 87 under m (exp < 1.7e-38, under float32's normal range), give
+    exactly 0. ``bits``: int32 scratch, at least len(x).
 
     Cephes' expf (Cody-Waite reduction by ln 2 in two parts, a degree-7 polynomial; ~1 ulp,
     1.2e-7 relative against float64), with 2^k built from its exponent bits, in two loops that LLVM
-    vectorizes: on the kernel's threads, where numpy's SIMD exp runs on one (SmolLM2's 2.5 million
-    logits an event: 0.29 ms on 2 threads, 0.84 with numpy)."""
+    vectorizes, the shift in the first and the sum in the second: on the kernel's threads, where
+    numpy's SIMD exp runs on one (SmolLM2's 2.5 million logits an event: 0.29 ms on 2 threads, 0.84
+    with numpy)."""
     n = x.shape[0]
+    m = np.float32(m)
     for j in range(n):
-        v = x[j]
+        v = x[j] - m
         xc = max(v, np.float32(-87.0))
         k = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
         r = xc - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
@@ -81,14 +84,87 @@ def exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
         x[j] = np.float32(1.0) + r + r * r * p
         bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23) if v >= np.float32(-87.0) else np.int32(0)
     scale = bits.view(np.float32)
+    total = np.float32(0.0)
     for j in range(n):
         x[j] *= scale[j]
+        total += x[j]
+    return total
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def exp_nonpositive(x: np.ndarray, bits: np.ndarray) -> None:
+    """x[j] = exp(x[j]) in place, for x <= 0 (:func:`exp_shifted_sum` with m = 0)."""
+    exp_shifted_sum(x, np.float32(0.0), bits)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def _row_max(row: np.ndarray, lo: int, hi: int) -> float:
+    """max(row[lo:hi]) (-inf where empty), in eight running maxima: one maximum's compare-and-select
+    chain does not vectorize (no no-NaN assumption here) and ran at ~1 cycle a logit, 3x slower."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
+    j = lo
+    while j + 8 <= hi:
+        x = row[j]
+        m0 = x if x > m0 else m0
+        x = row[j + 1]
+        m1 = x if x > m1 else m1
+        x = row[j + 2]
+        m2 = x if x > m2 else m2
+        x = row[j + 3]
+        m3 = x if x > m3 else m3
+        x = row[j + 4]
+        m4 = x if x > m4 else m4
+        x = row[j + 5]
+        m5 = x if x > m5 else m5
+        x = row[j + 6]
+        m6 = x if x > m6 else m6
+        x = row[j + 7]
+        m7 = x if x > m7 else m7
+        j += 8
+    while j < hi:
+        x = row[j]
+        m0 = x if x > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
 
 
 def exp_nonpositive_ref(x: np.ndarray) -> np.ndarray:
     """Reference of :func:`exp_nonpositive` (float64 exp; below -87: 0)."""
     x = np.asarray(x, dtype=np.float64)
     return np.where(x >= -87.0, np.exp(np.maximum(x, -87.0)), 0.0)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def _softmax_row(row: np.ndarray, p: int, k_pos: np.ndarray, n_swa: int, ascending: bool, first: int, bits: np.ndarray):
+    """In place over one row of logits (keys ``k_pos``, query at ``p``): exp of the masked,
+    max-shifted logits, masked keys exactly 0. Returns (1 / the row's sum, lo, hi), the sum over
+    keys lo <= j < hi, outside which the row is 0; (0, 0, 0) for a query that sees nothing.
+    ``ascending``: keys in position order, the first holding a token at ``first``; the visible
+    keys are then one run, found by binary search. ``bits``: int32 scratch, len(row)."""
+    n = row.shape[0]
+    if ascending:
+        hi = np.searchsorted(k_pos, p, side="right")
+        lo = first if n_swa <= 0 else max(first, np.searchsorted(k_pos, p - n_swa + 1))
+        m = _row_max(row, lo, hi)
+        row[:lo] = 0.0
+        row[max(lo, hi) :] = 0.0
+    else:
+        lo, hi = 0, n
+        for j in range(n):
+            if not _sees(p, k_pos[j], n_swa):
+                row[j] = -np.inf
+        m = _row_max(row, 0, n)
+    if m == -np.inf:  # sees nothing
+        row[:] = 0.0
+        return np.float32(0.0), 0, 0
+    total = exp_shifted_sum(row[lo:hi], m, bits)
+    return np.float32(1.0) / total, lo, hi
 
 
 @compute_threads.parallel_kernel
@@ -160,36 +236,152 @@ def _attention_blocks(
         )
         bits = np.empty(n, dtype=np.int32)
         for r in range(r0, r1):
-            p = q_pos[r // G]
-            row = e[h, r]
-            if ascending:  # the visible keys are one run, lo <= j < hi; the others get exactly 0
-                hi = np.searchsorted(k_pos, p, side="right")
-                lo = first if n_swa <= 0 else max(first, np.searchsorted(k_pos, p - n_swa + 1))
-                m = np.float32(-np.inf)
-                for j in range(lo, hi):
-                    m = row[j] if row[j] > m else m
-                row[:lo] = 0.0
-                row[max(lo, hi) :] = 0.0
-            else:
-                lo, hi = 0, n
-                m = np.float32(-np.inf)
-                for j in range(n):
-                    if not _sees(p, k_pos[j], n_swa):
-                        row[j] = -np.inf
-                    elif row[j] > m:
-                        m = row[j]
-            if m == -np.inf:  # sees nothing
-                row[:] = 0.0
-                inv[h, r] = 0.0
+            inv[h, r], _, _ = _softmax_row(e[h, r], q_pos[r // G], k_pos, n_swa, ascending, first, bits)
+
+
+@compute_threads.parallel_kernel
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _layer_query_sums(
+    sgemm,
+    q: np.ndarray,
+    k: np.ndarray,
+    scales: np.ndarray,
+    n_swa: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    ranges: np.ndarray,
+    sums: np.ndarray,
+) -> None:
+    """The attention of W queries over the same n cells in L layers, summed over runs of queries,
+    in one kernel: sums[l, h, b, r, j] = the sum, over the queries t of block b with ranges[r, 0]
+    <= t < ranges[r, 1] and over KV head h's query heads g, of softmax_j(scales[l] * q[l, t, h * G +
+    g] . k[l, j, h]), masked as :func:`_sees` says with layer l's window n_swa[l].
+
+    q [L, W, n_head, d] float32 (any strides), k [L, n, H, d] float32 C-contiguous, q_pos [W] and
+    k_pos [n] int64, ranges [R, 2] int64, sums [L, H, B, R, n] float32: each head's W * G query
+    rows are cut into B blocks. :func:`add_block_sums` adds the blocks into evidence arrays.
+
+    What an event computes (:meth:`amslocal.cache.CacheView.settle`), as :class:`QueryAttention`
+    does layer by layer, but in one parallel loop over every (layer, KV head, block): each block
+    scales its queries, takes one BLAS product, and exponentiates and sums its rows while they are
+    in cache; no [W, H, G, n] array per layer, and no Python call per layer."""
+    L, W, n_head, d = q.shape
+    n, H = k.shape[1], k.shape[2]
+    G = n_head // H
+    M = W * G
+    B = sums.shape[2]
+    R = ranges.shape[0]
+    ascending = True  # keys in position order, as an event passes them (empty cells, -1, first)
+    for j in range(1, n):
+        ascending &= k_pos[j - 1] <= k_pos[j]
+    first = np.searchsorted(k_pos, 0)
+    for it in numba.prange(L * H * B):
+        li = it // (H * B)
+        h = (it // B) % H
+        b = it % B
+        out = sums[li, h, b]
+        out[:, :] = 0.0
+        r0 = (M * b) // B
+        r1 = (M * (b + 1)) // B
+        if r1 == r0:
+            continue
+        qs = np.empty((r1 - r0, d), dtype=np.float32)
+        scale = np.float32(scales[li])
+        for r in range(r0, r1):
+            t = r // G
+            hq = h * G + r - t * G
+            for x in range(d):
+                qs[r - r0, x] = q[li, t, hq, x] * scale
+        n_cols = n
+        if ascending:  # as in _attention_blocks: no key after the block's latest query is visible
+            latest = q_pos[r0 // G]
+            for t in range(r0 // G, (r1 - 1) // G + 1):
+                latest = max(latest, q_pos[t])
+            n_cols = np.searchsorted(k_pos, latest, side="right")
+        e = np.empty((r1 - r0, n), dtype=np.float32)
+        if n_cols > 0:
+            sgemm(
+                CBLAS_ROW_MAJOR,
+                CBLAS_NO_TRANS,
+                CBLAS_TRANS,
+                r1 - r0,
+                n_cols,
+                d,
+                1.0,
+                qs.ctypes.data,
+                d,
+                k[li, 0, h:].ctypes.data,
+                H * d,
+                0.0,
+                e.ctypes.data,
+                n,
+            )
+        bits = np.empty(n, dtype=np.int32)
+        for r in range(r0, r1):
+            t = r // G
+            row = e[r - r0]
+            w, lo, hi = _softmax_row(row, q_pos[t], k_pos, n_swa[li], ascending, first, bits)
+            if w == 0.0:
                 continue
-            visible = row[lo:hi]
-            for j in range(hi - lo):
-                visible[j] -= m
-            exp_nonpositive(visible, bits)
-            total = np.float32(0.0)
-            for j in range(hi - lo):
-                total += visible[j]
-            inv[h, r] = np.float32(1.0) / total
+            for ri in range(R):
+                if ranges[ri, 0] <= t < ranges[ri, 1]:
+                    acc = out[ri]
+                    for j in range(lo, hi):
+                        acc[j] += row[j] * w
+
+
+@numba.njit(cache=True)
+def add_block_sums(sums: np.ndarray, r: int, rows: np.ndarray, cells: np.ndarray, dst: np.ndarray, sign: float) -> None:
+    """dst[rows[l], h, cells[j]] += sign * the sum over blocks b of sums[l, h, b, r, j]
+    (:func:`layer_query_sums`'s sums of query run r, added into, or with sign -1 taken from, an
+    evidence array [layers, H, cells] of float32 or float64)."""
+    L, H, B, _, n = sums.shape
+    for li in range(L):
+        for h in range(H):
+            d = dst[rows[li], h]
+            for j in range(n):
+                s = np.float32(0.0)
+                for b in range(B):
+                    s += sums[li, h, b, r, j]
+                d[cells[j]] += sign * s
+
+
+def layer_query_sums(
+    q: np.ndarray,
+    k: np.ndarray,
+    scales: np.ndarray,
+    n_swa: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    ranges: np.ndarray,
+) -> np.ndarray:
+    """The attention of W queries over the same n keys in L layers, summed over runs of queries:
+    sums [L, H, B, R, n] float32, as :func:`_layer_query_sums` says (arguments as there; any
+    float/int dtypes). Blocks of <= 48 query rows, as in :func:`_probabilities`. Where the kernels
+    cannot call BLAS, layer by layer through :class:`QueryAttention` (B = 1)."""
+    L, W, n_head, _ = q.shape
+    n, H = k.shape[1], k.shape[2]
+    ranges = np.ascontiguousarray(ranges, dtype=np.int64).reshape(-1, 2)
+    sgemm = compute_threads.kernel_sgemm()
+    B = max(1, (W * (n_head // H)) // 48) if sgemm is not None else 1
+    sums = np.zeros((L, H, B, len(ranges), n), dtype=np.float32)
+    if not (L and W and n):
+        return sums
+    q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
+    k_pos = np.ascontiguousarray(k_pos, dtype=np.int64)
+    if sgemm is not None:
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        n_swa = np.ascontiguousarray(n_swa, dtype=np.int64)
+        _layer_query_sums(sgemm, q, k, scales, n_swa, q_pos, k_pos, ranges, sums)
+        return sums
+    keys = np.arange(n)
+    for li in range(L):
+        a = QueryAttention(q[li], k[li], q_pos, k_pos, float(scales[li]), int(n_swa[li]))
+        for r, (t0, t1) in enumerate(ranges):
+            part = np.zeros((H, n), dtype=np.float32)
+            a.add_to(part, keys, int(t0), int(t1))
+            sums[li, :, 0, r] = part
+    return sums
 
 
 @compute_threads.parallel_kernel
@@ -379,6 +571,12 @@ def warmup() -> None:
     for acc_type, empty in ((np.float64, 0.0), (np.float32, 0.0), (np.int32, -1), (np.int64, -1)):
         carry_columns(np.zeros((1, 3), acc_type), np.array([0], np.int32), np.array([2], np.int32), empty)
     a = QueryAttention(np.ones((1, 2, 4), np.float32), k, np.array([2]), np.array([0, 1, 2]), 0.5)
+    # an event's layers at once: queries as a view of their stacked log, or as a copy
+    for q in (np.ones((1, 2, 2, 4), np.float32)[:, :1], np.ones((1, 1, 2, 4), np.float32)):
+        ranges = np.array([[0, 1]])
+        sums = layer_query_sums(q, k[None], np.ones(1), np.zeros(1), np.array([2]), np.array([0, 1, 2]), ranges)
+    for dst_type in (np.float32, np.float64):  # the last query's rows, the totals
+        add_block_sums(sums, 0, np.zeros(1, np.int64), np.arange(3, dtype=np.int32), np.zeros((1, 1, 3), dst_type), 1.0)
     for cell_type in (np.int32, np.int64):  # the event's cells, and positions as indices
         for dst_type in (np.float32, np.float64):  # the totals, and the last query's row
             a.add_to(np.zeros((1, 3), dst_type), np.arange(3, dtype=cell_type))

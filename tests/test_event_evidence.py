@@ -120,6 +120,62 @@ def test_kernel_rows_cut_anywhere(n_blocks):
     np.testing.assert_allclose(got, attention_rows_ref(q, k, q_pos, k_pos, 0.3, 0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ascending", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_layer_query_sums_match_reference_per_layer(seed, ascending, products):
+    """An event's layers at once: each layer's attention (its own scale and window) summed over
+    every run of the queries, for queries given as a strided view of a longer log; added into
+    scattered cells of evidence arrays, and taken from them with sign -1."""
+    from amslocal.evidence import add_block_sums, layer_query_sums
+
+    rng = np.random.default_rng(200 + seed)
+    q, k, q_pos, k_pos, _ = _random_case(rng, 2, ascending)
+    W, (n, H, d) = q.shape[0], k.shape
+    L = 3
+    log = (rng.standard_normal((L, W + 5, q.shape[1], d)) * 2).astype(np.float32)
+    qs = log[:, :W]  # the first W rows of each layer's log, as an event reads them
+    ks = (rng.standard_normal((L, n, H, d)) * 2).astype(np.float32)
+    scales = np.array([0.3, 0.5, 0.2])
+    n_swa = np.array([0, 5, 11])
+    ranges = np.array([[0, W], [1, W], [W - 1, W], [2, 2], [0, 1]])
+    sums = layer_query_sums(qs, ks, scales, n_swa, q_pos, k_pos, ranges)
+    rows = np.array([2, 0, 1])  # each layer's row in the evidence array
+    cells = rng.permutation(n + 7)[:n].astype(np.int32)
+    for r, (t0, t1) in enumerate(ranges):
+        for dtype, sign in ((np.float32, 1.0), (np.float64, -1.0)):
+            dst = rng.random((L, H, n + 7)).astype(dtype)
+            want = dst.copy()
+            for li in range(L):
+                ref = attention_rows_ref(qs[li], ks[li], q_pos, k_pos, scales[li], n_swa[li])[t0:t1].sum(axis=0)
+                want[rows[li]][:, cells] += sign * ref
+            add_block_sums(sums, r, rows, cells, dst, sign)
+            np.testing.assert_allclose(dst, want, rtol=1e-5, atol=1e-6, err_msg=f"range {t0}..{t1}")
+
+
+def test_exp_shifted_sum_and_row_max():
+    """The row kernels' pieces: exp(x - m) and its sum; the running maxima over any run."""
+    from amslocal.evidence import _row_max, exp_nonpositive_ref, exp_shifted_sum
+
+    for n in (1, 8, 17):  # the maximum in every lane of the running maxima, and in the tail
+        for j in range(n):
+            x = np.full(n, -5.0, dtype=np.float32)
+            x[j] = 2.0
+            assert _row_max(x, 0, n) == 2.0 and _row_max(x, j, n) == 2.0
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 7, 8, 9, 300):
+        x = (rng.standard_normal(n) * 30).astype(np.float32)
+        x[rng.random(n) < 0.1] = -np.inf
+        for lo, hi in ((0, n), (n // 3, n), (n // 3, n // 3)):
+            want = np.max(x[lo:hi]) if hi > lo else -np.inf
+            assert _row_max(x, lo, hi) == want
+        m = np.float32(np.max(x)) if n and np.isfinite(x).any() else np.float32(0.0)
+        got = x.copy()
+        total = exp_shifted_sum(got, m, np.empty(n, dtype=np.int32))
+        want = exp_nonpositive_ref(x - m)  # the shift in float32, as the kernel takes it
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+        np.testing.assert_allclose(total, want.sum(), rtol=1e-6)
+
+
 def test_attention_per_query_groups_heads_like_llama():
     """Query head h reads KV head h // G: a key only KV head 1 favours gets KV head 1's mass."""
     q = np.zeros((1, 4, 2), np.float32)
