@@ -6,10 +6,13 @@ that query (captured post-RoPE by the patch, one small copy per layer) and the k
 cache, with the causal mask rebuilt from the positions. Doing it once per event, for all the
 window's queries in one matrix product per layer, replaces the per-step side branch in the graph.
 
-- :class:`QueryAttention`: one layer's masked attention of W queries over n keys (BLAS products,
-  numpy's exp and Numba kernels, :func:`_probabilities`), kept unnormalised; it adds the sums over
-  any run of the queries, and over each KV group's query heads, straight into evidence arrays
-  (what an event does, :meth:`amslocal.cache.CacheView.settle`).
+- :func:`layer_query_sums`: what an event computes (:meth:`amslocal.cache.CacheView.settle`): the
+  masked attention of W queries over the same n keys in every layer of a cache, summed over runs
+  of the queries and over each KV group's query heads, in one Numba kernel that calls BLAS from
+  its threads; :func:`add_block_sums` adds the sums into evidence arrays.
+- :class:`QueryAttention`: one layer's attention (BLAS products, numpy's exp and Numba kernels,
+  :func:`_probabilities`), kept unnormalised; it adds the sums over any run of the queries into
+  evidence arrays: an event's path where the kernels cannot call BLAS.
 - :func:`attention_per_query`: each query's attention, [W, H_kv, n]; :func:`attention_rows_ref` is
   its plain-numpy reference.
 """
