@@ -261,8 +261,9 @@ def _layer_query_sums(
     g] . k[l, j, h]), masked as :func:`_sees` says with layer l's window n_swa[l].
 
     q [L, W, n_head, d] float32 (any strides), k [L, n, H, d] float32 C-contiguous, q_pos [W] and
-    k_pos [n] int64, ranges [R, 2] int64, sums [L, H, B, R, n] float32: each head's W * G query
-    rows are cut into B blocks. :func:`add_block_sums` adds the blocks into evidence arrays.
+    k_pos [n] int64, ranges [R, 2] int64, sums [L, H, B, R, n] float32, zeros on entry (the
+    kernel adds into it): each head's W * G query rows are cut into B blocks.
+    :func:`add_block_sums` adds the blocks into evidence arrays.
 
     What an event computes (:meth:`amslocal.cache.CacheView.settle`), as :class:`QueryAttention`
     does layer by layer, but in one parallel loop over every (layer, KV head, block): each block
@@ -283,7 +284,6 @@ def _layer_query_sums(
         h = (it // B) % H
         b = it % B
         out = sums[li, h, b]
-        out[:, :] = 0.0
         r0 = (M * b) // B
         r1 = (M * (b + 1)) // B
         if r1 == r0:
